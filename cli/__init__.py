@@ -1,0 +1,1 @@
+"""The ``relex`` command line: a thin Typer layer over the :mod:`relex` library."""

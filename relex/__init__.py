@@ -1,0 +1,9 @@
+"""relex: extrapolate RLVR checkpoints along their low-rank trajectory, and tell whether that is safe."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from relex.errors import RelexInputError
+
+__all__ = ["__version__", "RelexInputError"]

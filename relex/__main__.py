@@ -1,0 +1,5 @@
+import sys
+
+from relex_cli.app import main
+
+sys.exit(main())
