@@ -34,27 +34,23 @@ def _register_commands() -> None:
                 raise
 
 
+@app.callback()
+def _root() -> None:
+    """Extrapolate RLVR checkpoints along their low-rank trajectory, and tell whether that is safe."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; return the exit code (0 ok, 2 bad input, 1 internal error)."""
+    """Run the command line; return the exit code (0 ok, 2 bad input or usage, 1 internal error)."""
     _register_commands()
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, prog_name="relex", standalone_mode=True)
     except RelexInputError as exc:
         print(f"relex: error: {exc}", file=sys.stderr)
         return 2
-    except (typer.Exit, SystemExit) as exc:  # --help, explicit exits
-        code = getattr(exc, "exit_code", getattr(exc, "code", 0))
-        return int(code or 0)
-    except typer.Abort:
-        print("relex: aborted", file=sys.stderr)
-        return 1
-    except Exception as exc:  # click usage errors carry their own exit code (2)
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            return exc.exit_code
-        raise
+    except SystemExit as exc:  # click's standalone mode ends every run this way
+        if exc.code is None:
+            return 0
+        return exc.code if isinstance(exc.code, int) else 1
     return 0
 
 
