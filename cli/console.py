@@ -38,6 +38,7 @@ def byte_progress(disable: bool = False, label: str = "working"):
         TextColumn("{task.fields[tensor]}", style="dim"),
         console=err_console,
         disable=disable,
+        transient=True,  # the summary that follows reports time and bytes
     )
     task = None
 

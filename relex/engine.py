@@ -297,12 +297,7 @@ def extrapolate(
         ]
         planned_by_name = {p.name: p for p in plan}
         total_bytes = readers.base.nbytes() * (1 + len(series.observed))
-        jobs = []  # (name, start, stop, pass index, number of blocks)
-        for name in readers.names:
-            blocks = _row_blocks(readers.info(name), len(series.observed), block_bytes)
-            passes = 1 if len(blocks) == 1 else 2
-            for p in range(passes):
-                jobs.extend((name, start, stop, p, len(blocks)) for start, stop in blocks)
+        jobs = _jobs(readers, block_bytes)
 
         tensors: list[TensorResult] = []
         run_gram = np.zeros((len(series.observed),) * 2)
@@ -311,41 +306,33 @@ def extrapolate(
             folders = {t: staging if len(targets) == 1 else staging / f"step-{t}" for t in targets}
             writers = {t: ShardedWriter(folders[t], plan, max_shard_size) for t in targets}
             try:
-                with ThreadPoolExecutor(max_workers=1, thread_name_prefix="relex-read") as pool:
-                    def submit(k):
-                        name, start, stop, *_ = jobs[k]
-                        return pool.submit(readers.read_block, name, start, stop, torch_device)
-
-                    pending = submit(0) if jobs else None
-                    state: dict = {}
-                    for k, (name, start, stop, pass_index, n_blocks) in enumerate(jobs):
-                        w0, x, nbytes = pending.result()
-                        pending = submit(k + 1) if k + 1 < len(jobs) else None
-                        bytes_read += nbytes
-                        info = readers.info(name)
-                        if pass_index == 0:
-                            if not state or state["name"] != name:
-                                state = {"name": name, "gram": np.zeros((x.shape[0],) * 2), "norm0": 0.0,
-                                         "blocks": 0, "out": []}
-                            if info.is_float:
-                                state["gram"] += (x @ x.T).double().cpu().numpy()
-                                state["norm0"] += float(w0.double().square().sum())
-                            state["blocks"] += 1
-                        if state["blocks"] == n_blocks and (n_blocks == 1 or pass_index == 1):
-                            if "plan" not in state:
-                                state["plan"] = _plan_tensor(model, state["gram"], observed_steps, target_array,
-                                                             name, info)
-                                g = state["gram"]
-                                tensors.append(TensorResult(
-                                    name, info.shape, str(info.dtype).replace("torch.", ""), state["plan"].stats,
-                                    math.sqrt(max(g[-1, -1], 0.0) / state["norm0"]) if state["norm0"] > 0 else 0.0,
-                                    g if keep_grams else None,
-                                ))
-                                run_gram += g
-                            _write_block(writers, state, w0, x, readers, name, start, stop, n_blocks, planned_by_name,
-                                         torch_device)
-                        if progress is not None:
-                            progress(name, bytes_read, total_bytes)
+                state: dict = {}
+                blocks = _prefetched(readers, jobs, torch_device)
+                for (name, start, stop, pass_index, n_blocks), w0, x, nbytes in blocks:
+                    bytes_read += nbytes
+                    info = readers.info(name)
+                    if pass_index == 0:
+                        if not state or state["name"] != name:
+                            state = {"name": name, "gram": np.zeros((x.shape[0],) * 2), "norm0": 0.0,
+                                     "blocks": 0, "out": []}
+                        if info.is_float:
+                            state["gram"] += (x @ x.T).double().cpu().numpy()
+                            state["norm0"] += float(w0.double().square().sum())
+                        state["blocks"] += 1
+                    if state["blocks"] == n_blocks and (n_blocks == 1 or pass_index == 1):
+                        if "plan" not in state:
+                            state["plan"] = _plan_tensor(model, state["gram"], observed_steps, target_array,
+                                                         name, info)
+                            g = state["gram"]
+                            tensors.append(TensorResult(
+                                name, info.shape, str(info.dtype).replace("torch.", ""), state["plan"].stats,
+                                math.sqrt(max(g[-1, -1], 0.0) / state["norm0"]) if state["norm0"] > 0 else 0.0,
+                                g if keep_grams else None,
+                            ))
+                            run_gram += g
+                        _write_block(writers, state, w0, x, readers, name, n_blocks, planned_by_name, torch_device)
+                    if progress is not None:
+                        progress(name, bytes_read, total_bytes)
                 for writer in writers.values():
                     writer.finish()
             finally:
@@ -372,6 +359,97 @@ def extrapolate(
     return result
 
 
+def _jobs(readers: "_Series", block_bytes: int, passes_when_blocked: int = 2) -> list[tuple]:
+    """(name, start, stop, pass index, number of blocks) for every row block to read, in order."""
+    jobs = []
+    for name in readers.names:
+        blocks = _row_blocks(readers.info(name), len(readers.observed), block_bytes)
+        passes = 1 if len(blocks) == 1 else passes_when_blocked
+        for p in range(passes):
+            jobs.extend((name, start, stop, p, len(blocks)) for start, stop in blocks)
+    return jobs
+
+
+def _prefetched(readers: "_Series", jobs: list[tuple], device: torch.device):
+    """Yield ``(job, w_0, X, bytes)`` for each job while a background thread reads the next one."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="relex-read") as pool:
+        def submit(k):
+            name, start, stop, *_ = jobs[k]
+            return pool.submit(readers.read_block, name, start, stop, device)
+
+        pending = submit(0) if jobs else None
+        for k, job in enumerate(jobs):
+            w0, x, nbytes = pending.result()
+            pending = submit(k + 1) if k + 1 < len(jobs) else None
+            yield job, w0, x, nbytes
+
+
+@dataclass
+class GramSet:
+    """Per-tensor Gram matrices of a run's deltas: everything the temporal models and diagnostics need."""
+
+    series: CheckpointSeries
+    names: list[str]
+    shapes: dict[str, tuple[int, ...]]
+    grams: dict[str, np.ndarray]  # (T, T) float64 per floating-point tensor
+    base_norms: dict[str, float]  # ‖w_0‖ per tensor
+    seconds: float
+    bytes_read: int
+
+    @property
+    def steps(self) -> list[int]:
+        return self.series.steps
+
+    def total(self) -> np.ndarray:
+        """The whole-model Gram matrix (sum over tensors)."""
+        return sum(self.grams.values())
+
+
+def collect_grams(
+    run_dir: str | Path | None = None,
+    *,
+    base: str | Path | None = None,
+    steps: str | Sequence[int] | None = None,
+    max_step: int | None = None,
+    checkpoints: Iterable[tuple[int, str | Path]] | None = None,
+    device: str = "auto",
+    allow_pickle: bool = False,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    progress: ProgressCallback | None = None,
+) -> GramSet:
+    """Read a run once, streaming, and return each tensor's Gram matrix G = X Xᵀ of its deltas.
+
+    Same inputs and checks as :func:`extrapolate`; nothing is written.
+    """
+    started = time.perf_counter()
+    series = discover_series(run_dir, base=base, steps=steps, max_step=max_step, checkpoints=checkpoints)
+    readers = _Series(series, allow_pickle)
+    torch_device = resolve_device(device)
+    grams: dict[str, np.ndarray] = {}
+    norms: dict[str, float] = {}
+    bytes_read = 0
+    total_bytes = readers.base.nbytes() * (1 + len(series.observed))
+    try:
+        for (name, *_), w0, x, nbytes in _prefetched(readers, _jobs(readers, block_bytes, 1), torch_device):
+            bytes_read += nbytes
+            if readers.info(name).is_float:
+                grams[name] = grams.get(name, 0) + (x @ x.T).double().cpu().numpy()
+                norms[name] = norms.get(name, 0.0) + float(w0.double().square().sum())
+            if progress is not None:
+                progress(name, bytes_read, total_bytes)
+    finally:
+        readers.close()
+    return GramSet(
+        series=series,
+        names=[n for n in readers.names if n in grams],
+        shapes={n: readers.info(n).shape for n in readers.names},
+        grams=grams,
+        base_norms={n: float(np.sqrt(v)) for n, v in norms.items()},
+        seconds=time.perf_counter() - started,
+        bytes_read=bytes_read,
+    )
+
+
 def _plan_tensor(model, gram, steps, targets, name, info) -> TensorPlan:
     if not info.is_float:
         # Integer buffers are not weights: keep the newest observed value.
@@ -382,7 +460,7 @@ def _plan_tensor(model, gram, steps, targets, name, info) -> TensorPlan:
     return model.plan(gram, steps, targets, tensor=name, ndim=len(info.shape))
 
 
-def _write_block(writers, state, w0, x, readers, name, start, stop, n_blocks, plan_list, device):
+def _write_block(writers, state, w0, x, readers, name, n_blocks, plan_list, device):
     """Compute w_0 + A X for each target and write it (collecting row blocks of a blocked tensor)."""
     weights = torch.as_tensor(state["plan"].weights, dtype=torch.float32, device=device)  # (n_targets, T)
     planned = plan_list[name]

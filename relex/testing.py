@@ -74,3 +74,45 @@ def save_tiny_model(path: str | Path, arch: str = "llama", seed: int = 0, tie: b
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return model
+
+
+def naive_relex(base, checkpoints, steps, targets, rank: int = 1, scale: float = 1.0):
+    """Reference RELEX on whole tensors in float64 with ``numpy.linalg.svd`` (an independent oracle).
+
+    ``base`` maps names to tensors, ``checkpoints`` is a list of such maps (one per step). Returns a list
+    (one per target) of maps name -> float64 numpy array. Holds every checkpoint in memory.
+    """
+    import numpy as np
+
+    steps = np.asarray(steps, dtype=np.float64)
+    outputs = [dict() for _ in targets]
+    for name, w0_tensor in base.items():
+        w0 = w0_tensor.double().numpy().reshape(-1)
+        x = np.stack([c[name].double().numpy().reshape(-1) - w0 for c in checkpoints])
+        if not np.any(x):
+            for out in outputs:
+                out[name] = w0.reshape(w0_tensor.shape)
+            continue
+        u, s, vt = np.linalg.svd(x, full_matrices=False)
+        keep = [j for j in range(min(rank, len(s))) if s[j] > 1e-6 * s[0]]
+        update = np.zeros_like(w0)
+        for k, target in enumerate(targets):
+            update = np.zeros_like(w0)
+            for j in keep:
+                c = x @ vt[j]  # coefficients ⟨x_i, v_j⟩
+                slope, intercept = np.polyfit(steps, c, 1)
+                update += (intercept + slope * target) * vt[j]
+            outputs[k][name] = (w0 + scale * update).reshape(w0_tensor.shape)
+    return outputs
+
+
+def load_state(folder):
+    """All tensors of a checkpoint folder (single file or shards) as a dict — tests only."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    state = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        state.update(load_file(file))
+    return state

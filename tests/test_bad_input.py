@@ -1,0 +1,174 @@
+"""Every bad input: exit code 2, one line on stderr naming the file and the problem, no output left."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+
+import pytest
+import torch
+
+from relex.synthetic import make_run, write_checkpoint
+from relex.testing import load_state
+from relex_cli.app import main
+
+
+@pytest.fixture
+def run(tmp_path):
+    make_run(tmp_path / "run", [5, 10, 20])
+    return tmp_path / "run"
+
+
+def invoke(capsys, *args):
+    code = main(["extrapolate", *map(str, args)])
+    captured = capsys.readouterr()
+    return code, captured.err.strip().splitlines()
+
+
+def assert_bad_input(capsys, tmp_path, args, *fragments, out_name="out"):
+    code, lines = invoke(capsys, *args)
+    assert code == 2, lines
+    assert len(lines) == 1, lines
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert "Traceback" not in lines[0]
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(f".{out_name}") or p.name == out_name]
+    assert leftovers == [], leftovers
+
+
+def test_no_checkpoints(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert_bad_input(capsys, tmp_path, [tmp_path / "empty", "--target-step", 50, "--out", tmp_path / "out"],
+                     str(tmp_path / "empty"), "no checkpoints found")
+
+
+def test_only_one_checkpoint(tmp_path, capsys):
+    make_run(tmp_path / "run", [5])
+    assert_bad_input(capsys, tmp_path, [tmp_path / "run", "--target-step", 50, "--out", tmp_path / "out"],
+                     "only 1 observed checkpoint")
+
+
+def test_duplicate_steps(run, tmp_path, capsys):
+    shutil.copytree(run / "checkpoint-10", run / "step_10")
+    assert_bad_input(capsys, tmp_path, [run, "--target-step", 50, "--out", tmp_path / "out"], "duplicate step 10")
+
+
+def test_trainer_state_disagrees(run, tmp_path, capsys):
+    (run / "checkpoint-10" / "trainer_state.json").write_text(json.dumps({"global_step": 11}))
+    assert_bad_input(capsys, tmp_path, [run, "--target-step", 50, "--out", tmp_path / "out"],
+                     "trainer_state.json", "global_step is 11")
+
+
+def test_target_inside_window_needs_flag(run, tmp_path, capsys):
+    assert_bad_input(capsys, tmp_path, [run, "--target-step", 20, "--out", tmp_path / "out"],
+                     "not beyond the last observed step 20", "--allow-interpolation")
+    code, _ = invoke(capsys, run, "--target-step", 15, "--out", tmp_path / "inside", "--allow-interpolation", "--quiet")
+    assert code == 0 and (tmp_path / "inside" / "model.safetensors.index.json").is_file()
+
+
+def test_shape_differs(run, tmp_path, capsys):
+    state = load_state(run / "checkpoint-10")
+    state["model.norm.weight"] = torch.zeros(33)
+    write_checkpoint(run / "checkpoint-10", state, step=10)
+    assert_bad_input(capsys, tmp_path, [run, "--target-step", 50, "--out", tmp_path / "out"],
+                     "checkpoint-10", "'model.norm.weight' has shape [33]")
+
+
+def test_names_differ(run, tmp_path, capsys):
+    state = load_state(run / "checkpoint-10")
+    state["model.extra.weight"] = torch.zeros(3)
+    write_checkpoint(run / "checkpoint-10", state, step=10)
+    assert_bad_input(capsys, tmp_path, [run, "--target-step", 50, "--out", tmp_path / "out"],
+                     "checkpoint-10", "tensor names differ", "model.extra.weight")
+
+
+def _shard(run):
+    make_run(run, [5, 10, 20], shard_size=10_000)
+    return run / "checkpoint-10"
+
+
+def test_missing_shard(tmp_path, capsys):
+    folder = _shard(tmp_path / "run")
+    shard = sorted(folder.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    assert_bad_input(capsys, tmp_path, [tmp_path / "run", "--target-step", 50, "--out", tmp_path / "out"],
+                     "model.safetensors.index.json", f"missing shard {shard.name!r}")
+
+
+def test_index_points_outside_folder(tmp_path, capsys):
+    folder = _shard(tmp_path / "run")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    name = next(iter(index["weight_map"]))
+    index["weight_map"][name] = "../checkpoint-5/" + index["weight_map"][name]
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert_bad_input(capsys, tmp_path, [tmp_path / "run", "--target-step", 50, "--out", tmp_path / "out"],
+                     "index points outside its folder")
+
+
+def test_truncated_file(run, tmp_path, capsys):
+    file = run / "checkpoint-10" / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) - 100])
+    assert_bad_input(capsys, tmp_path, [run, "--target-step", 50, "--out", tmp_path / "out"],
+                     str(file), "truncated file")
+
+
+def test_corrupt_header(run, tmp_path, capsys):
+    file = run / "checkpoint-10" / "model.safetensors"
+    data = bytearray(file.read_bytes())
+    data[8:20] = b"\xff" * 12
+    file.write_bytes(bytes(data))
+    assert_bad_input(capsys, tmp_path, [run, "--target-step", 50, "--out", tmp_path / "out"],
+                     str(file), "corrupt safetensors header")
+
+
+def test_garbage_file(run, tmp_path, capsys):
+    file = run / "checkpoint-10" / "model.safetensors"
+    file.write_bytes(struct.pack("<Q", 10**12) + b"junk")
+    assert_bad_input(capsys, tmp_path, [run, "--target-step", 50, "--out", tmp_path / "out"],
+                     str(file), "corrupt safetensors header")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_or_inf(run, tmp_path, capsys, value):
+    state = load_state(run / "checkpoint-20")
+    state["model.layers.0.mlp.up_proj.weight"][3, 4] = value
+    write_checkpoint(run / "checkpoint-20", state, step=20)
+    assert_bad_input(capsys, tmp_path, [run, "--target-step", 50, "--out", tmp_path / "out"],
+                     str(run / "checkpoint-20" / "model.safetensors"), "NaN or Inf")
+
+
+def test_out_exists(run, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    code, lines = invoke(capsys, run, "--target-step", 50, "--out", tmp_path / "out")
+    assert code == 2 and len(lines) == 1 and "output folder exists" in lines[0] and "--overwrite" in lines[0]
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    code, _ = invoke(capsys, run, "--target-step", 50, "--out", tmp_path / "out", "--overwrite", "--quiet")
+    assert code == 0 and not (tmp_path / "out" / "keep.txt").exists()
+
+
+def test_out_not_writable(run, tmp_path, capsys):
+    (tmp_path / "afile").write_text("not a folder")
+    code, lines = invoke(capsys, run, "--target-step", 50, "--out", tmp_path / "afile" / "out")
+    assert code == 2 and len(lines) == 1 and "not writable" in lines[0] and "afile" in lines[0]
+
+
+def test_pickle_only_refused_unless_asked(run, tmp_path, capsys):
+    for step in (0, 5, 10, 20):
+        folder = run / f"checkpoint-{step}"
+        torch.save(load_state(folder), folder / "pytorch_model.bin")
+        (folder / "model.safetensors").unlink()
+    assert_bad_input(capsys, tmp_path, [run, "--target-step", 50, "--out", tmp_path / "out"],
+                     "checkpoint-0", "pickled .bin", "--allow-pickle")
+    code, lines = invoke(capsys, run, "--target-step", 50, "--out", tmp_path / "out", "--allow-pickle", "--quiet")
+    assert code == 0, lines
+    assert (tmp_path / "out" / "model-00001-of-00001.safetensors").is_file()
+
+
+def test_unknown_method_and_dtype(run, tmp_path, capsys):
+    assert_bad_input(capsys, tmp_path, [run, "--target-step", 50, "--out", tmp_path / "out", "--method", "magic"],
+                     "unknown method 'magic'")
+    assert_bad_input(capsys, tmp_path, [run, "--target-step", 50, "--out", tmp_path / "out", "--dtype", "int3"],
+                     "unknown --dtype")
