@@ -1,0 +1,138 @@
+"""The benchmarks ``relex eval`` knows, as lm-eval task definitions.
+
+Each benchmark is a YAML file in this folder (``relex_<name>.yaml``, sharing ``_relex_math.yaml``) that
+plain lm-eval can also run::
+
+    lm_eval --include_path "$(python -c 'import relex.evaluate.tasks as t; print(t.TASKS_DIR)')" \\
+            --tasks relex_aime24 --model hf --model_args pretrained=MODEL --apply_chat_template
+
+The internal names carry a ``relex_`` prefix so they never clash with lm-eval's built-in tasks (its
+``minerva_math`` is MATH with Minerva prompts, not the Minerva OCW set); users type the short names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from relex.errors import RelexInputError
+
+TASKS_DIR = Path(__file__).resolve().parent
+
+# Jinja templates over the normalised document {"id", "problem", "answer"}.
+CHAT_PROMPT = "{{problem}}\nPlease reason step by step, and put your final answer within \\boxed{}."
+PLAIN_PROMPT = (
+    "Problem:\n{{problem}}\n\nPlease reason step by step, and put your final answer within \\boxed{}.\n\n"
+    "Solution:"
+)
+# Generation stops at these strings (besides the tokenizer's end-of-sequence token).
+CHAT_STOP = ["<|im_end|>", "<|endoftext|>", "<|eot_id|>"]
+PLAIN_STOP = ["\nProblem:", "<|im_end|>", "<|endoftext|>", "<|eot_id|>"]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One benchmark: the short name users type and where its problems come from."""
+
+    name: str
+    title: str
+    size: int
+    hub_path: str | None = None
+    hub_split: str | None = None
+    local_file: str | None = None
+    kind: str = "math"
+
+    @property
+    def lm_eval_name(self) -> str:
+        return f"relex_{self.name}"
+
+    @property
+    def yaml_path(self) -> Path:
+        return TASKS_DIR / f"{self.lm_eval_name}.yaml"
+
+
+TASKS: dict[str, TaskSpec] = {
+    spec.name: spec
+    for spec in (
+        TaskSpec("aime24", "AIME 2024", 30, "HuggingFaceH4/aime_2024", "train", "aime24.jsonl"),
+        TaskSpec("aime25", "AIME 2025", 30, "math-ai/aime25", "test", "aime25.jsonl"),
+        TaskSpec("amc23", "AMC 2023", 40, "math-ai/amc23", "test", "amc23.jsonl"),
+        TaskSpec("minerva_math", "Minerva math (OCW)", 272, "math-ai/minervamath", "test", "minerva_math.jsonl"),
+        TaskSpec("math500", "MATH-500", 500, "HuggingFaceH4/MATH-500", "test", "math500.jsonl"),
+    )
+}
+
+DEFAULT_TASKS: tuple[str, ...] = ("aime24", "aime25", "amc23", "minerva_math", "math500")
+
+
+def known_tasks() -> list[str]:
+    """Every task name ``relex eval --tasks`` accepts."""
+    return list(TASKS)
+
+
+def resolve_tasks(names: str | Sequence[str] | None) -> list[TaskSpec]:
+    """Task specs for a comma-separated string or a list of short names (``None``: the default five).
+
+    Accepts the internal ``relex_`` names too. Unknown names raise :class:`RelexInputError` listing the
+    known ones; duplicates are dropped.
+    """
+    if names is None:
+        names = list(DEFAULT_TASKS)
+    if isinstance(names, str):
+        names = [part for part in names.split(",")]
+    specs: list[TaskSpec] = []
+    for raw in names:
+        name = raw.strip().lower()
+        if not name:
+            continue
+        if name == "all":
+            candidates = [TASKS[n] for n in DEFAULT_TASKS]
+        else:
+            key = name[len("relex_"):] if name.startswith("relex_") else name
+            if key not in TASKS:
+                raise RelexInputError(f"unknown task '{raw.strip()}'; known tasks: {', '.join(known_tasks())}")
+            candidates = [TASKS[key]]
+        for spec in candidates:
+            if spec not in specs:
+                specs.append(spec)
+    if not specs:
+        raise RelexInputError(f"no task given; known tasks: {', '.join(known_tasks())}")
+    return specs
+
+
+def local_data_file(spec: TaskSpec, data_dir: str | Path) -> Path:
+    """The jsonl file of ``spec`` in a local data folder laid out like ``<name>.jsonl``.
+
+    Raises :class:`RelexInputError` naming the missing file.
+    """
+    if spec.local_file is None:
+        raise RelexInputError(f"task '{spec.name}' does not read a data folder", data_dir)
+    path = Path(data_dir).expanduser().resolve() / spec.local_file
+    if not path.is_file():
+        raise RelexInputError(f"missing data file for task '{spec.name}'", path)
+    return path
+
+
+def _lower_keys(doc: Mapping[str, Any]) -> dict[str, Any]:
+    lowered: dict[str, Any] = {}
+    for key, value in doc.items():
+        lowered.setdefault(str(key).lower(), value)
+    return lowered
+
+
+def normalize_doc(doc: Mapping[str, Any], index: int = 0) -> dict[str, str]:
+    """``{"id", "problem", "answer"}`` of a benchmark record from the hub or a local jsonl file.
+
+    The problem is ``problem`` (or ``question``); the answer is ``answer`` or the last ``\\boxed{}`` of
+    ``solution`` (see :func:`relex.evaluate.answers.reference_answer`); the id is the first of ``id``,
+    ``unique_id``, ``idx``, ``problem_idx``, else the position in the file.
+    """
+    from relex.evaluate.answers import reference_answer
+
+    fields = _lower_keys(doc)
+    problem = fields.get("problem") or fields.get("question")
+    if not problem:
+        raise ValueError(f"record {index} has no 'problem' or 'question' field")
+    ident = next((fields[k] for k in ("id", "unique_id", "idx", "problem_idx") if fields.get(k) is not None), index)
+    return {"id": str(ident), "problem": str(problem), "answer": reference_answer(fields)}
