@@ -27,6 +27,7 @@ from relex.io.discover import CheckpointSeries, discover_series
 from relex.io.reader import CheckpointReader, TensorInfo
 from relex.io.writer import PlannedTensor, ShardedWriter, check_output_folder, staged_folder
 from relex.methods import TensorPlan, get_method
+from relex.subspace import gram
 
 DEFAULT_BLOCK_BYTES = 2 * 1024**3
 OUTPUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -175,17 +176,26 @@ class _Series:
         """(w_0, X, bytes read): float32 base rows (n,) and deltas (T, n) of one row block."""
         raw = self.base.read(name, start, stop)
         nbytes = raw.numel() * raw.element_size()
-        _check_finite(raw, name, self.base.tensors[name].file)
         w0 = raw.to(device=device, dtype=torch.float32).reshape(-1)
         x = torch.empty((len(self.observed), w0.numel()), dtype=torch.float32, device=device)
         for i, (reader, aliases) in enumerate(zip(self.observed, self.aliases)):
             source = aliases.get(name, name)
             raw = reader.read(source, start, stop)
             nbytes += raw.numel() * raw.element_size()
-            _check_finite(raw, source, reader.tensors[source].file)
             x[i].copy_(raw.reshape(-1))
             x[i].sub_(w0)
         return w0, x, nbytes
+
+    def checked_gram(self, name: str, start, stop, w0: torch.Tensor, x: torch.Tensor) -> np.ndarray:
+        """G = X Xᵀ of a block; NaN/Inf anywhere in the inputs shows up in G, and only then are the
+        inputs scanned to name the file (scanning every tensor up front would cost a full extra pass)."""
+        g = gram(x)
+        if np.isfinite(g).all() and math.isfinite(float(w0 @ w0)):
+            return g
+        sources = [(self.base, name), *[(r, a.get(name, name)) for r, a in zip(self.observed, self.aliases)]]
+        for reader, source in sources:
+            _check_finite(reader.read(source, start, stop), source, reader.tensors[source].file)
+        raise RelexInputError(f"tensor {name!r} overflows float32 arithmetic", self.base.tensors[name].file)
 
     def close(self) -> None:
         for reader in [self.base, *self.observed]:
@@ -316,8 +326,8 @@ def extrapolate(
                             state = {"name": name, "gram": np.zeros((x.shape[0],) * 2), "norm0": 0.0,
                                      "blocks": 0, "out": []}
                         if info.is_float:
-                            state["gram"] += (x @ x.T).double().cpu().numpy()
-                            state["norm0"] += float(w0.double().square().sum())
+                            state["gram"] += readers.checked_gram(name, start, stop, w0, x)
+                            state["norm0"] += float(w0 @ w0)
                         state["blocks"] += 1
                     if state["blocks"] == n_blocks and (n_blocks == 1 or pass_index == 1):
                         if "plan" not in state:
@@ -430,11 +440,11 @@ def collect_grams(
     bytes_read = 0
     total_bytes = readers.base.nbytes() * (1 + len(series.observed))
     try:
-        for (name, *_), w0, x, nbytes in _prefetched(readers, _jobs(readers, block_bytes, 1), torch_device):
+        for (name, start, stop, *_), w0, x, nbytes in _prefetched(readers, _jobs(readers, block_bytes, 1), torch_device):
             bytes_read += nbytes
             if readers.info(name).is_float:
-                grams[name] = grams.get(name, 0) + (x @ x.T).double().cpu().numpy()
-                norms[name] = norms.get(name, 0.0) + float(w0.double().square().sum())
+                grams[name] = grams.get(name, 0) + readers.checked_gram(name, start, stop, w0, x)
+                norms[name] = norms.get(name, 0.0) + float(w0 @ w0)
             if progress is not None:
                 progress(name, bytes_read, total_bytes)
     finally:

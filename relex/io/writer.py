@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import struct
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,11 +101,17 @@ class ShardedWriter:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.shards = self._plan(list(plan), parse_size(max_shard_bytes))
+        for shard in self.shards:
+            shard.path = self.folder / shard.filename
         self._where = {t.name: shard for shard in self.shards for t in shard.tensors}
         self._planned = {t.name: t for t in plan}
         self._order = [t.name for t in plan]
         self._next = 0
         self.bytes_written = 0
+        # Writing and hashing run on one background thread (both release the GIL), so the next tensor is
+        # computed while this one goes to disk; at most one write is in flight.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relex-write")
+        self._pending: Future | None = None
 
     @staticmethod
     def _plan(plan: list[PlannedTensor], limit: int) -> list[_Shard]:
@@ -128,20 +135,30 @@ class ShardedWriter:
         planned = self._planned[name]
         if tuple(tensor.shape) != planned.shape or tensor.dtype != planned.dtype:
             raise RuntimeError(f"tensor {name!r} does not match its plan")
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._wait()
+        self._pending = self._pool.submit(self._append, shard, data)
+        self.bytes_written += data.nbytes
+        self._next += 1
+
+    @staticmethod
+    def _append(shard: "_Shard", data) -> None:
         if shard.handle is None:
-            shard.handle = open(self.folder / shard.filename, "wb")
+            shard.handle = open(shard.path, "wb")
             header = shard.header_bytes()
             shard.handle.write(header)
             shard.sha256.update(header)
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         shard.handle.write(data)
         shard.sha256.update(data)
         shard.written += data.nbytes
-        self.bytes_written += data.nbytes
-        self._next += 1
         if shard.written == shard.data_bytes:
             shard.handle.close()
             shard.handle = None
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()  # re-raises a failed write (e.g. disk full)
 
     def copy_aux_files(self, sources: Sequence[Path]) -> list[str]:
         """Copy config/tokenizer files, each from the first source folder that has it."""
@@ -158,10 +175,12 @@ class ShardedWriter:
         (self.folder / filename).write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
 
     def shard_digests(self) -> dict[str, str]:
+        self._wait()
         return {s.filename: s.sha256.hexdigest() for s in self.shards}
 
     def finish(self) -> None:
         """Check that every planned tensor was written and write the index json."""
+        self._wait()
         if self._next != len(self._order):
             raise RuntimeError(f"{len(self._order) - self._next} planned tensors were never written")
         index = {
@@ -171,6 +190,10 @@ class ShardedWriter:
         self.write_json("model.safetensors.index.json", index)
 
     def close(self) -> None:
+        try:
+            self._wait()
+        finally:
+            self._pool.shutdown(wait=True)
         for shard in self.shards:
             if shard.handle is not None:
                 shard.handle.close()
