@@ -1,8 +1,8 @@
 """Lazy reading of one checkpoint folder: headers first, then one tensor (or a row range) at a time.
 
 Headers are parsed by hand so that every defect gets a precise message (truncated file, corrupt header,
-index pointing outside its folder, missing shard); tensor bytes are then read through
-``safetensors.safe_open``, which memory-maps the file.
+index pointing outside its folder, missing shard); tensor bytes, or a range of rows, are then read with
+``pread`` at the offsets the header gives, one tensor at a time.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
     file: Path
-    offset: int = 0  # byte offset of the data inside the file (storage order)
+    offset: int = 0  # absolute byte offset of the tensor's data in its file
 
     @property
     def numel(self) -> int:
@@ -94,7 +94,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             raise RelexInputError(f"corrupt safetensors header entry for tensor {name!r}", path) from None
         if dtype is None:
             raise RelexInputError(f"tensor {name!r} has dtype {entry['dtype']} unsupported by this torch", path)
-        info = TensorInfo(name, shape, dtype, path, start)
+        info = TensorInfo(name, shape, dtype, path, 8 + header_len + start)
         if end > available:
             raise RelexInputError(
                 f"truncated file: tensor {name!r} ends at byte {end} of {available} data bytes", path
@@ -116,7 +116,7 @@ class CheckpointReader:
         self.folder = Path(folder)
         self.files = self._weight_files(allow_pickle)
         self._pickled = self.files and self.files[0].suffix == ".bin"
-        self._handles: dict[Path, object] = {}
+        self._handles: dict[Path, int] = {}
         self.tensors: dict[str, TensorInfo] = {}
         if self._pickled:
             self._load_pickled()
@@ -191,36 +191,56 @@ class CheckpointReader:
                 self.tensors[name] = TensorInfo(name, tuple(tensor.shape), tensor.dtype, file)
 
     # -- reading -----------------------------------------------------------------------------------
-    def _handle(self, file: Path):
-        handle = self._handles.get(file)
-        if handle is None:
-            from safetensors import safe_open
-
+    def _descriptor(self, file: Path) -> int:
+        fd = self._handles.get(file)
+        if fd is None:
             try:
-                handle = safe_open(str(file), framework="pt", device="cpu")
-            except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
-                raise RelexInputError(f"cannot open safetensors file ({exc})", file) from None
-            self._handles[file] = handle
-        return handle
+                fd = os.open(file, os.O_RDONLY)
+            except OSError as exc:
+                raise RelexInputError(f"cannot open file ({exc.strerror})", file) from None
+            self._handles[file] = fd
+        return fd
 
     def read(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
-        """Tensor ``name`` (rows ``start:stop`` of its first dimension when given), on the CPU."""
+        """Tensor ``name`` (rows ``start:stop`` of its first dimension when given), on the CPU.
+
+        Bytes are read with ``pread`` into a fresh buffer rather than through a memory map, so memory use
+        is what relex allocates, and concurrent reads from threads are safe.
+        """
         info = self.tensors[name]
         if self._pickled:
             tensor = self._pickled_tensors[name]
             return (tensor if start is None else tensor[start:stop]).clone()
-        handle = self._handle(info.file)
-        try:
-            if start is None or len(info.shape) == 0:
-                return handle.get_tensor(name)
-            return handle.get_slice(name)[start:stop]
-        except Exception as exc:  # noqa: BLE001
-            raise RelexInputError(f"cannot read tensor {name!r} ({exc})", info.file) from None
+        shape = list(info.shape)
+        offset, nbytes = info.offset, info.nbytes
+        if start is not None and shape:
+            row_bytes = nbytes // shape[0] if shape[0] else 0
+            start, stop = max(0, start), min(shape[0], shape[0] if stop is None else stop)
+            offset += start * row_bytes
+            nbytes = max(0, stop - start) * row_bytes
+            shape[0] = max(0, stop - start)
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        view = memoryview(buffer.numpy())
+        fd = self._descriptor(info.file)
+        done = 0
+        while done < nbytes:
+            try:
+                n = os.preadv(fd, [view[done:]], offset + done)
+            except OSError as exc:
+                raise RelexInputError(f"cannot read tensor {name!r} ({exc.strerror})", info.file) from None
+            if n == 0:
+                raise RelexInputError(f"truncated file while reading tensor {name!r}", info.file)
+            done += n
+        if info.dtype == torch.bool:
+            return buffer.view(torch.bool).reshape(shape)
+        return buffer.view(info.dtype).reshape(shape)
 
     def nbytes(self) -> int:
         return sum(info.nbytes for info in self.tensors.values())
 
     def close(self) -> None:
+        for fd in self._handles.values():
+            os.close(fd)
         self._handles.clear()
 
     def __enter__(self) -> "CheckpointReader":
