@@ -1,0 +1,178 @@
+"""``relex eval``: score checkpoints on math benchmarks with lm-evaluation-harness."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from relex_cli.app import app
+from relex_cli.console import console, err_console
+
+BENCHMARKS = "Benchmarks"
+DECODING = "Decoding"
+MODEL = "Model"
+OUTPUT = "Output"
+
+
+def _status_text(event: dict) -> str:
+    position = f"[{event.get('index', 0) + 1}/{event.get('count', 1)}]"
+    return f"{position} [bold]{event.get('checkpoint', '')}[/bold]"
+
+
+class _ProgressView:
+    """Renders the progress events of :func:`relex.evaluate.evaluate` as one rich progress line."""
+
+    def __init__(self, disable: bool):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self.disable = disable
+        self.bar = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stage]}", style="dim"),
+            TimeElapsedColumn(),
+            console=err_console,
+            disable=disable,
+            transient=False,
+        )
+        self.tasks: dict[int, int] = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.tasks:  # started at the first event: input errors found up front print one line only
+            self.bar.stop()
+        return False
+
+    def __call__(self, event: dict) -> None:
+        index = int(event.get("index", 0))
+        if not self.tasks:
+            self.bar.start()
+        if index not in self.tasks:
+            self.tasks[index] = self.bar.add_task(_status_text(event), total=None, stage="")
+        task = self.tasks[index]
+        stage = event.get("stage", "")
+        if stage == "generating":
+            self.bar.update(task, total=event.get("total") or None, completed=event.get("done", 0),
+                            stage="generating")
+        elif stage == "done":
+            total = self.bar.tasks[task].total or 1
+            self.bar.update(task, total=total, completed=total, stage="done")
+        else:
+            self.bar.update(task, stage=event.get("message", stage))
+
+
+def _print_table(results, title: str) -> None:
+    from rich.table import Table
+
+    from relex.evaluate.results import format_difference
+
+    tasks = results.tasks
+    columns = tasks + (["mean"] if len(tasks) > 1 else [])
+    table = Table(title=title, show_header=True, header_style="bold")
+    table.add_column("checkpoint")
+    for task in columns:
+        if task == "mean":
+            table.add_column("mean", justify="right")
+            continue
+        block = results.data["tasks"][task]
+        n = max((len(r["problems"]) for r in block["results"].values()), default=0)
+        table.add_column(f"{task}\n{block.get('metric', '')} · n={n}", justify="right")
+    for label in results.labels:
+        cells = []
+        for task in columns:
+            if task == "mean":
+                value = results.data["mean"]["accuracy"].get(label)
+            else:
+                result = results.data["tasks"][task]["results"].get(label)
+                value = result["summary"]["accuracy"] if result else None
+            cell = "–" if value is None or value != value else f"{100 * value:.1f}"
+            difference = results.difference(task, label)
+            if difference:
+                style = ("green" if difference["ci_low"] > 0 else "red" if difference["ci_high"] < 0 else "dim")
+                cell += f"\n[{style}]{format_difference(difference)}[/{style}]"
+            cells.append(cell)
+        table.add_row(label, *cells)
+    console.print(table)
+    if len(results.labels) > 1:
+        confidence = None
+        for task in columns:
+            for label in results.labels[1:]:
+                difference = results.difference(task, label)
+                if difference:
+                    confidence = difference.get("confidence")
+        if confidence:
+            console.print(f"[dim]accuracy in %; second line: difference to {results.labels[0]} in points with its "
+                          f"{100 * confidence:.0f}% paired-bootstrap interval over problems[/dim]")
+
+
+@app.command("eval", no_args_is_help=True)
+def eval_command(
+    checkpoints: Annotated[list[str], typer.Argument(
+        help="Checkpoint folders (or hub ids) to score; the first is the baseline of the comparison. "
+             "Name one with LABEL=PATH.", show_default=False, metavar="CKPT")],
+    tasks: Annotated[str, typer.Option(
+        help="Comma-separated benchmarks: aime24, aime25, amc23, minerva_math (the OCW set), math500, toy; "
+             "'all' for the five math benchmarks.", rich_help_panel=BENCHMARKS)] = "aime24,aime25,amc23,minerva_math,math500",
+    data_dir: Annotated[Optional[Path], typer.Option(
+        "--data-dir", help="Read <task>.jsonl from this folder instead of the Hugging Face hub.",
+        rich_help_panel=BENCHMARKS, show_default=False)] = None,
+    limit: Annotated[Optional[int], typer.Option(
+        help="Only the first N problems of each benchmark (smoke tests).", min=1, rich_help_panel=BENCHMARKS,
+        show_default=False)] = None,
+    samples: Annotated[int, typer.Option(
+        help="Completions per problem: reports avg@K and pass@k (needs --temperature > 0 when K > 1).", min=1,
+        rich_help_panel=DECODING)] = 1,
+    temperature: Annotated[float, typer.Option(
+        help="Sampling temperature; 0 is greedy decoding.", min=0.0, rich_help_panel=DECODING)] = 0.0,
+    top_p: Annotated[float, typer.Option(
+        "--top-p", help="Nucleus sampling threshold (with --temperature > 0).", min=0.0, max=1.0,
+        rich_help_panel=DECODING)] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option(
+        "--max-new-tokens", help="Generation budget per completion.", min=1, rich_help_panel=DECODING)] = 2048,
+    prompt: Annotated[str, typer.Option(
+        help="auto (chat template when the tokenizer has one), chat, or plain ('Problem: ... Solution:').",
+        rich_help_panel=DECODING)] = "auto",
+    system_prompt: Annotated[Optional[str], typer.Option(
+        "--system-prompt", help="System message for chat prompts.", rich_help_panel=DECODING,
+        show_default=False)] = None,
+    seed: Annotated[int, typer.Option(help="Seed of sampling and of the bootstrap.", rich_help_panel=DECODING)] = 0,
+    backend: Annotated[str, typer.Option(
+        help="hf (transformers, CPU or GPU) or vllm (GPU, needs vLLM installed).", rich_help_panel=MODEL)] = "hf",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (hf backend).", rich_help_panel=MODEL)] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, bfloat16, float16 or float32.", rich_help_panel=MODEL)] = "auto",
+    batch_size: Annotated[str, typer.Option(
+        "--batch-size", help="Prompts per forward pass, or auto (8 on a CPU; lm-eval's probe on a GPU).",
+        rich_help_panel=MODEL)] = "auto",
+    model_args: Annotated[Optional[str], typer.Option(
+        "--model-args", help="Extra lm-eval model arguments, e.g. gpu_memory_utilization=0.8,max_model_len=8192.",
+        rich_help_panel=MODEL, show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        help="Write per-problem results, summaries and differences to this JSON file.", rich_help_panel=OUTPUT,
+        show_default=False)] = None,
+    completions: Annotated[bool, typer.Option(
+        "--completions", help="Also store every completion's text in --out.", rich_help_panel=OUTPUT)] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress display.", rich_help_panel=OUTPUT)] = False,
+) -> None:
+    """Score checkpoints on AIME 24/25, AMC 23, Minerva math and MATH-500 with lm-evaluation-harness.
+
+    The final \\boxed{} answer is compared with math-verify; with --samples K the score is avg@K (pass@k in --out). Each checkpoint runs in its own process. With two or more checkpoints, each is compared to the first with a 95% paired-bootstrap interval over problems.
+    """  # noqa: E501 - one line per paragraph, wrapped by the help formatter
+    from relex.evaluate import evaluate
+
+    with _ProgressView(disable=quiet) as view:
+        results = evaluate(
+            checkpoints, tasks=tasks, data_dir=data_dir, samples=samples, temperature=temperature, top_p=top_p,
+            max_new_tokens=max_new_tokens, limit=limit, backend=backend, device=device, dtype=dtype,
+            batch_size=batch_size, seed=seed, prompt=prompt, system_prompt=system_prompt, model_args=model_args,
+            keep_completions=completions, out=out, progress=view,
+        )
+    decoding = "greedy" if temperature == 0 else f"T={temperature:g}, top-p={top_p:g}"
+    _print_table(results, title=f"relex eval · avg@{samples} ({decoding}, {max_new_tokens} new tokens)")
+    if out is not None:
+        console.print(f"wrote results → [bold]{out}[/bold]")
