@@ -68,24 +68,26 @@ class _ProgressView:
 
 
 def _print_table(results, title: str) -> None:
+    """One row per benchmark (and the mean), one column per checkpoint; differences to the first below."""
     from rich.table import Table
 
     from relex.evaluate.results import format_difference
 
     tasks = results.tasks
-    columns = tasks + (["mean"] if len(tasks) > 1 else [])
+    rows = tasks + (["mean"] if len(tasks) > 1 else [])
     table = Table(title=title, show_header=True, header_style="bold")
-    table.add_column("checkpoint")
-    for task in columns:
+    table.add_column("benchmark")
+    for index, label in enumerate(results.labels):
+        table.add_column(label + (" (baseline)" if index == 0 and len(results.labels) > 1 else ""), justify="right")
+    for task in rows:
         if task == "mean":
-            table.add_column("mean", justify="right")
-            continue
-        block = results.data["tasks"][task]
-        n = max((len(r["problems"]) for r in block["results"].values()), default=0)
-        table.add_column(f"{task}\n{block.get('metric', '')} · n={n}", justify="right")
-    for label in results.labels:
+            name = "mean"
+        else:
+            block = results.data["tasks"][task]
+            n = max((len(r["problems"]) for r in block["results"].values()), default=0)
+            name = f"{task}\n[dim]{block.get('metric', '')} · n={n}[/dim]"
         cells = []
-        for task in columns:
+        for label in results.labels:
             if task == "mean":
                 value = results.data["mean"]["accuracy"].get(label)
             else:
@@ -94,21 +96,16 @@ def _print_table(results, title: str) -> None:
             cell = "–" if value is None or value != value else f"{100 * value:.1f}"
             difference = results.difference(task, label)
             if difference:
-                style = ("green" if difference["ci_low"] > 0 else "red" if difference["ci_high"] < 0 else "dim")
+                style = "green" if difference["ci_low"] > 0 else "red" if difference["ci_high"] < 0 else "dim"
                 cell += f"\n[{style}]{format_difference(difference)}[/{style}]"
             cells.append(cell)
-        table.add_row(label, *cells)
+        table.add_row(name, *cells, end_section=len(rows) > 1 and rows[-1] == "mean" and task == rows[-2])
     console.print(table)
-    if len(results.labels) > 1:
-        confidence = None
-        for task in columns:
-            for label in results.labels[1:]:
-                difference = results.difference(task, label)
-                if difference:
-                    confidence = difference.get("confidence")
-        if confidence:
-            console.print(f"[dim]accuracy in %; second line: difference to {results.labels[0]} in points with its "
-                          f"{100 * confidence:.0f}% paired-bootstrap interval over problems[/dim]")
+    confidence = next((d.get("confidence") for task in rows for label in results.labels[1:]
+                       if (d := results.difference(task, label))), None)
+    if confidence:
+        console.print(f"[dim]accuracy in %; below: difference to {results.labels[0]} in points, "
+                      f"[{100 * confidence:.0f}% paired-bootstrap interval over problems][/dim]")
 
 
 @app.command("eval", no_args_is_help=True)

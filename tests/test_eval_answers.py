@@ -7,7 +7,6 @@ import importlib.util
 import itertools
 import json
 import math
-import os
 import random
 from pathlib import Path
 
@@ -20,15 +19,17 @@ from relex.evaluate.tasks import CHAT_PROMPT, DEFAULT_TASKS, TASKS, TASKS_DIR, n
 
 pytest.importorskip("math_verify")
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("RELEX_MATH_DATA", REPO.parent / "shared" / "data" / "math"))
-FILES = {name: DATA / TASKS[name].local_file for name in DEFAULT_TASKS}
+# The benchmark files come from the ``math_data_dir`` fixture (RELEX_MATH_DATA, default ../shared/data/math).
+_DATA: dict[str, Path] = {}
+
+
+@pytest.fixture(autouse=True)
+def _data_folder(math_data_dir):
+    _DATA["folder"] = Path(math_data_dir)
 
 
 def _records(name: str) -> list[dict]:
-    path = FILES[name]
-    if not path.is_file():
-        pytest.skip(f"benchmark data not found at {path} (set RELEX_MATH_DATA)")
+    path = _DATA["folder"] / TASKS[name].local_file
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
