@@ -161,6 +161,11 @@ def test_bad_input_is_one_line_and_leaves_no_results(models, math_data_dir, tmp_
     line = _one_error_line(stderr)
     assert code == 2 and str(partial.resolve() / "minerva_math.jsonl") in line and "missing data file" in line
 
+    (partial / "minerva_math.jsonl").write_text('{"problem": "no answer and no solution"}\n')
+    code, _, stderr = _run(["eval", str(models["chat"]), "--data-dir", str(partial), *common], capsys)
+    line = _one_error_line(stderr)
+    assert code == 2 and str(partial.resolve() / "minerva_math.jsonl") in line and "line 1" in line
+
     code, _, stderr = _run(["eval", str(tmp_path / "nowhere"), "--data-dir", str(math_data_dir), *common], capsys)
     assert code == 2 and "checkpoint folder does not exist" in _one_error_line(stderr)
 
@@ -207,3 +212,14 @@ def test_checkpoint_that_fails_to_load_in_the_worker(models, math_data_dir, tmp_
     line = _one_error_line(stderr)
     assert code == 2 and str(odd) in line and "checkpoint does not load" in line
     assert not out.exists()
+
+
+def test_packaged_task_yamls_register_in_lm_eval():
+    """Plain lm-eval can index the shipped YAMLs (hub sources) under the relex_ names, without clashes."""
+    from lm_eval.tasks import TaskManager
+
+    from relex.evaluate.tasks import TASKS_DIR
+
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+    assert {f"relex_{name}" for name in DEFAULT_TASKS} <= set(manager.all_tasks)
+

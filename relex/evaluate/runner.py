@@ -20,7 +20,17 @@ from typing import Any, Callable
 from relex.errors import RelexInputError
 from relex.evaluate import stats
 from relex.evaluate.answers import score_completion
-from relex.evaluate.tasks import CHAT_PROMPT, CHAT_STOP, PLAIN_PROMPT, PLAIN_STOP, TaskSpec, local_data_file, resolve_tasks
+from relex.evaluate.tasks import (
+    CHAT_PROMPT,
+    CHAT_STOP,
+    DEFAULT_TASKS,
+    PLAIN_PROMPT,
+    PLAIN_STOP,
+    TaskSpec,
+    check_local_file,
+    local_data_file,
+    resolve_tasks,
+)
 
 Progress = Callable[[dict], None]
 
@@ -34,7 +44,7 @@ INSTALL_HINT = "pip install 'relex[eval]'"
 class EvalSettings:
     """Everything that decides a score, besides the checkpoint. Stored in ``results.json``."""
 
-    tasks: list[str] = field(default_factory=lambda: ["aime24", "aime25", "amc23", "minerva_math", "math500"])
+    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
     data_dir: str | None = None
     samples: int = 1
     temperature: float = 0.0
@@ -103,7 +113,7 @@ class EvalSettings:
                 raise RelexInputError("data folder does not exist", data_dir)
             for spec in specs:
                 if spec.kind == "math":
-                    local_data_file(spec, data_dir)
+                    check_local_file(spec, local_data_file(spec, data_dir))
             self.data_dir = str(data_dir.resolve())
 
 
@@ -303,6 +313,32 @@ def score_samples(spec: TaskSpec, samples: list[dict], settings: EvalSettings, l
     return {"summary": summary, "prompt_example": prompt_example, "problems": problems}
 
 
+def task_source(spec: TaskSpec, settings: EvalSettings) -> str:
+    """Where the problems of ``spec`` come from: a local file, or a hub dataset and split."""
+    if spec.kind == "math" and settings.data_dir is not None:
+        return str(local_data_file(spec, settings.data_dir))
+    if spec.hub_path:
+        return f"{spec.hub_path} ({spec.hub_split})"
+    return spec.title
+
+
+def _load_task(manager, spec: TaskSpec, settings: EvalSettings) -> list:
+    """Build the lm-eval task (this reads its problems); a source that cannot be read is bad input."""
+    try:
+        if hasattr(manager, "load"):
+            return list(manager.load([spec.lm_eval_name])["tasks"].values())
+        from lm_eval.tasks import get_task_dict
+
+        return list(get_task_dict([spec.lm_eval_name], manager).values())
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as exc:
+        hint = "" if settings.data_dir is not None or spec.kind != "math" else (
+            " (offline? read local copies with --data-dir)")
+        raise RelexInputError(f"cannot read the problems of '{spec.name}': {_one_line(exc)}{hint}",
+                              task_source(spec, settings)) from exc
+
+
 def run_checkpoint(checkpoint: str, settings: EvalSettings, progress: Progress | None = None) -> dict:
     """Evaluate one checkpoint on ``settings.tasks``; returns ``{"checkpoint": {...}, "tasks": {...}}``."""
     check_dependencies(settings.backend)
@@ -332,6 +368,7 @@ def run_checkpoint(checkpoint: str, settings: EvalSettings, progress: Progress |
         missing = [name for name in names if name not in manager.all_tasks]
         if missing:
             raise RuntimeError(f"lm-eval did not register the task configs {missing} written to {folder}")
+        task_objects = [task for spec in specs for task in _load_task(manager, spec, settings)]
 
         total = 0
         for spec in specs:
@@ -349,7 +386,7 @@ def run_checkpoint(checkpoint: str, settings: EvalSettings, progress: Progress |
 
         output = simple_evaluate(
             model=lm,
-            tasks=names,
+            tasks=task_objects,
             task_manager=manager,
             limit=settings.limit,
             log_samples=True,
@@ -374,12 +411,7 @@ def run_checkpoint(checkpoint: str, settings: EvalSettings, progress: Progress |
             key.split(",")[0]: value for key, value in lm_eval_metrics.items()
             if isinstance(value, (int, float)) and not key.startswith("alias") and "stderr" not in key
         }
-        if settings.data_dir is not None and spec.kind == "math":
-            result["source"] = str(local_data_file(spec, settings.data_dir))
-        elif spec.hub_path:
-            result["source"] = f"{spec.hub_path} ({spec.hub_split})"
-        else:
-            result["source"] = spec.title
+        result["source"] = task_source(spec, settings)
         tasks[spec.name] = result
 
     import lm_eval

@@ -136,3 +136,34 @@ def normalize_doc(doc: Mapping[str, Any], index: int = 0) -> dict[str, str]:
         raise ValueError(f"record {index} has no 'problem' or 'question' field")
     ident = next((fields[k] for k in ("id", "unique_id", "idx", "problem_idx") if fields.get(k) is not None), index)
     return {"id": str(ident), "problem": str(problem), "answer": reference_answer(fields)}
+
+
+def check_local_file(spec: TaskSpec, path: str | Path) -> int:
+    """Read a local jsonl file as the task will; return its number of problems.
+
+    Raises :class:`RelexInputError` naming the file and line of the first record that is not valid JSON or
+    lacks a problem or an answer.
+    """
+    import json
+
+    path = Path(path)
+    count = 0
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RelexInputError(f"cannot read the data file: {exc}", path) from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+            normalize_doc(record, count)
+        except ValueError as exc:  # json.JSONDecodeError is a ValueError
+            raise RelexInputError(f"line {number}: {exc}", path) from None
+        count += 1
+    if count == 0:
+        raise RelexInputError(f"no problems in the data file of task '{spec.name}'", path)
+    return count
+
