@@ -131,7 +131,8 @@ def eval_command(
         "--top-p", help="Nucleus sampling threshold (with --temperature > 0).", min=0.0, max=1.0,
         rich_help_panel=DECODING)] = 1.0,
     max_new_tokens: Annotated[int, typer.Option(
-        "--max-new-tokens", help="Generation budget per completion.", min=1, rich_help_panel=DECODING)] = 2048,
+        "--max-new-tokens", help="Generation budget per completion (math benchmarks; toy answers take 4 tokens).",
+        min=1, rich_help_panel=DECODING)] = 2048,
     prompt: Annotated[str, typer.Option(
         help="auto (chat template when the tokenizer has one), chat, or plain ('Problem: ... Solution:').",
         rich_help_panel=DECODING)] = "auto",
@@ -169,7 +170,11 @@ def eval_command(
             batch_size=batch_size, seed=seed, prompt=prompt, system_prompt=system_prompt, model_args=model_args,
             keep_completions=completions, out=out, progress=view,
         )
-    decoding = "greedy" if temperature == 0 else f"T={temperature:g}, top-p={top_p:g}"
-    _print_table(results, title=f"relex eval · avg@{samples} ({decoding}, {max_new_tokens} new tokens)")
+    from relex.evaluate.tasks import TASKS
+
+    decoding = ["greedy" if temperature == 0 else f"T={temperature:g}, top-p={top_p:g}"]
+    if any(TASKS[task].kind == "math" for task in results.tasks):
+        decoding.append(f"≤{max_new_tokens} new tokens")
+    _print_table(results, title=f"relex eval · avg@{samples} ({', '.join(decoding)})")
     if out is not None:
         console.print(f"wrote results → [bold]{out}[/bold]")

@@ -223,3 +223,36 @@ def test_packaged_task_yamls_register_in_lm_eval():
     manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
     assert {f"relex_{name}" for name in DEFAULT_TASKS} <= set(manager.all_tasks)
 
+
+
+def test_toy_task_scores_like_the_toy(tmp_path, capsys):
+    """The toy held-out split through lm-eval gives, problem by problem, the toy's own greedy verdicts."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from relex.toy import ToyConfig, train_run
+    from relex.toy.evaluate import generate, prompt_ids
+    from relex.toy.model import decode
+    from relex.toy.task import heldout_problems, score
+
+    run = train_run(tmp_path / "run", ToyConfig.ci(steps=2, checkpoint_every=2, num_threads=1))
+    checkpoint = Path(run["checkpoints"][-1]["path"])
+    out = tmp_path / "toy.json"
+    code, stdout, stderr = _run(["eval", str(checkpoint), "--tasks", "toy", "--out", str(out), "--quiet"], capsys)
+    assert code == 0, stderr
+    data = json.loads(out.read_text())
+    result = data["tasks"]["toy"]["results"][checkpoint.name]
+    assert data["checkpoints"][0]["prompt_format"] == "plain"
+    assert result["prompt_example"] == heldout_problems()[0].prompt
+    flags = [p["correct"][0] for p in result["problems"]]
+    assert len(flags) == 300
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    problems = heldout_problems()
+    with torch.no_grad():
+        completions = generate(model, prompt_ids(problems))
+    expected = [score(decode(ids), p.answer) for ids, p in zip(completions, problems)]
+    assert flags == expected
+    assert result["summary"]["accuracy"] == pytest.approx(sum(expected) / 300)
+    assert [p["reference"] for p in result["problems"]] == [p.answer for p in problems]
+    assert "toy" in stdout

@@ -19,7 +19,6 @@ from typing import Any, Callable
 
 from relex.errors import RelexInputError
 from relex.evaluate import stats
-from relex.evaluate.answers import score_completion
 from relex.evaluate.tasks import (
     CHAT_PROMPT,
     CHAT_STOP,
@@ -30,6 +29,8 @@ from relex.evaluate.tasks import (
     check_local_file,
     local_data_file,
     resolve_tasks,
+    score_for,
+    toy_answer_tokens,
 )
 
 Progress = Callable[[dict], None]
@@ -200,10 +201,19 @@ def choose_prompt_format(lm, settings: EvalSettings, checkpoint: str) -> str:
     return "chat" if template else "plain"
 
 
-def generation_kwargs(settings: EvalSettings, prompt_format: str) -> dict:
+def new_tokens(spec: TaskSpec, settings: EvalSettings) -> int:
+    """Generation budget of a task: ``--max-new-tokens`` for math, the answer length for the toy."""
+    return toy_answer_tokens() if spec.kind == "toy" else int(settings.max_new_tokens)
+
+
+def generation_kwargs(settings: EvalSettings, prompt_format: str, spec: TaskSpec | None = None) -> dict:
+    if spec is not None and spec.kind == "toy":
+        until: list[str] = []  # the end-of-sequence token ends every toy answer
+    else:
+        until = list(CHAT_STOP if prompt_format == "chat" else PLAIN_STOP)
     kwargs: dict[str, Any] = {
-        "until": list(CHAT_STOP if prompt_format == "chat" else PLAIN_STOP),
-        "max_gen_toks": int(settings.max_new_tokens),
+        "until": until,
+        "max_gen_toks": new_tokens(spec, settings) if spec is not None else int(settings.max_new_tokens),
     }
     if settings.greedy:
         kwargs.update(do_sample=False, temperature=0.0)
@@ -217,9 +227,9 @@ def generation_kwargs(settings: EvalSettings, prompt_format: str) -> dict:
 def task_overrides(spec: TaskSpec, settings: EvalSettings, prompt_format: str) -> dict:
     """The YAML of ``spec`` specialised for this run (an ``include:`` of the packaged file plus overrides)."""
     config: dict[str, Any] = {"include": str(spec.yaml_path), "task": spec.lm_eval_name}
+    config["generation_kwargs"] = generation_kwargs(settings, prompt_format, spec)
     if spec.kind == "math":
         config["doc_to_text"] = CHAT_PROMPT if prompt_format == "chat" else PLAIN_PROMPT
-        config["generation_kwargs"] = generation_kwargs(settings, prompt_format)
         if settings.data_dir is not None:
             config.update(
                 dataset_path="json",
@@ -274,7 +284,7 @@ def _count_tokens(lm, texts: list[str]) -> list[int] | None:
 def score_samples(spec: TaskSpec, samples: list[dict], settings: EvalSettings, lm=None) -> dict:
     """Per-problem records and a summary for one task from lm-eval's logged samples."""
     problems = []
-    lengths: list[int] = []
+    score = score_for(spec.kind)
     all_completions: list[str] = []
     prompt_example = None
     for sample in sorted(samples, key=lambda s: s["doc_id"]):
@@ -286,7 +296,7 @@ def score_samples(spec: TaskSpec, samples: list[dict], settings: EvalSettings, l
             except (KeyError, IndexError, TypeError):
                 prompt_example = None
         reference = str(doc.get("answer", sample.get("target", "")))
-        scored = [score_completion(text, reference) for text in completions]
+        scored = [score(text, reference) for text in completions]
         record = {
             "id": str(doc.get("id", sample["doc_id"])),
             "index": int(sample["doc_id"]),
@@ -309,7 +319,8 @@ def score_samples(spec: TaskSpec, samples: list[dict], settings: EvalSettings, l
     token_counts = _count_tokens(lm, all_completions) if lm is not None else None
     if token_counts:
         summary["mean_completion_tokens"] = sum(token_counts) / len(token_counts)
-        summary["hit_max_new_tokens_rate"] = sum(t >= settings.max_new_tokens for t in token_counts) / len(token_counts)
+        budget = new_tokens(spec, settings)
+        summary["hit_max_new_tokens_rate"] = sum(t >= budget for t in token_counts) / len(token_counts)
     return {"summary": summary, "prompt_example": prompt_example, "problems": problems}
 
 
@@ -351,15 +362,16 @@ def run_checkpoint(checkpoint: str, settings: EvalSettings, progress: Progress |
     lm = load_model(checkpoint, settings, device)
     prompt_format = choose_prompt_format(lm, settings, checkpoint)
     max_length = getattr(lm, "max_length", None)
-    if isinstance(max_length, int) and settings.max_new_tokens >= max_length:
+    specs = resolve_tasks(settings.tasks)
+    budget = max(new_tokens(spec, settings) for spec in specs)
+    if isinstance(max_length, int) and budget >= max_length:
         raise RelexInputError(
-            f"--max-new-tokens {settings.max_new_tokens} leaves no room for the prompt in the model's context "
+            f"--max-new-tokens {budget} leaves no room for the prompt in the model's context "
             f"of {max_length} tokens", checkpoint)
 
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    specs = resolve_tasks(settings.tasks)
     with tempfile.TemporaryDirectory(prefix="relex-tasks-") as folder:
         write_task_configs(Path(folder), specs, settings, prompt_format)
         notify({"stage": "preparing", "message": "reading the problems"})
@@ -370,12 +382,8 @@ def run_checkpoint(checkpoint: str, settings: EvalSettings, progress: Progress |
             raise RuntimeError(f"lm-eval did not register the task configs {missing} written to {folder}")
         task_objects = [task for spec in specs for task in _load_task(manager, spec, settings)]
 
-        total = 0
-        for spec in specs:
-            size = spec.size if spec.kind == "math" else None
-            if size is None:
-                size = settings.limit or 0
-            total += (min(size, settings.limit) if settings.limit else size) * settings.samples
+        total = sum((min(spec.size, settings.limit) if settings.limit else spec.size) * settings.samples
+                    for spec in specs)
         if settings.backend == "vllm" or str(settings.batch_size) == "auto" and device.startswith("cuda"):
             chunk = None  # one call: vLLM schedules the whole batch itself
         else:

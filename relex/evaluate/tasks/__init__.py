@@ -60,10 +60,42 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec("amc23", "AMC 2023", 40, "math-ai/amc23", "test", "amc23.jsonl"),
         TaskSpec("minerva_math", "Minerva math (OCW)", 272, "math-ai/minervamath", "test", "minerva_math.jsonl"),
         TaskSpec("math500", "MATH-500", 500, "HuggingFaceH4/MATH-500", "test", "math500.jsonl"),
+        TaskSpec("toy", "Toy addition (held-out)", 300, kind="toy"),
     )
 }
 
 DEFAULT_TASKS: tuple[str, ...] = ("aime24", "aime25", "amc23", "minerva_math", "math500")
+
+
+def toy_answer_tokens() -> int:
+    """Generation budget of the toy task: its answer digits and ``<eos>``."""
+    from relex.toy.task import ANSWER_DIGITS
+
+    return ANSWER_DIGITS + 1
+
+
+def toy_records() -> list[dict[str, str]]:
+    """The toy's held-out split as ``{"id", "prompt", "answer"}`` records (fixed order)."""
+    from relex.toy.task import heldout_split
+
+    return [{"id": str(index), "prompt": record["prompt"], "answer": record["answer"]}
+            for index, record in enumerate(heldout_split())]
+
+
+def _score_toy(completion: str | None, reference: str) -> tuple[str | None, bool]:
+    from relex.toy.task import EOS_TEXT, score
+
+    extracted = None if completion is None else completion.split(EOS_TEXT, 1)[0].strip() or None
+    return extracted, bool(score(completion, reference))
+
+
+def score_for(kind: str):
+    """The scorer of a task kind: ``(completion, reference) -> (extracted answer, correct)``."""
+    if kind == "toy":
+        return _score_toy
+    from relex.evaluate.answers import score_completion
+
+    return score_completion
 
 
 def known_tasks() -> list[str]:
@@ -72,7 +104,7 @@ def known_tasks() -> list[str]:
 
 
 def resolve_tasks(names: str | Sequence[str] | None) -> list[TaskSpec]:
-    """Task specs for a comma-separated string or a list of short names (``None``: the default five).
+    """Task specs for a comma-separated string or a list of short names (``None``: the five math benchmarks).
 
     Accepts the internal ``relex_`` names too. Unknown names raise :class:`RelexInputError` listing the
     known ones; duplicates are dropped.

@@ -6,7 +6,7 @@ lm-eval loads this file by path, beside the YAML; everything of substance lives 
 from __future__ import annotations
 
 from relex.evaluate.answers import reference_answer, score_completion
-from relex.evaluate.tasks import normalize_doc
+from relex.evaluate.tasks import normalize_doc, score_for, toy_records
 
 
 def process_docs(dataset):
@@ -33,3 +33,21 @@ def process_results(doc, results):
         "accuracy": sum(flags) / len(flags) if flags else 0.0,
         "pass_at_n": float(any(flags)),
     }
+
+
+def toy_dataset(**_metadata):
+    """The toy's held-out split (``relex.toy``), generated in code: no file and no download."""
+    from datasets import Dataset, DatasetDict
+
+    return DatasetDict({"test": Dataset.from_list(toy_records())})
+
+
+def toy_process_results(doc, results):
+    """Exact match of each completion, cut at ``<eos>`` and stripped, as the toy's verifier scores it."""
+    score = score_for("toy")
+    flags = [score(text, doc["answer"])[1] for text in _completions(results)]
+    return {
+        "accuracy": sum(flags) / len(flags) if flags else 0.0,
+        "pass_at_n": float(any(flags)),
+    }
+
