@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from relex.regressors import r_squared, register
+from relex.regressors import as_array, loader, r_squared, register
 
 
+@loader("linear")
 @dataclass
 class LinearFit:
     intercept: np.ndarray  # (k,)
@@ -18,6 +19,14 @@ class LinearFit:
     def predict(self, t: np.ndarray) -> np.ndarray:
         t = np.asarray(t, dtype=np.float64).reshape(-1, 1)
         return self.intercept + t * self.slope
+
+    def to_dict(self) -> dict:
+        return {"kind": "linear", "intercept": as_array(self.intercept), "slope": as_array(self.slope),
+                "r2": as_array(self.r2)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LinearFit":
+        return cls(np.array(d["intercept"]), np.array(d["slope"]), np.array(d["r2"]))
 
 
 @register("linear", "least squares with intercept on the step (the paper's default)")

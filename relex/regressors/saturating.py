@@ -1,0 +1,56 @@
+"""Saturating exponential through the base: c(t) ≈ a·(1 − e^(−t/τ)).
+
+Models a run that decelerates as the reward saturates (the straight line of RELEX then overshoots). τ is
+searched on a log scale between t_ref/100 and 100·t_ref (t_ref the last fitted step); with τ at the top of
+that range the fit is practically a line through the base.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from relex.errors import RelexInputError
+from relex.regressors import as_array, loader, r_squared, register
+from relex.regressors.powerlaw import fit_shape
+
+LOG_TAU_RANGE = (math.log(0.01), math.log(100.0))
+
+
+@loader("saturating")
+@dataclass
+class SaturatingFit:
+    amplitude: np.ndarray  # a
+    tau: np.ndarray  # τ, in steps
+    r2: np.ndarray
+
+    def predict(self, t: np.ndarray) -> np.ndarray:
+        t = np.asarray(t, dtype=np.float64).reshape(-1, 1)
+        return self.amplitude * -np.expm1(-t / self.tau)
+
+    def to_dict(self) -> dict:
+        return {"kind": "saturating", "amplitude": as_array(self.amplitude), "tau": as_array(self.tau),
+                "r2": as_array(self.r2)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SaturatingFit":
+        return cls(np.array(d["amplitude"]), np.array(d["tau"]), np.array(d["r2"]))
+
+
+@register("saturating", "c ≈ a·(1 − exp(−t/τ)) through the base (deceleration toward a plateau)")
+def fit_saturating(steps: np.ndarray, values: np.ndarray) -> SaturatingFit:
+    t = np.asarray(steps, dtype=np.float64)
+    if np.any(t <= 0):
+        raise RelexInputError("saturating needs positive step numbers")
+    values = np.asarray(values, dtype=np.float64).reshape(len(t), -1)
+    t_ref = float(t.max())
+    amplitudes, taus = [], []
+    for column in values.T:
+        a, log_tau = fit_shape(lambda lt: -np.expm1(-t / (t_ref * math.exp(lt))), column, *LOG_TAU_RANGE)
+        amplitudes.append(a)
+        taus.append(t_ref * math.exp(log_tau))
+    fit = SaturatingFit(np.array(amplitudes), np.array(taus), np.zeros(values.shape[1]))
+    fit.r2 = r_squared(values, fit.predict(t))
+    return fit
