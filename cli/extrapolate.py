@@ -15,6 +15,32 @@ INPUT = "Input"
 MODEL = "Trajectory model"
 OUTPUT = "Output"
 
+METHOD_HELP = ("Mode: relex (temporal rank-k SVD of the deltas), matrix-rank1 (top singular triple of each 2-D "
+               "delta, exact sparse SVD; 1-D tensors element-wise), elementwise (line through two checkpoints), "
+               "last (the newest checkpoint).")
+REGRESSOR_HELP = ("Predictor of each coefficient series: linear, poly2, poly3, loglinear (a+b·log t), powerlaw "
+                  "(a·t^b), saturating (a·(1−e^(−t/τ))), mlp (small learned predictor shared by tensors of one "
+                  "kind, NExt-style; reads the run twice); anchored[-NAME][@λ]: start from the last checkpoint "
+                  "and add the increment NAME (default linear) predicts, shrunk by λ (estimated per tensor, or "
+                  "fixed as in anchored@0.5); auto: the candidate with the smallest backtest error.")
+CANDIDATES_HELP = ("Predictors --regressor auto chooses from, simplest first (a later one must beat an earlier "
+                   "one by 5%). Default: linear,loglinear,powerlaw,saturating,poly2,anchored,anchored-saturating.")
+SCOPE_HELP = ("Where auto choices (--regressor auto, --scale auto) are made: run (one choice for the model), "
+              "group (per kind of tensor, e.g. all q_proj) or tensor. run and group read the run twice: a cheap "
+              "Gram pass to decide, then the writing pass.")
+SCALE_HELP = ("Multiplier of the predicted update w(t*) − w_0, or auto: the closed-form best scale on the "
+              "backtest (measured at the backtest's shorter horizon; clipped to [0, 2]).")
+
+MethodOption = Annotated[str, typer.Option(help=METHOD_HELP, rich_help_panel=MODEL)]
+RankOption = Annotated[int, typer.Option(help="Number of temporal components (relex).", rich_help_panel=MODEL)]
+RegressorOption = Annotated[str, typer.Option(help=REGRESSOR_HELP, rich_help_panel=MODEL)]
+CandidatesOption = Annotated[Optional[str], typer.Option(help=CANDIDATES_HELP, rich_help_panel=MODEL, show_default=False)]
+ScopeOption = Annotated[str, typer.Option("--auto-scope", help=SCOPE_HELP, rich_help_panel=MODEL)]
+HoldoutOption = Annotated[Optional[int], typer.Option(help="Checkpoints held out by backtests (default: the last quarter).", rich_help_panel=MODEL, show_default=False)]
+ScaleOption = Annotated[str, typer.Option(help=SCALE_HELP, rich_help_panel=MODEL)]
+CopyNormsOption = Annotated[bool, typer.Option("--copy-norms", help="elementwise (and the 1-D tensors of matrix-rank1): copy 1-D tensors (norms, biases) from the newest checkpoint.", rich_help_panel=MODEL)]
+FromStepOption = Annotated[Optional[int], typer.Option(help="elementwise: the observed step w_a of the line w_a + α(w_b − w_a) (default: the one before the last).", rich_help_panel=MODEL, show_default=False)]
+
 
 def _parse_targets(text: str) -> list[int]:
     try:
@@ -34,10 +60,15 @@ def extrapolate(
     steps: Annotated[Optional[str], typer.Option(help="Observed steps to use, e.g. 10,20,30 (default: all).", rich_help_panel=INPUT)] = None,
     max_step: Annotated[Optional[int], typer.Option(help="Use observed steps up to this one.", rich_help_panel=INPUT)] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Read pytorch_model*.bin pickles when no safetensors exist.", rich_help_panel=INPUT)] = False,
-    method: Annotated[str, typer.Option(help="Trajectory model.", rich_help_panel=MODEL)] = "relex",
-    rank: Annotated[int, typer.Option(help="Number of temporal components.", rich_help_panel=MODEL)] = 1,
-    regressor: Annotated[str, typer.Option(help="Fit of each coefficient against the step.", rich_help_panel=MODEL)] = "linear",
-    scale: Annotated[float, typer.Option(help="Multiplier of the predicted update w(t*) − w_0.", rich_help_panel=MODEL)] = 1.0,
+    method: MethodOption = "relex",
+    rank: RankOption = 1,
+    regressor: RegressorOption = "linear",
+    candidates: CandidatesOption = None,
+    auto_scope: ScopeOption = "run",
+    holdout: HoldoutOption = None,
+    scale: ScaleOption = "1.0",
+    copy_norms: CopyNormsOption = False,
+    from_step: FromStepOption = None,
     allow_interpolation: Annotated[bool, typer.Option("--allow-interpolation", help="Allow target steps inside the observed window.", rich_help_panel=MODEL)] = False,
     device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.", rich_help_panel=OUTPUT)] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (as the newest checkpoint), bfloat16, float16 or float32.", rich_help_panel=OUTPUT)] = "auto",
@@ -48,8 +79,10 @@ def extrapolate(
 ) -> None:
     """Predict the checkpoint at --target-step from the observed checkpoints of RUN_DIR.
 
-    Streams one tensor at a time: memory does not grow with the model. Prints a verdict on whether the
-    run is drift-dominated (extrapolation plausible) or noise-dominated (it will likely hurt).
+    Streams one tensor at a time: memory does not grow with the model. Automatic choices per run or group
+    (--regressor auto, --scale auto) and the learned mlp predictor read the run twice. Prints the backtest
+    of automatic choices and a verdict on whether the run is drift-dominated (extrapolation plausible) or
+    noise-dominated (it will likely hurt).
     """
     from relex.engine import extrapolate as run_extrapolation
 
@@ -59,9 +92,10 @@ def extrapolate(
     with byte_progress(disable=quiet, label="extrapolating") as progress:
         result = run_extrapolation(
             run_dir, target_step=targets, out_dir=out, base=base, steps=steps, max_step=max_step,
-            method=method, rank=rank, regressor=regressor, scale=scale, device=device, dtype=dtype,
-            overwrite=overwrite, allow_interpolation=allow_interpolation, allow_pickle=allow_pickle,
-            max_shard_size=max_shard_size, progress=progress,
+            method=method, rank=rank, regressor=regressor, scale=scale, auto_scope=auto_scope,
+            candidates=candidates, holdout=holdout, copy_norms=copy_norms, from_step=from_step,
+            device=device, dtype=dtype, overwrite=overwrite, allow_interpolation=allow_interpolation,
+            allow_pickle=allow_pickle, max_shard_size=max_shard_size, progress=progress,
         )
     if report is not None:
         report.parent.mkdir(parents=True, exist_ok=True)
@@ -71,7 +105,8 @@ def extrapolate(
     summary = result.summary()
     from rich.table import Table
 
-    table = Table(title=f"relex extrapolate → step {', '.join(map(str, result.target_steps))}", show_header=True)
+    table = Table(title=f"relex extrapolate ({method}) → step {', '.join(map(str, result.target_steps))}",
+                  show_header=True)
     table.add_column("observed")
     table.add_column("tensors", justify="right")
     table.add_column("expl. var.\nmean / min", justify="right")
@@ -88,7 +123,59 @@ def extrapolate(
         f"{summary['bytes_read'] / 1e9:.2f} / {summary['bytes_written'] / 1e9:.2f}",
     )
     console.print(table)
+    print_selection(result.selection, [t.stats for t in result.tensors])
     if result.diagnostics is not None:
         print_diagnostics(result.diagnostics)
     for step, folder in result.out_dirs.items():
         console.print(f"wrote step {step} → [bold]{folder}[/bold]")
+
+
+def print_selection(selection: dict | None, tensor_stats=()) -> None:
+    """The backtest behind automatic choices: one row per candidate (run), per group, or counts (tensor)."""
+    if not selection:
+        return
+    from collections import Counter
+
+    from rich.table import Table
+
+    held = selection["held_out_steps"]
+    title = (f"backtest: fit on steps ≤ {selection['fit_steps'][-1]:g}, predict {', '.join(f'{s:g}' for s in held)}"
+             f" — relative weight error at step {held[-1]:g}")
+    decisions = selection.get("decisions")
+    if selection["scope"] == "tensor" or not decisions:
+        counts = Counter((s.get("regressor"), s.get("scale")) for s in tensor_stats
+                         if s.get("regressor") is not None and "auto" in s)
+        table = Table(title=title + " (chosen per tensor)")
+        table.add_column("predictor")
+        table.add_column("scale", justify="right")
+        table.add_column("tensors", justify="right")
+        for (name, scale), n in counts.most_common():
+            table.add_row(str(name), f"{scale:.3g}" if isinstance(scale, float) else str(scale), str(n))
+        console.print(table)
+        return
+    if selection["scope"] == "run" and len(decisions) == 1:
+        (decision,) = decisions.values()
+        table = Table(title=title)
+        table.add_column("predictor")
+        table.add_column("error", justify="right")
+        table.add_column("scale", justify="right")
+        table.add_column("")
+        for name, figures in decision["errors"].items():
+            chosen = name == decision["regressor"]
+            error = figures["error"]
+            table.add_row(name, f"{error:.4f}" if error == error and error != float("inf") else "n/a",
+                          f"{figures.get('scale', 1.0):.3g}", "[bold green]chosen[/bold green]" if chosen else "")
+            if chosen and "auto_scale" in figures:
+                table.add_row(f"{name} (scale auto)", f"{figures['auto_scale']['error']:.4f}",
+                              f"{figures['auto_scale']['scale']:.3g}", "[bold green]chosen[/bold green]")
+        console.print(table)
+        return
+    table = Table(title=title + " (per group)")
+    table.add_column("group")
+    table.add_column("chosen")
+    table.add_column("error", justify="right")
+    table.add_column("scale", justify="right")
+    for key, decision in decisions.items():
+        error = decision["errors"][decision["regressor"]]["error"]
+        table.add_row(key, decision["regressor"], f"{error:.4f}", f"{decision['scale']:.3g}")
+    console.print(table)

@@ -82,3 +82,44 @@ def backtest(grams: Mapping[str, np.ndarray], steps, methods: Mapping[str, Metho
         with np.errstate(divide="ignore", invalid="ignore"):
             errors[label] = np.sqrt(np.where(total_true > 0, total_err / total_true, 0.0))
     return Backtest(steps[:p], steps[p:], errors, details if per_tensor else {})
+
+
+# -- backtests of fitted tensor models (any mode, any predictor, any scale) -------------------------------
+
+
+def products(method, data, holdout: int, *, regressor=None, shared=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(⟨x̂_j, x_j⟩, ‖x̂_j‖², ‖x_j‖²) for the ``holdout`` last checkpoints of one tensor (a
+    :class:`relex.methods.TensorData`), the model fitted on the others with scale 1.
+
+    The squared error of the model at scale s is then ‖x_j‖² − 2s⟨x̂_j, x_j⟩ + s²‖x̂_j‖², so a backtest
+    also gives the best scale in closed form. Temporal models need only G; per-matrix models provide
+    their own ``backtest_products``.
+    """
+    if hasattr(method, "backtest_products"):
+        return method.backtest_products(data, holdout, regressor=regressor, shared=shared)
+    g = np.asarray(data.gram, dtype=np.float64)
+    t = len(data.steps)
+    p = t - holdout
+    if p < 2:
+        raise ValueError(f"a backtest needs at least 2 checkpoints to fit, got {p}")
+    true_sq = np.diag(g)[p:].copy()
+    model = method.fit_tensor(data.truncated(p), regressor=regressor, scale=1.0, shared=shared)
+    weights = model.mixing(np.asarray(data.steps, dtype=np.float64)[p:])  # (h, p)
+    cross = np.einsum("ji,ij->j", weights, g[:p, p:])
+    predicted_sq = np.einsum("ji,ik,jk->j", weights, g[:p, :p], weights)
+    return cross, predicted_sq, true_sq
+
+
+def best_scale(cross: float, predicted_sq: float, bounds: tuple[float, float] = (0.0, 2.0)) -> float:
+    """The scale s minimising ‖s x̂ − x‖² summed as given: ⟨x̂, x⟩ / ‖x̂‖², clipped to ``bounds``."""
+    if predicted_sq <= 0:
+        return 1.0
+    return float(np.clip(cross / predicted_sq, *bounds))
+
+
+def relative_error(cross, predicted_sq, true_sq, scale: float = 1.0):
+    """‖s x̂ − x‖ / ‖x‖ from the products (elementwise over arrays)."""
+    cross, predicted_sq, true_sq = (np.asarray(a, dtype=np.float64) for a in (cross, predicted_sq, true_sq))
+    sq = np.clip(true_sq - 2 * scale * cross + scale**2 * predicted_sq, 0.0, None)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.sqrt(np.where(true_sq > 0, sq / np.where(true_sq > 0, true_sq, 1.0), 0.0))

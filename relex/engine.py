@@ -2,9 +2,16 @@
 
 For each tensor, in the base's storage order: read the base and the T observed checkpoints (whole, or in
 row blocks when the tensor is large), form float32 deltas X (T×n), accumulate G = X Xᵀ, let the
-trajectory model turn G into mixing weights A, and write w_0 + A X. The next tensor is read by a
-background thread while the current one computes. Memory holds at most two tensors' worth of
-T + 2 float32 rows, never a whole model.
+trajectory model (:mod:`relex.methods`, chosen by :mod:`relex.trajectory`) turn G — and, in per-matrix
+modes, the top singular triple of each 2-D delta — into a :class:`relex.methods.TensorModel`, and write
+w_0 + Σ a_r(t*) b_r (+ Σ a_f(t*) u_f v_fᵀ) with basis vectors b_r = B X. The next read runs on a
+background thread while the current tensor computes. Memory holds at most two tensors' worth of T + 2
+float32 rows (per-matrix modes: plus T pairs of singular vectors of one tensor, and two whole copies of a
+tensor too large for one row block), never a whole model.
+
+Automatic choices that need the whole run (``--regressor auto`` per run or group, ``--scale auto``, the
+learned ``mlp`` predictor) make the engine read the run twice: a Gram pass, the decisions, the writing
+pass.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -26,8 +33,10 @@ from relex.errors import RelexInputError
 from relex.io.discover import CheckpointSeries, discover_series
 from relex.io.reader import CheckpointReader, TensorInfo
 from relex.io.writer import PlannedTensor, ShardedWriter, check_output_folder, staged_folder
-from relex.methods import TensorPlan, get_method
+from relex.methods import MatrixFactors, TensorData, TensorModel, method_class
+from relex.methods.matrix_rank1 import FactorAccumulator, matrix_shape
 from relex.subspace import gram
+from relex.trajectory import ModelSpec, Planner
 
 DEFAULT_BLOCK_BYTES = 2 * 1024**3
 OUTPUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -60,6 +69,8 @@ class ExtrapolationResult:
     bytes_read: int
     bytes_written: int
     device: str
+    selection: dict | None = None  # backtest figures of automatic choices
+    passes: int = 1  # reads of the run (2 when run-level choices needed a Gram pass first)
 
     @property
     def target_steps(self) -> list[int]:
@@ -96,6 +107,8 @@ class ExtrapolationResult:
             "device": self.device,
             "summary": self.summary(),
             "diagnostics": self.diagnostics.to_dict() if self.diagnostics else None,
+            "selection": self.selection,
+            "passes": self.passes,
         }
         if per_tensor:
             payload["tensors"] = {
@@ -186,6 +199,15 @@ class _Series:
             x[i].sub_(w0)
         return w0, x, nbytes
 
+    def read_whole(self, name: str, index: int, device: torch.device):
+        """(flat float32 tensor, bytes read) of the base (``index`` −1) or observed checkpoint ``index``."""
+        if index < 0:
+            reader, source = self.base, name
+        else:
+            reader, source = self.observed[index], self.aliases[index].get(name, name)
+        raw = reader.read(source)
+        return raw.to(device=device, dtype=torch.float32).reshape(-1), raw.numel() * raw.element_size()
+
     def checked_gram(self, name: str, start, stop, w0: torch.Tensor, x: torch.Tensor) -> np.ndarray:
         """G = X Xᵀ of a block; NaN/Inf anywhere in the inputs shows up in G, and only then are the
         inputs scanned to name the file (scanning every tensor up front would cost a full extra pass)."""
@@ -229,6 +251,264 @@ def _row_blocks(info: TensorInfo, n_observed: int, block_bytes: int) -> list[tup
 ProgressCallback = Callable[[str, int, int], None]
 
 
+@dataclass
+class _Job:
+    """One read of the streaming passes: a row block of base + all checkpoints, or one whole tensor."""
+
+    kind: str  # "block", "base" (whole base tensor) or "delta" (whole tensor of observed checkpoint ``index``)
+    name: str
+    start: int | None = None
+    stop: int | None = None
+    n_blocks: int = 1
+    gram: bool = False  # accumulate G (and, for a single block, the singular triples)
+    write: bool = False  # predict / store this block
+    index: int = -1
+
+
+def _plan_jobs(readers: "_Series", block_bytes: int, *, gram: bool, write: bool,
+               factorised: Callable[[TensorInfo], bool]) -> list[_Job]:
+    """Reads of one pass, in storage order.
+
+    A tensor that fits one row block is read once (G, singular triples and the prediction from the same
+    block). A larger one is read in row blocks for G, then — in per-matrix modes — whole, one checkpoint
+    at a time, for the singular triples, then in row blocks again for the prediction.
+    """
+    jobs = []
+    t = len(readers.observed)
+    for name in readers.names:
+        info = readers.info(name)
+        blocks = _row_blocks(info, t, block_bytes)
+        n = len(blocks)
+        if gram:
+            jobs += [_Job("block", name, s, e, n, gram=True, write=write and n == 1) for s, e in blocks]
+            if n > 1 and info.is_float and factorised(info):
+                jobs.append(_Job("base", name, n_blocks=n))
+                jobs += [_Job("delta", name, n_blocks=n, index=i) for i in range(t)]
+        if write and (not gram or n > 1):
+            jobs += [_Job("block", name, s, e, n, write=True) for s, e in blocks]
+    return jobs
+
+
+def _read_job(readers: "_Series", job: _Job, device: torch.device):
+    if job.kind == "block":
+        return readers.read_block(job.name, job.start, job.stop, device)
+    return readers.read_whole(job.name, job.index, device)
+
+
+def _prefetched_jobs(readers: "_Series", jobs: list[_Job], device: torch.device):
+    """Yield ``(job, payload)`` for each job while a background thread reads the next one."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="relex-read") as pool:
+        pending = pool.submit(_read_job, readers, jobs[0], device) if jobs else None
+        for k, job in enumerate(jobs):
+            payload = pending.result()
+            pending = pool.submit(_read_job, readers, jobs[k + 1], device) if k + 1 < len(jobs) else None
+            yield job, payload
+
+
+class _TensorState:
+    """What the streaming pass knows about the tensor it is reading."""
+
+    def __init__(self, name: str, info: TensorInfo, n_steps: int):
+        self.name = name
+        self.info = info
+        self.gram = np.zeros((n_steps, n_steps))
+        self.norm0 = 0.0
+        self.blocks = 0
+        self.factors: MatrixFactors | None = None
+        self.accumulator: FactorAccumulator | None = None
+        self.w0_whole: torch.Tensor | None = None
+        self.data: TensorData | None = None
+        self.model: TensorModel | None = None
+        self.prepared: dict = {}  # per-sink tensors (coefficients, basis weights on the device)
+        self.pieces: list = []
+
+
+def _stream(readers: "_Series", jobs: list[_Job], device: torch.device, steps: np.ndarray, *,
+            factorised: Callable[[TensorInfo], bool], factor_p: int | None,
+            on_ready: Callable[[_TensorState], None], on_block: Callable[[_TensorState, _Job, torch.Tensor, torch.Tensor], None] | None,
+            known: Mapping[str, tuple[TensorData, TensorModel | None]] | None = None,
+            progress: ProgressCallback | None = None, bytes_before: int = 0, total_bytes: int = 0) -> int:
+    """Run one pass over ``jobs``; returns the bytes read.
+
+    ``on_ready(state)`` is called once per tensor when its G (and singular triples) are complete;
+    ``on_block(state, job, w_0, X)`` for every block to write. With ``known`` (a previous pass), tensors
+    start ready with that pass's data and model.
+    """
+    n_steps = len(steps)
+    state: _TensorState | None = None
+    bytes_read = bytes_before
+    for job, payload in _prefetched_jobs(readers, jobs, device):
+        if state is None or state.name != job.name:
+            state = _TensorState(job.name, readers.info(job.name), n_steps)
+            if known is not None and job.name in known:
+                state.data, state.model = known[job.name]
+        info = state.info
+        if job.kind == "block":
+            w0, x, nbytes = payload
+            if job.gram:
+                if info.is_float:
+                    state.gram += readers.checked_gram(job.name, job.start, job.stop, w0, x)
+                    state.norm0 += float(w0 @ w0)
+                    if job.n_blocks == 1 and factorised(info):
+                        accumulator = FactorAccumulator(n_steps, factor_p)
+                        rows, cols = matrix_shape(info.shape)
+                        for i in range(n_steps):
+                            accumulator.add(x[i].reshape(rows, cols))
+                        state.factors = accumulator.result()
+                state.blocks += 1
+                if state.blocks == job.n_blocks and not (job.n_blocks > 1 and info.is_float and factorised(info)):
+                    _ready(state, steps, on_ready)
+            if job.write and on_block is not None:
+                on_block(state, job, w0, x)
+        elif job.kind == "base":
+            state.w0_whole, nbytes = payload
+            state.accumulator = FactorAccumulator(n_steps, factor_p)
+        else:
+            w, nbytes = payload
+            rows, cols = matrix_shape(info.shape)
+            state.accumulator.add((w - state.w0_whole).reshape(rows, cols))
+            del w
+            if job.index == n_steps - 1:
+                state.factors = state.accumulator.result()
+                state.accumulator = state.w0_whole = None
+                _ready(state, steps, on_ready)
+        bytes_read += nbytes
+        if progress is not None:
+            progress(job.name, bytes_read, max(total_bytes, bytes_read))
+    return bytes_read
+
+
+def _ready(state: _TensorState, steps: np.ndarray, on_ready) -> None:
+    state.data = TensorData(state.name, state.info.shape, steps, state.gram, state.info.is_float,
+                            math.sqrt(max(state.norm0, 0.0)), state.factors)
+    on_ready(state)
+
+
+def _combine(w0: torch.Tensor, coefficients: np.ndarray, basis: torch.Tensor | None,
+             factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """w_0 + Σ a_r b_r + Σ a_f (u_f v_fᵀ) of one row block, in float32.
+
+    Separate multiply and add kernels (no fused multiply-add), so the result of every entry does not
+    depend on how the tensor was cut into blocks: ``relex materialize`` reproduces it bit for bit.
+    """
+    out = w0.clone()
+    n_basis = 0 if basis is None else basis.shape[0]
+    for r in range(n_basis):
+        out.add_(torch.mul(basis[r], float(coefficients[r])))
+    for f, (u_rows, v) in enumerate(factors):
+        out.add_(torch.mul(torch.outer(u_rows, v).reshape(-1), float(coefficients[n_basis + f])))
+    return out
+
+
+def _newest_value(w0: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An integer buffer (not a weight) keeps its newest observed value."""
+    value = x[-1].to(torch.float64) + w0.to(torch.float64)
+    return value.round().to(dtype) if not dtype.is_floating_point else value.to(dtype)
+
+
+def _block_basis(state: _TensorState, x: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """The basis vectors b_r = Σ_i B_ri x_i of one row block (r, n), float32."""
+    model = state.model
+    if model is None or model.n_basis == 0:
+        return None
+    weights = state.prepared.get("basis_weights")
+    if weights is None:
+        weights = state.prepared["basis_weights"] = torch.as_tensor(model.basis, dtype=torch.float32, device=device)
+    return weights @ x
+
+
+def _factor_rows(model: TensorModel | None, job: _Job, device: torch.device) -> list:
+    if model is None:
+        return []
+    rows = []
+    for u, v in model.factors:
+        u_t = torch.as_tensor(u, dtype=torch.float32, device=device)
+        if job.start is not None:
+            u_t = u_t[job.start:job.stop]
+        rows.append((u_t, torch.as_tensor(v, dtype=torch.float32, device=device)))
+    return rows
+
+
+def _describe(model: TensorModel, targets: np.ndarray) -> dict:
+    method = method_class(model.params["method"])
+    describe = getattr(method, "describe", None)
+    return describe(model.params, targets) if describe is not None else {}
+
+
+def _tensor_result(state: _TensorState, keep_grams: bool, targets: np.ndarray) -> TensorResult:
+    g = state.data.gram
+    stats = dict(state.model.stats) if state.model is not None else {
+        "rank": 0, "explained": 0.0, "explained_rank1": 0.0, "r2": 1.0, "copied": True}
+    if state.model is not None:
+        stats.update(_describe(state.model, targets))
+    relative = math.sqrt(max(g[-1, -1], 0.0)) / state.data.base_norm if state.data.base_norm > 0 else 0.0
+    return TensorResult(state.name, state.info.shape, str(state.info.dtype).replace("torch.", ""), stats,
+                        relative, g if keep_grams else None)
+
+
+def _model_pass(readers: "_Series", planner: Planner, device: torch.device, block_bytes: int, *,
+                on_block: Callable, targets: np.ndarray, keep_grams: bool, progress: ProgressCallback | None,
+                on_model: Callable[[_TensorState], None] | None = None) -> tuple[list[TensorResult], int, dict]:
+    """Decide every tensor's model and stream the blocks to ``on_block``.
+
+    One pass when every choice is per tensor; otherwise a Gram (+ singular triples) pass, the run-level
+    choices of the planner, then the writing pass. Returns (tensor results, bytes read, run Gram).
+    """
+    steps = np.asarray(readers.series.steps, dtype=np.float64)
+    factorised = lambda info: info.is_float and planner.factorised(info.shape)  # noqa: E731
+    run_bytes = readers.base.nbytes() * (1 + len(readers.observed))
+    tensors: list[TensorResult] = []
+    run_gram = np.zeros((len(steps),) * 2)
+
+    def decide(state: _TensorState) -> None:
+        nonlocal run_gram
+        state.model = planner.model(state.data) if state.info.is_float else None
+        run_gram = run_gram + state.data.gram
+        tensors.append(_tensor_result(state, keep_grams, targets))
+        if on_model is not None:
+            on_model(state)
+
+    if not planner.needs_run_pass:
+        jobs = _plan_jobs(readers, block_bytes, gram=True, write=True, factorised=factorised)
+        bytes_read = _stream(readers, jobs, device, steps, factorised=factorised, factor_p=planner.p,
+                             on_ready=decide, on_block=on_block, progress=progress, total_bytes=run_bytes)
+        return tensors, bytes_read, run_gram
+
+    datas: dict[str, TensorData] = {}
+    jobs = _plan_jobs(readers, block_bytes, gram=True, write=False, factorised=factorised)
+    bytes_read = _stream(readers, jobs, device, steps, factorised=factorised, factor_p=planner.p,
+                         on_ready=lambda state: datas.__setitem__(state.name, state.data), on_block=None,
+                         progress=progress, total_bytes=2 * run_bytes)
+    planner.prepare(datas)
+    known = {}
+    for name, data in datas.items():
+        state = _TensorState(name, readers.info(name), len(steps))
+        state.data = data
+        decide(state)
+        known[name] = (data, state.model)
+    jobs = _plan_jobs(readers, block_bytes, gram=False, write=True, factorised=factorised)
+    bytes_read = _stream(readers, jobs, device, steps, factorised=factorised, factor_p=None,
+                         on_ready=lambda state: None, on_block=on_block, known=known, progress=progress,
+                         bytes_before=bytes_read, total_bytes=2 * run_bytes)
+    return tensors, bytes_read, run_gram
+
+
+def _targets(target_step) -> list[int]:
+    targets = sorted({int(t) for t in ([target_step] if isinstance(target_step, (int, np.integer)) else target_step)})
+    if not targets:
+        raise RelexInputError("give at least one --target-step")
+    return targets
+
+
+def _check_targets(targets: list[int], last: int, allow_interpolation: bool) -> None:
+    early = [t for t in targets if t <= last]
+    if early and not allow_interpolation:
+        raise RelexInputError(
+            f"target step {early[0]} is not beyond the last observed step {last} "
+            "(pass --allow-interpolation to predict inside the observed window)"
+        )
+
+
 def extrapolate(
     run_dir: str | Path | None = None,
     *,
@@ -241,7 +521,12 @@ def extrapolate(
     method: str = "relex",
     rank: int = 1,
     regressor: str = "linear",
-    scale: float = 1.0,
+    scale: float | str = 1.0,
+    auto_scope: str = "run",
+    candidates: str | Sequence[str] | None = None,
+    holdout: int | None = None,
+    copy_norms: bool = False,
+    from_step: int | None = None,
     device: str = "auto",
     dtype: str = "auto",
     overwrite: bool = False,
@@ -261,7 +546,18 @@ def extrapolate(
         out_dir: the output folder; written to a temporary folder beside it and renamed at the end.
         base: the step-0 checkpoint, when it is not the run's own step-0 folder.
         steps, max_step: which observed checkpoints to use (all by default).
-        method, rank, regressor, scale: the trajectory model (``relex`` = temporal rank-k SVD).
+        method: the mode: ``relex`` (temporal rank-k SVD), ``matrix-rank1`` (top singular triple of each
+            2-D delta), ``elementwise`` (two-checkpoint linear) or ``last``.
+        rank: temporal components (``relex``).
+        regressor: predictor of the coefficient series (see :mod:`relex.regressors`), or ``auto``: chosen
+            by backtest on the held-out end of the observed window among ``candidates``.
+        scale: multiplier of the predicted update w(t*) − w_0, or ``auto`` (chosen by backtest).
+        auto_scope: where ``auto`` choices are made: ``run`` (one for the model), ``group`` (per kind
+            of tensor, e.g. all ``q_proj``) or ``tensor``. ``run`` and ``group`` (and the learned ``mlp``
+            predictor) read the run twice: a Gram pass to decide, then the writing pass.
+        candidates: predictors ``auto`` chooses from (default
+            :data:`relex.trajectory.DEFAULT_CANDIDATES`); holdout: checkpoints held out (default a quarter).
+        copy_norms, from_step: ``elementwise`` options (and the 1-D fallback of ``matrix-rank1``).
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         dtype: output dtype; ``auto`` keeps the dtype of the newest observed checkpoint.
         allow_interpolation: permit target steps at or before the last observed step.
@@ -271,78 +567,62 @@ def extrapolate(
         progress: called as ``progress(tensor_name, bytes_read_so_far, total_bytes)``.
 
     Returns:
-        An :class:`ExtrapolationResult` with per-tensor statistics and the drift diagnostics.
+        An :class:`ExtrapolationResult` with per-tensor statistics, the drift diagnostics and, for
+        automatic choices, the backtest figures (``selection``).
 
     Raises:
         RelexInputError: on any bad input; no output folder is left behind.
     """
     started = time.perf_counter()
-    targets = sorted({int(t) for t in ([target_step] if isinstance(target_step, (int, np.integer)) else target_step)})
-    if not targets:
-        raise RelexInputError("give at least one --target-step")
+    targets = _targets(target_step)
     if dtype != "auto" and dtype not in OUTPUT_DTYPES:
         raise RelexInputError(f"unknown --dtype {dtype!r} (use auto, {', '.join(OUTPUT_DTYPES)})")
     out_dir = Path(out_dir)
     check_output_folder(out_dir, overwrite)
     series = discover_series(run_dir, base=base, steps=steps, max_step=max_step, checkpoints=checkpoints)
-    last = series.steps[-1]
-    early = [t for t in targets if t <= last]
-    if early and not allow_interpolation:
-        raise RelexInputError(
-            f"target step {early[0]} is not beyond the last observed step {last} "
-            "(pass --allow-interpolation to predict inside the observed window)"
-        )
+    _check_targets(targets, series.steps[-1], allow_interpolation)
     torch_device = resolve_device(device)
-    options = {"rank": rank, "regressor": regressor, "scale": scale}
-    model = get_method(method, **options)
-    observed_steps = np.array(series.steps, dtype=np.float64)
+    spec = ModelSpec(method=method, rank=rank, regressor=regressor, scale=scale, auto_scope=auto_scope,
+                     candidates=candidates, holdout=holdout, copy_norms=copy_norms, from_step=from_step)
+    planner = Planner(spec, series.steps)
+    options = {"rank": rank, "regressor": regressor, "scale": planner.scale, **_extra_options(spec)}
     target_array = np.array(targets, dtype=np.float64)
 
     readers = _Series(series, allow_pickle)
     try:
-        plan = [
-            PlannedTensor(n, readers.info(n).shape,
-                          OUTPUT_DTYPES[dtype] if dtype != "auto" and readers.info(n).is_float else readers.output_dtype(n))
-            for n in readers.names
-        ]
-        planned_by_name = {p.name: p for p in plan}
-        total_bytes = readers.base.nbytes() * (1 + len(series.observed))
-        jobs = _jobs(readers, block_bytes)
-
-        tensors: list[TensorResult] = []
-        run_gram = np.zeros((len(series.observed),) * 2)
-        bytes_read = 0
+        plan = _output_plan(readers, dtype)
         with staged_folder(out_dir, overwrite) as staging:
             folders = {t: staging if len(targets) == 1 else staging / f"step-{t}" for t in targets}
-            writers = {t: ShardedWriter(folders[t], plan, max_shard_size) for t in targets}
+            writers = {t: ShardedWriter(folders[t], plan.values(), max_shard_size) for t in targets}
             try:
-                state: dict = {}
-                blocks = _prefetched(readers, jobs, torch_device)
-                for (name, start, stop, pass_index, n_blocks), w0, x, nbytes in blocks:
-                    bytes_read += nbytes
-                    info = readers.info(name)
-                    if pass_index == 0:
-                        if not state or state["name"] != name:
-                            state = {"name": name, "gram": np.zeros((x.shape[0],) * 2), "norm0": 0.0,
-                                     "blocks": 0, "out": []}
-                        if info.is_float:
-                            state["gram"] += readers.checked_gram(name, start, stop, w0, x)
-                            state["norm0"] += float(w0 @ w0)
-                        state["blocks"] += 1
-                    if state["blocks"] == n_blocks and (n_blocks == 1 or pass_index == 1):
-                        if "plan" not in state:
-                            state["plan"] = _plan_tensor(model, state["gram"], observed_steps, target_array,
-                                                         name, info)
-                            g = state["gram"]
-                            tensors.append(TensorResult(
-                                name, info.shape, str(info.dtype).replace("torch.", ""), state["plan"].stats,
-                                math.sqrt(max(g[-1, -1], 0.0) / state["norm0"]) if state["norm0"] > 0 else 0.0,
-                                g if keep_grams else None,
-                            ))
-                            run_gram += g
-                        _write_block(writers, state, w0, x, readers, name, n_blocks, planned_by_name, torch_device)
-                    if progress is not None:
-                        progress(name, bytes_read, total_bytes)
+                def on_model(state: _TensorState) -> None:
+                    if state.model is not None:
+                        state.prepared["coefficients"] = state.model.coefficients(target_array)
+
+                def on_block(state: _TensorState, job: _Job, w0: torch.Tensor, x: torch.Tensor) -> None:
+                    planned = plan[state.name]
+                    if state.model is None:
+                        if state.info.is_float:  # prepared by an earlier pass
+                            raise RuntimeError(f"no model for tensor {state.name!r}")
+                        outputs = [_newest_value(w0, x, planned.dtype)] * len(targets)
+                    else:
+                        if "coefficients" not in state.prepared:
+                            on_model(state)
+                        basis = _block_basis(state, x, torch_device)
+                        factors = _factor_rows(state.model, job, torch_device)
+                        outputs = [_combine(w0, row, basis, factors).to(planned.dtype)
+                                   for row in state.prepared["coefficients"]]
+                    state.pieces.append([o.cpu() for o in outputs])
+                    if len(state.pieces) == job.n_blocks:
+                        for i, writer in enumerate(writers.values()):
+                            parts = [block[i] for block in state.pieces]
+                            tensor = parts[0] if len(parts) == 1 else torch.cat(parts)
+                            writer.write(state.name, tensor.reshape(planned.shape))
+                        state.pieces = []
+
+                tensors, bytes_read, run_gram = _model_pass(
+                    readers, planner, torch_device, block_bytes, on_block=on_block, targets=target_array,
+                    keep_grams=keep_grams, progress=progress, on_model=on_model)
                 for writer in writers.values():
                     writer.finish()
             finally:
@@ -355,6 +635,7 @@ def extrapolate(
                 series=series, method=method, options=options, tensors=tensors, diagnostics=diagnostics,
                 seconds=seconds, bytes_read=bytes_read,
                 bytes_written=sum(w.bytes_written for w in writers.values()), device=str(torch_device),
+                selection=planner.selection, passes=2 if planner.needs_run_pass else 1,
             )
             sources = [series.newest.path, *[c.path for c in reversed(series.observed[:-1])], series.base.path]
             for t, writer in writers.items():
@@ -367,6 +648,27 @@ def extrapolate(
         readers.close()
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _extra_options(spec: ModelSpec) -> dict:
+    """Model options beyond the historical rank/regressor/scale, recorded only when they matter."""
+    extra = {}
+    if spec.regressor == "auto" or str(spec.scale) == "auto":
+        options = spec.options()
+        extra.update(auto_scope=spec.auto_scope, candidates=options["candidates"], holdout=spec.holdout)
+    if spec.copy_norms:
+        extra["copy_norms"] = True
+    if spec.from_step is not None:
+        extra["from_step"] = spec.from_step
+    return extra
+
+
+def _output_plan(readers: "_Series", dtype: str) -> dict[str, PlannedTensor]:
+    return {
+        n: PlannedTensor(n, readers.info(n).shape,
+                         OUTPUT_DTYPES[dtype] if dtype != "auto" and readers.info(n).is_float else readers.output_dtype(n))
+        for n in readers.names
+    }
 
 
 def _jobs(readers: "_Series", block_bytes: int, passes_when_blocked: int = 2) -> list[tuple]:
@@ -458,36 +760,3 @@ def collect_grams(
         seconds=time.perf_counter() - started,
         bytes_read=bytes_read,
     )
-
-
-def _plan_tensor(model, gram, steps, targets, name, info) -> TensorPlan:
-    if not info.is_float:
-        # Integer buffers are not weights: keep the newest observed value.
-        weights = np.zeros((len(targets), len(steps)))
-        weights[:, -1] = 1.0
-        return TensorPlan(weights, {"rank": 0, "explained": 0.0, "explained_rank1": 0.0, "r2": 1.0,
-                                    "copied": True})
-    return model.plan(gram, steps, targets, tensor=name, ndim=len(info.shape))
-
-
-def _write_block(writers, state, w0, x, readers, name, n_blocks, plan_list, device):
-    """Compute w_0 + A X for each target and write it (collecting row blocks of a blocked tensor)."""
-    weights = torch.as_tensor(state["plan"].weights, dtype=torch.float32, device=device)  # (n_targets, T)
-    planned = plan_list[name]
-    info = readers.info(name)
-    if not info.is_float:
-        values = [x[-1].to(torch.float64) + w0.to(torch.float64)] * len(writers)
-        outputs = [v.round().to(planned.dtype) if not planned.dtype.is_floating_point else v.to(planned.dtype)
-                   for v in values]
-    else:
-        predicted = torch.addmm(w0.unsqueeze(0).expand(len(writers), -1), weights, x)
-        outputs = [predicted[i].to(planned.dtype) for i in range(len(writers))]
-    state["out"].append([o.cpu() for o in outputs])
-    if len(state["out"]) < n_blocks:
-        return
-    shape = planned.shape
-    for i, writer in enumerate(writers.values()):
-        pieces = [block[i] for block in state["out"]]
-        tensor = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-        writer.write(name, tensor.reshape(shape))
-    state["out"] = []

@@ -1,48 +1,118 @@
 """RELEX: rank-k temporal SVD of the deltas, each coefficient regressed on the step (arXiv 2605.21468).
 
-w(t*) = w_0 + s · Σ_j ĉ_j(t*) v_j with v_j = Xᵀ u_j / σ_j, i.e. mixing weights A = s · ĉ(t*) (U/Σ)ᵀ.
+w(t*) = w_0 + s · Σ_j ĉ_j(t*) v_j with v_j = Xᵀ u_j / σ_j: the basis vectors are the directions v_j
+(mixing rows (U/Σ)ᵀ) and the coefficients s·ĉ_j(t*). With an anchored predictor (``anchored[-NAME]``,
+see :mod:`relex.regressors.anchored`) the basis gains the last delta x_T:
+w(t*) = w_0 + s · (x_T + λ Σ_j (ĉ_j(t*) − ĉ_j(t_T)) v_j).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from relex.methods import TensorPlan, register
-from relex.regressors import get_regressor
+from relex.errors import RelexInputError
+from relex.methods import TemporalMethod, TensorData, TensorModel, register, unit_rows
+from relex.regressors import RegressorSpec, as_array, load_fit, parse_regressor
+from relex.regressors.anchored import drift_shrink, fit_drift_noise
 from relex.subspace import temporal_svd
 
 
-@register("relex")
-class TemporalLowRank:
-    def __init__(self, rank: int = 1, regressor: str = "linear", scale: float = 1.0, **_ignored):
-        if rank < 1:
-            from relex.errors import RelexInputError
+def resolve_spec(regressor) -> RegressorSpec | None:
+    if regressor is None or isinstance(regressor, RegressorSpec):
+        return regressor
+    return None if regressor == "auto" else parse_regressor(regressor)
 
+
+def fit_series(spec: RegressorSpec, steps: np.ndarray, values: np.ndarray, shared=None):
+    if len(steps) < spec.base.min_points:
+        raise RelexInputError(f"regressor {spec.base.name} needs at least {spec.base.min_points} observed "
+                              f"checkpoints, got {len(steps)}")
+    fit = shared.fit if (shared is not None and spec.shared) else spec.base.fit
+    return fit(steps, values)
+
+
+@register("relex")
+class TemporalLowRank(TemporalMethod):
+    def __init__(self, rank: int = 1, regressor: str = "linear", scale: float = 1.0, **options):
+        if rank < 1:
             raise RelexInputError(f"--rank must be at least 1, got {rank}")
         self.rank = rank
-        self.regressor = get_regressor(regressor)
+        self.spec = resolve_spec(regressor)  # None: chosen per tensor by backtest
         self.scale = float(scale)
+        self.options = options  # candidates, holdout, tolerance for a per-tensor "auto"
 
-    def plan(self, gram, steps, targets, *, tensor="", ndim=2) -> TensorPlan:
-        steps = np.asarray(steps, dtype=np.float64)
-        targets = np.asarray(targets, dtype=np.float64)
-        svd = temporal_svd(gram, self.rank)
+    def series(self, data: TensorData) -> np.ndarray | None:
+        svd = temporal_svd(data.gram, self.rank)
+        return svd.coefficients if svd.rank else None
+
+    def fit_tensor(self, data: TensorData, *, regressor=None, scale=None, shared=None) -> TensorModel:
+        spec = resolve_spec(regressor) or self.spec
+        if spec is None:
+            from relex.trajectory import choose_for_tensor
+
+            return choose_for_tensor(self, data, scale=scale, shared=shared, **self.options)
+        s = self.scale if scale is None else float(scale)
+        steps = np.asarray(data.steps, dtype=np.float64)
         t = len(steps)
+        svd = temporal_svd(data.gram, self.rank)
         if svd.rank == 0:  # the tensor never moved: it stays at w_0
-            return TensorPlan(np.zeros((len(targets), t)), {"explained": 0.0, "explained_rank1": 0.0,
-                                                            "r2": 1.0, "rank": 0, "sigma1": 0.0})
-        coefficients = svd.coefficients
-        fit = self.regressor.fit(steps, coefficients)
-        predicted = fit.predict(targets)  # (n_targets, k)
-        weights = self.scale * predicted @ (svd.u / svd.sigma).T
+            return TensorModel({"method": "relex", "scale": s, "regressor": spec.text, "fit": None},
+                               np.zeros((0, t)), [], {"explained": 0.0, "explained_rank1": 0.0, "r2": 1.0,
+                                                      "rank": 0, "sigma1": 0.0, "regressor": spec.text})
+        fit = fit_series(spec, steps, svd.coefficients, shared)
+        mix = svd.u / svd.sigma  # (T, k): v_j = Xᵀ mix_j
+        params = {"method": "relex", "scale": s, "regressor": spec.text, "fit": fit.to_dict(),
+                  "anchored": spec.anchored}
+        basis = mix.T
         stats = {
             "explained": float(svd.explained[svd.rank - 1]),
             "explained_rank1": float(svd.explained[0]),
             "r2": float(np.asarray(fit.r2)[0]),
             "rank": svd.rank,
             "sigma1": float(svd.sigma[0]),
+            "regressor": spec.text,
         }
         slope = getattr(fit, "slope", None)
-        if slope is not None:
+        if slope is not None and spec.base.name == "linear":
             stats["slope"] = float(np.asarray(slope)[0])
-        return TensorPlan(weights, stats)
+        if spec.anchored:
+            basis = np.vstack([unit_rows([t - 1], t), mix.T])
+            params.update(t_last=float(steps[-1]), shrink=spec.shrink)
+            if spec.shrink is None:
+                a2, b2 = fit_drift_noise(data.gram, steps)
+                params.update(drift=[a2, b2], steps=as_array(steps), mix=as_array(mix))
+                last = a2 * steps[-1] ** 2 + b2 * steps[-1]
+                stats["drift_share"] = float(a2 * steps[-1] ** 2 / last) if last > 0 else float("nan")
+        return TensorModel(params, basis, [], stats)
+
+    @staticmethod
+    def coefficients(params: dict, targets: np.ndarray) -> np.ndarray:
+        targets = np.asarray(targets, dtype=np.float64).reshape(-1)
+        s = params["scale"]
+        if params.get("fit") is None:
+            return np.zeros((len(targets), 0))
+        fit = load_fit(params["fit"])
+        predicted = fit.predict(targets)  # (n, k)
+        if not params.get("anchored"):
+            return s * predicted
+        increment = predicted - fit.predict(np.array([params["t_last"]]))
+        lam = shrink_of(params, increment, targets)
+        return s * np.hstack([np.ones((len(targets), 1)), lam[:, None] * increment])
+
+    @staticmethod
+    def describe(params: dict, targets: np.ndarray) -> dict:
+        """Per-target figures worth reporting: λ of an anchored model."""
+        if not params.get("anchored") or params.get("fit") is None:
+            return {}
+        targets = np.asarray(targets, dtype=np.float64).reshape(-1)
+        fit = load_fit(params["fit"])
+        increment = fit.predict(targets) - fit.predict(np.array([params["t_last"]]))
+        return {"shrink": [float(v) for v in shrink_of(params, increment, targets)]}
+
+
+def shrink_of(params: dict, increment: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """λ per target of an anchored model: fixed, or from the drift + random-walk fit."""
+    if params.get("shrink") is not None:
+        return np.full(len(targets), float(params["shrink"]))
+    a2, b2 = params["drift"]
+    return drift_shrink(increment, np.array(params["mix"]), params["steps"], a2, b2, targets)
