@@ -425,3 +425,15 @@ def test_unique_labels():
         "global_step_1/actor/huggingface", "global_step_2/actor/huggingface"]
     assert unique_labels(["x/model", "x/model"]) == ["x/model", "x/model#2"]
     assert unique_labels(["Qwen/Qwen2.5-Math-1.5B"]) == ["Qwen2.5-Math-1.5B"]
+
+
+def test_toy_scorer_is_the_toys_exact_match():
+    from relex.evaluate.tasks import score_for
+
+    score = score_for("toy")
+    assert score("157", "157") == ("157", True)
+    assert score(" 157 <eos><pad>", "157") == ("157", True)
+    assert score("15<pad>7", "157") == ("15<pad>7", False)  # special tokens kept as text are wrong
+    assert score("1571", "157") == ("1571", False)
+    assert score("", "157") == (None, False)
+    assert score_for("math") is answers.score_completion

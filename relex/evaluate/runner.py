@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import tempfile
+from contextlib import contextmanager
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -270,6 +271,24 @@ def _report_generation(lm, total: int, progress: Progress | None, chunk: int | N
     lm.generate_until = generate_until
 
 
+@contextmanager
+def _special_tokens_in_completions(lm, keep: bool):
+    """While active, the hf backend decodes completions without dropping special tokens."""
+    original = getattr(lm, "tok_decode", None)
+    if not keep or original is None:
+        yield
+        return
+
+    def tok_decode(tokens, skip_special_tokens: bool = True):
+        return original(tokens, skip_special_tokens=False)
+
+    lm.tok_decode = tok_decode
+    try:
+        yield
+    finally:
+        del lm.tok_decode
+
+
 def _count_tokens(lm, texts: list[str]) -> list[int] | None:
     tokenizer = getattr(lm, "tokenizer", None)
     if tokenizer is None or not texts:
@@ -380,7 +399,7 @@ def run_checkpoint(checkpoint: str, settings: EvalSettings, progress: Progress |
         missing = [name for name in names if name not in manager.all_tasks]
         if missing:
             raise RuntimeError(f"lm-eval did not register the task configs {missing} written to {folder}")
-        task_objects = [task for spec in specs for task in _load_task(manager, spec, settings)]
+        loaded = [(spec, _load_task(manager, spec, settings)) for spec in specs]
 
         total = sum((min(spec.size, settings.limit) if settings.limit else spec.size) * settings.samples
                     for spec in specs)
@@ -392,22 +411,33 @@ def run_checkpoint(checkpoint: str, settings: EvalSettings, progress: Progress |
         _report_generation(lm, total, notify, chunk)
         notify({"stage": "generating", "done": 0, "total": total})
 
-        output = simple_evaluate(
-            model=lm,
-            tasks=task_objects,
-            task_manager=manager,
-            limit=settings.limit,
-            log_samples=True,
-            apply_chat_template=prompt_format == "chat",
-            system_instruction=settings.system_prompt,
-            bootstrap_iters=0,
-            random_seed=settings.seed,
-            numpy_random_seed=settings.seed,
-            torch_random_seed=settings.seed,
-            fewshot_random_seed=settings.seed,
-        )
-    if output is None:
-        raise RuntimeError("lm-eval returned no results (not the main process)")
+        output: dict[str, dict] = {"samples": {}, "results": {}}
+        # Math benchmarks use the chosen prompt format. The toy is always a raw prompt, and its completions
+        # keep special tokens as text so that "15<pad>7" is wrong, as it is for the toy's token-level reward.
+        groups = [([t for spec, ts in loaded if spec.kind == "math" for t in ts], prompt_format == "chat", False),
+                  ([t for spec, ts in loaded if spec.kind == "toy" for t in ts], False, True)]
+        for task_objects, chat, keep_special_tokens in groups:
+            if not task_objects:
+                continue
+            with _special_tokens_in_completions(lm, keep_special_tokens):
+                part = simple_evaluate(
+                    model=lm,
+                    tasks=task_objects,
+                    task_manager=manager,
+                    limit=settings.limit,
+                    log_samples=True,
+                    apply_chat_template=chat,
+                    system_instruction=settings.system_prompt if chat or not keep_special_tokens else None,
+                    bootstrap_iters=0,
+                    random_seed=settings.seed,
+                    numpy_random_seed=settings.seed,
+                    torch_random_seed=settings.seed,
+                    fewshot_random_seed=settings.seed,
+                )
+            if part is None:
+                raise RuntimeError("lm-eval returned no results (not the main process)")
+            output["samples"].update(part.get("samples") or {})
+            output["results"].update(part.get("results") or {})
 
     notify({"stage": "scoring", "message": "scoring the answers"})
     tasks: dict[str, dict] = {}
