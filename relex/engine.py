@@ -185,13 +185,22 @@ class _Series:
         newest = self.observed[-1]
         return newest.tensors[self.aliases[-1].get(name, name)].dtype
 
-    def read_block(self, name: str, start: int | None, stop: int | None, device: torch.device):
-        """(w_0, X, bytes read): float32 base rows (n,) and deltas (T, n) of one row block."""
+    def read_block(self, name: str, start: int | None, stop: int | None, device: torch.device,
+                   rows: Sequence[int] | None = None):
+        """(w_0, X, bytes read): float32 base rows (n,) and deltas (T, n) of one row block.
+
+        With ``rows``, only those observed checkpoints are read; the other deltas are left at zero.
+        """
         raw = self.base.read(name, start, stop)
         nbytes = raw.numel() * raw.element_size()
         w0 = raw.to(device=device, dtype=torch.float32).reshape(-1)
-        x = torch.empty((len(self.observed), w0.numel()), dtype=torch.float32, device=device)
+        if rows is None:
+            x = torch.empty((len(self.observed), w0.numel()), dtype=torch.float32, device=device)
+        else:
+            x = torch.zeros((len(self.observed), w0.numel()), dtype=torch.float32, device=device)
         for i, (reader, aliases) in enumerate(zip(self.observed, self.aliases)):
+            if rows is not None and i not in rows:
+                continue
             source = aliases.get(name, name)
             raw = reader.read(source, start, stop)
             nbytes += raw.numel() * raw.element_size()
@@ -263,10 +272,12 @@ class _Job:
     gram: bool = False  # accumulate G (and, for a single block, the singular triples)
     write: bool = False  # predict / store this block
     index: int = -1
+    rows: tuple[int, ...] | None = None  # observed checkpoints a write-only block needs (None: all)
 
 
 def _plan_jobs(readers: "_Series", block_bytes: int, *, gram: bool, write: bool,
-               factorised: Callable[[TensorInfo], bool]) -> list[_Job]:
+               factorised: Callable[[TensorInfo], bool],
+               needed: Callable[[str], tuple[int, ...] | None] = lambda name: None) -> list[_Job]:
     """Reads of one pass, in storage order.
 
     A tensor that fits one row block is read once (G, singular triples and the prediction from the same
@@ -285,13 +296,14 @@ def _plan_jobs(readers: "_Series", block_bytes: int, *, gram: bool, write: bool,
                 jobs.append(_Job("base", name, n_blocks=n))
                 jobs += [_Job("delta", name, n_blocks=n, index=i) for i in range(t)]
         if write and (not gram or n > 1):
-            jobs += [_Job("block", name, s, e, n, write=True) for s, e in blocks]
+            rows = None if gram else needed(name)
+            jobs += [_Job("block", name, s, e, n, write=True, rows=rows) for s, e in blocks]
     return jobs
 
 
 def _read_job(readers: "_Series", job: _Job, device: torch.device):
     if job.kind == "block":
-        return readers.read_block(job.name, job.start, job.stop, device)
+        return readers.read_block(job.name, job.start, job.stop, device, job.rows)
     return readers.read_whole(job.name, job.index, device)
 
 
@@ -486,7 +498,14 @@ def _model_pass(readers: "_Series", planner: Planner, device: torch.device, bloc
         state.data = data
         decide(state)
         known[name] = (data, state.model)
-    jobs = _plan_jobs(readers, block_bytes, gram=False, write=True, factorised=factorised)
+
+    def needed(name: str) -> tuple[int, ...]:
+        model = known[name][1]
+        if model is None:  # integer buffers keep the newest value
+            return (len(steps) - 1,)
+        return tuple(int(i) for i in np.flatnonzero(np.any(model.basis != 0, axis=0)))
+
+    jobs = _plan_jobs(readers, block_bytes, gram=False, write=True, factorised=factorised, needed=needed)
     bytes_read = _stream(readers, jobs, device, steps, factorised=factorised, factor_p=None,
                          on_ready=lambda state: None, on_block=on_block, known=known, progress=progress,
                          bytes_before=bytes_read, total_bytes=2 * run_bytes)
