@@ -2,9 +2,9 @@
 
 The checkpoint is loaded once as an lm-eval model (``hf`` or ``vllm``); the task YAMLs of
 :mod:`relex.evaluate.tasks` are specialised for this run (data source, prompt format, number of samples,
-sampling settings) in a temporary folder that ``include:``-s them; ``lm_eval.simple_evaluate`` runs them all
-in one batch of requests; the logged completions are then scored per problem with
-:mod:`relex.evaluate.answers`.
+sampling settings) in a temporary folder that ``include:``-s them; ``lm_eval.simple_evaluate`` runs the math
+benchmarks as one batch of requests (and the toy as another); the logged completions are then scored per
+problem with :mod:`relex.evaluate.answers` (or the toy's verifier).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 import importlib.util
 import math
 import tempfile
-from contextlib import contextmanager
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -102,7 +102,8 @@ class EvalSettings:
                 if int(self.batch_size) < 1:
                     raise ValueError
             except ValueError:
-                raise RelexInputError(f"--batch-size must be a positive integer or 'auto', got {self.batch_size}")
+                raise RelexInputError(
+                    f"--batch-size must be a positive integer or 'auto', got {self.batch_size}") from None
         if self.model_args:
             for part in self.model_args.split(","):
                 if part.strip() and "=" not in part:
@@ -162,10 +163,8 @@ def _model_args(checkpoint: str, settings: EvalSettings, device: str) -> tuple[d
     extra = simple_parse_args_string(settings.model_args) if settings.model_args else {}
     args.update(extra)
     batch: Any = settings.batch_size
-    if settings.backend == "hf":
-        batch = "auto" if str(batch) == "auto" and device.startswith("cuda") else batch
-        if str(batch) == "auto":  # on a CPU lm-eval's automatic batch size probes up to 64 full-length rows
-            batch = 8
+    if settings.backend == "hf" and str(batch) == "auto" and not device.startswith("cuda"):
+        batch = 8  # on a CPU, lm-eval's automatic batch size would probe up to 64 full-length rows
     config = {"batch_size": batch if str(batch) == "auto" else int(batch)}
     if settings.backend == "hf":
         config["device"] = device
