@@ -89,9 +89,9 @@ def main() -> None:
     if a.limit:
         test = test[:a.limit]
 
-    order = list(a.checkpoints)
-    if a.ref is not None and a.ref not in order:
-        order = [a.ref] + order
+    order = [str(c) for c in a.checkpoints]
+    if a.ref is not None and str(a.ref) not in order:
+        order = [str(a.ref)] + order
     raw: dict[str, dict[str, np.ndarray]] = {}
     secs: dict[str, float] = {}
     for ck in order:
