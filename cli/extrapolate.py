@@ -20,9 +20,10 @@ METHOD_HELP = ("Mode: relex (temporal rank-k SVD of the deltas), matrix-rank1 (t
                "last (the newest checkpoint).")
 REGRESSOR_HELP = ("Predictor of each coefficient series: linear, poly2, poly3, loglinear (a+b·log t), powerlaw "
                   "(a·t^b), saturating (a·(1−e^(−t/τ))), mlp (small learned predictor shared by tensors of one "
-                  "kind, NExt-style; reads the run twice); anchored[-NAME][@λ]: start from the last checkpoint "
-                  "and add the increment NAME (default linear) predicts, shrunk by λ (estimated per tensor, or "
-                  "fixed as in anchored@0.5); auto: the candidate with the smallest backtest error.")
+                  "kind, NExt-style; reads the run twice); anchored or anchored-NAME: start from the last "
+                  "checkpoint and add the increment NAME (default linear) predicts, shrunk by λ estimated per "
+                  "tensor (anchored@0.5, anchored-NAME@0.5: fixed λ); auto: the candidate with the smallest "
+                  "backtest error.")
 CANDIDATES_HELP = ("Predictors --regressor auto chooses from, simplest first (a later one must beat an earlier "
                    "one by 5%). Default: linear,loglinear,powerlaw,saturating,poly2,anchored,anchored-saturating.")
 SCOPE_HELP = ("Where auto choices (--regressor auto, --scale auto) are made: run (one choice for the model), "
