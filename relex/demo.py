@@ -206,24 +206,30 @@ def plot_demo(demo: DemoResult, path: Path) -> None:
     left.grid(alpha=0.3)
 
     labels = list(demo.verdicts)
-    stats = [("alpha", "growth α"), ("drift_ratio", "drift ratio"), ("cos_first_last", "cos(first, last)"),
-             ("prefix_cos", "cos(prefix, window)")]
+    stats = [("alpha", "growth\nexponent α"), ("drift_ratio", "drift\nratio"),
+             ("cos_first_last", "cos(first,\nlast delta)"), ("prefix_cos", "cos(prefix dir.,\nwindow dir.)")]
+    low, high = -1.0, 1.5  # scores far below the null are clipped (and labelled) to keep the scale readable
     x = np.arange(len(stats))
     width = 0.8 / (len(labels) + 1)
     for i, label in enumerate(labels):
         d = demo.verdicts[label]
         values = [d["scores"].get(key, float("nan")) for key, _ in stats]
-        right.bar(x + i * width, values, width, color=colors[i % len(colors)],
-                  label=f"observed {label}: {d['verdict']}")
+        shown = [min(max(v, low), high) if v == v else 0.0 for v in values]
+        right.bar(x + i * width, shown, width, color=colors[i % len(colors)],
+                  label=f"first {label}: {d['verdict']}")
+        for xi, value, bar_value in zip(x + i * width, values, shown):
+            if value == value and value != bar_value:
+                right.text(xi, bar_value, f"{value:.1f}", ha="center", va="bottom" if value > 0 else "top",
+                           fontsize=7)
     right.axhline(0.0, color="#888", lw=1, ls="--")
     right.axhline(1.0, color="#2ca02c", lw=1, ls="--")
     right.text(len(stats) - 0.4, 0.02, "random walk", fontsize=8, color="#555", ha="right", va="bottom")
     right.text(len(stats) - 0.4, 1.02, "pure drift", fontsize=8, color="#2ca02c", ha="right", va="bottom")
     right.set_xticks(x + width * (len(labels) - 1) / 2, [name for _, name in stats])
     right.set_ylabel("score (0 = random-walk null, 1 = pure drift)")
-    right.set_ylim(min(-0.2, right.get_ylim()[0]), 1.25)
+    right.set_ylim(low - 0.15, high + 0.1)
     right.set_title("drift diagnostics of the observed prefix")
-    right.legend(fontsize=8, loc="upper left")
+    right.legend(fontsize=8, loc="best")
     right.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
