@@ -6,8 +6,8 @@ trajectory model (:mod:`relex.methods`, chosen by :mod:`relex.trajectory`) turn 
 modes, the top singular triple of each 2-D delta — into a :class:`relex.methods.TensorModel`, and write
 w_0 + Σ a_r(t*) b_r (+ Σ a_f(t*) u_f v_fᵀ) with basis vectors b_r = B X. The next read runs on a
 background thread while the current tensor computes. Memory holds at most two tensors' worth of T + 2
-float32 rows (per-matrix modes: plus T pairs of singular vectors of one tensor, and two whole copies of a
-tensor too large for one row block), never a whole model.
+float32 rows (per-matrix modes: plus T pairs of singular vectors of one tensor, and up to three whole
+float32 copies of a tensor too large for one row block), never a whole model.
 
 Automatic choices that need the whole run (``--regressor auto`` per run or group, ``--scale auto``, the
 learned ``mlp`` predictor) make the engine read the run twice: a Gram pass, the decisions, the writing

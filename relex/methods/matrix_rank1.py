@@ -15,7 +15,9 @@ c(t) and the prediction is
 
 so a plain prediction keeps only the newest rank-1 direction of the update (AlphaRL's "rank-1
 dominance"), while the anchored one keeps all of Δ_T and extrapolates only along u_T v_Tᵀ. λ without
-``@λ`` comes from a closed-form backtest on the observed window (:mod:`relex.regressors.anchored`).
+``@λ`` comes from a closed-form backtest on the observed window (:mod:`relex.regressors.anchored`); in
+the backtests of ``--regressor auto`` that λ is measured on the same held-out checkpoints, so the error of
+an anchored candidate with estimated λ is optimistic there (a fixed ``anchored@λ`` is not).
 Tensors with more than two dimensions are read as (shape[0], rest); 1-D tensors (norms, biases) and
 scalars fall back to element-wise linear extrapolation (``copy_norms`` copies them instead).
 
