@@ -1,0 +1,183 @@
+"""``relex analyze``: how linear is a run, and is it drift or noise? Every figure beside its random-walk null."""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from relex_cli.app import app
+from relex_cli.console import VERDICT_STYLE, console
+
+INPUT = "Input"
+ANALYSIS = "Analysis"
+LOGPROB = "Log-prob linearity (output space)"
+OUTPUT = "Output"
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "n/a"
+    return "0" if abs(value) < 1e-9 else f"{value:.{digits}f}"
+
+
+def _records(spec: Optional[str], run_dir: Path, limit: Optional[int]):
+    """The records to score: a JSONL file, ``toy`` (the toy task's held-out answers), or — when RUN_DIR is
+    a toy run (it holds toy_run.json) and nothing was asked — the toy's held-out answers."""
+    from relex.analysis.logprob import load_records, toy_records
+
+    if spec is None:
+        return toy_records(limit) if (run_dir / "toy_run.json").is_file() else None
+    if spec.lower() == "none":
+        return None
+    if spec.lower() == "toy":
+        return toy_records(limit)
+    return load_records(spec, limit)
+
+
+@contextmanager
+def _count_progress(disable: bool):
+    """A progress bar over checkpoints scored for the log-probs; appears at the first update."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from relex_cli.console import err_console
+
+    bar = Progress(TextColumn("[bold]scoring log-probs[/bold]"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("checkpoints"), TimeElapsedColumn(), console=err_console, disable=disable,
+                   transient=True)
+    task = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task("scoring", total=total)
+        bar.update(task, completed=done, total=total)
+
+    try:
+        yield update
+    finally:
+        if task is not None:
+            bar.stop()
+
+
+def print_summary(result) -> None:
+    """The run's figures beside their random-walk null and pure-drift values, the backtest, the verdict."""
+    from rich.table import Table
+
+    s = result.summary
+    whole, null = s["whole_model"], s["whole_model_null"]
+    console.print(f"[bold]relex analyze[/bold]: {s['tensors_moved']} tensors, {s['parameters']:,} parameters, "
+                  f"{len(result.steps)} checkpoints (steps {result.steps[0]}..{result.steps[-1]}), "
+                  f"{result.seconds:.1f} s")
+    table = Table(show_header=True, title="linearity, whole model (per-tensor median)")
+    table.add_column("statistic")
+    table.add_column("observed", justify="right")
+    table.add_column("random walk", justify="right")
+    table.add_column("pure drift", justify="right")
+    drift = result.diagnostics.drift if result.diagnostics else None
+    rows = [
+        ("rank-1 explained variance", "explained_r1", "explained_r1_median", "explained_r1_null_median",
+         "explained_rank1"),
+        ("R² of rank-1 coefficient vs step", "r2_rank1", "r2_rank1_median", "r2_rank1_null_median", "r2_rank1"),
+        ("drift share of the last delta", "drift_share", "drift_share_median", "drift_share_null_median",
+         "drift_share"),
+        ("growth exponent α", "alpha", "alpha_median", None, "alpha"),
+        ("cos(first, last delta)", "cos_first_last", None, None, "cos_first_last"),
+        ("drift ratio ‖x_T‖²/Σ‖step‖²", "drift_ratio", None, None, "drift_ratio"),
+    ]
+    for label, key, median, null_median, drift_key in rows:
+        observed = _fmt(whole.get(key), 2 if key == "drift_ratio" else 3)
+        if median:
+            observed += f" ({_fmt(s.get(median))})"
+        walk = _fmt(null.get(key), 2 if key == "drift_ratio" else 3)
+        if null_median:
+            walk += f" ({_fmt(s.get(null_median))})"
+        pure = _fmt(getattr(drift, drift_key), 2) if drift is not None else "n/a"
+        table.add_row(label, observed, walk, pure)
+    console.print(table)
+    ranking = result.backtest.ranking()
+    if ranking:
+        main = result.backtest.main_rows()
+        fit_end = result.steps[result.backtest.main_fit_points - 1]
+        bt = Table(show_header=True, title=f"backtest: fit ≤ step {fit_end}, predict steps "
+                                           f"{min(r['held_out_step'] for r in main)}..{max(r['held_out_step'] for r in main)}")
+        bt.add_column("model")
+        bt.add_column("relative error at the last", justify="right")
+        errors = dict(ranking)
+        shown = [m for m, _ in ranking[:5]] + [m for m in ("last", "elementwise", "relex/linear")
+                                                if m in errors and m not in [x for x, _ in ranking[:5]]]
+        for model in shown:
+            style = "bold" if model == ranking[0][0] else ""
+            bt.add_row(f"[{style}]{model}[/{style}]" if style else model, _fmt(errors[model]))
+        console.print(bt)
+    if result.logprob is not None:
+        lp = result.logprob.summary()
+        console.print(f"log-probs of {lp['responses']} responses: R² vs step median {_fmt(lp['r2_median'])} "
+                      f"(random walk {_fmt(lp['r2_null']['median'])}, 95th pct {_fmt(lp['r2_null']['p95'])}); "
+                      f"mean {lp['mean_logprob'][0]:.3f} → {lp['mean_logprob'][-1]:.3f}; output-space drift share "
+                      f"{_fmt(lp['drift_share'], 2)}")
+    if result.diagnostics is not None:
+        d = result.diagnostics
+        style = VERDICT_STYLE.get(d.verdict, "bold")
+        verdicts = s.get("tensor_verdicts", {})
+        counts = ", ".join(f"{verdicts[k]} {k}" for k in ("drift-dominated", "mixed", "noise-dominated")
+                           if verdicts.get(k))
+        console.print(f"verdict: [{style}]{d.message}[/{style}] (drift share {d.drift_share:.2f}; tensors: {counts})")
+
+
+@app.command(no_args_is_help=True)
+def analyze(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder holding checkpoint-N/, global_step_N/ or step_N/ folders.", show_default=False)],
+    base: Annotated[Optional[Path], typer.Option(help="Base (step-0) checkpoint, if not the run's own step-0 folder.", rich_help_panel=INPUT)] = None,
+    steps: Annotated[Optional[str], typer.Option(help="Observed steps to use, e.g. 10,20,30 (default: all).", rich_help_panel=INPUT)] = None,
+    max_step: Annotated[Optional[int], typer.Option(help="Use observed steps up to this one.", rich_help_panel=INPUT)] = None,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Read pytorch_model*.bin pickles when no safetensors exist.", rich_help_panel=INPUT)] = False,
+    rank: Annotated[int, typer.Option(help="Report explained variance at ranks 1..RANK.", rich_help_panel=ANALYSIS)] = 3,
+    holdout: Annotated[Optional[int], typer.Option(help="Checkpoints the main backtest holds out (default: the last quarter).", rich_help_panel=ANALYSIS)] = None,
+    learned: Annotated[bool, typer.Option("--learned", help="Also backtest learned predictors (slow: a training per tensor).", rich_help_panel=ANALYSIS)] = False,
+    null_samples: Annotated[int, typer.Option(help="Random walks drawn per tensor size for the nulls.", rich_help_panel=ANALYSIS)] = 200,
+    logprob_prompts: Annotated[Optional[str], typer.Option(help="JSONL of {prompt, response} to score under every checkpoint; 'toy' for the toy task's held-out answers (the default for a toy run); 'none' to skip.", rich_help_panel=LOGPROB, show_default=False)] = None,
+    logprob_limit: Annotated[Optional[int], typer.Option(help="Score at most this many records.", rich_help_panel=LOGPROB)] = None,
+    logprob_batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.", rich_help_panel=LOGPROB)] = 64,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for analysis.json, tensors.csv, backtest.csv and the PNG plots (default: print only).", rich_help_panel=OUTPUT, show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.", rich_help_panel=OUTPUT)] = False,
+    plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write the PNG plots into OUT.", rich_help_panel=OUTPUT)] = True,
+    device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.", rich_help_panel=OUTPUT)] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", help="Print only errors.", rich_help_panel=OUTPUT)] = False,
+) -> None:
+    """Measure how linear RUN_DIR's trajectory is, each statistic beside its random-walk null.
+
+    Reads every checkpoint once, one tensor at a time. Explained variance and R² look linear even for a
+    random walk; the drift share (0 random walk, 1 drift), the backtests and the verdict say whether
+    extrapolating the run is plausible.
+    """
+    from relex.analysis import analyze as run_analysis
+    from relex.errors import RelexInputError
+    from relex.io.writer import check_output_folder
+
+    from relex_cli.console import byte_progress
+
+    if rank < 1:
+        raise RelexInputError(f"--rank must be at least 1, got {rank}")
+    if null_samples < 10:
+        raise RelexInputError(f"--null-samples must be at least 10, got {null_samples}")
+    if out is not None:
+        check_output_folder(out, overwrite)  # fail before reading anything
+    records = _records(logprob_prompts, run_dir, logprob_limit)
+    with byte_progress(disable=quiet, label="analysing") as progress, _count_progress(quiet) as scored:
+        result = run_analysis(run_dir, base=base, steps=steps, max_step=max_step, rank=rank, holdout=holdout,
+                              learned=learned, null_samples=null_samples, logprob_records=records,
+                              logprob_batch_size=logprob_batch_size, device=device, allow_pickle=allow_pickle,
+                              progress=progress, logprob_progress=scored)
+    if out is not None:
+        result.write(out, plots=plots, overwrite=overwrite)
+    if quiet:
+        return
+    print_summary(result)
+    if out is not None:
+        console.print(f"wrote [bold]{out}[/bold] (analysis.json, tensors.csv, backtest.csv"
+                      f"{', logprob.csv' if result.logprob is not None else ''}{', PNG plots' if plots else ''})")
