@@ -110,7 +110,7 @@ def print_summary(result) -> None:
         errors = dict(ranking)
         shown = [m for m, _ in ranking[:5]] + [m for m in ("last", "elementwise", "relex/linear")
                                                 if m in errors and m not in [x for x, _ in ranking[:5]]]
-        for model in shown:
+        for model in sorted(shown, key=lambda m: errors[m]):
             style = "bold" if model == ranking[0][0] else ""
             bt.add_row(f"[{style}]{model}[/{style}]" if style else model, _fmt(errors[model]))
         console.print(bt)
