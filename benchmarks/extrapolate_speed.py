@@ -7,7 +7,9 @@ equal tensors), then measures, each in a fresh process:
 * ``relex extrapolate`` (the command line, as a user runs it);
 * the naive implementation: every checkpoint loaded whole, float64 ``numpy.linalg.svd`` per tensor.
 
-Prints wall times, their ratios and peak resident memory (above the interpreter's own footprint).
+Each is timed with the inputs in the page cache (warm) and, when the page cache can be dropped (root on
+Linux), read from disk (cold). Prints wall times, their ratios and peak resident memory (above the
+interpreter's own footprint, after imports).
 
     python benchmarks/extrapolate_speed.py --size-gb 1.0 --observed 6 --work /tmp/relex-bench
 """
@@ -60,6 +62,12 @@ def child(kind: str, work: Path, observed: int) -> None:
     import torch
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    import numpy  # noqa: F401 - imports count towards the baseline, not the job
+    import safetensors.torch  # noqa: F401
+
+    import relex_cli.extrapolate  # noqa: F401
+    from relex_cli.app import main as relex_main
+
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     folders = [work / "run" / f"checkpoint-{s}" for s in range(0, (observed + 1) * STEPS_GAP, STEPS_GAP)]
     out = work / f"out-{kind}"
@@ -80,9 +88,7 @@ def child(kind: str, work: Path, observed: int) -> None:
                         if folder == folders[-1]:
                             sink.write(view[:n])
     elif kind == "relex":
-        from relex_cli.app import main
-
-        code = main(["extrapolate", str(work / "run"), "--target-step", str(10 * observed * STEPS_GAP),
+        code = relex_main(["extrapolate", str(work / "run"), "--target-step", str(10 * observed * STEPS_GAP),
                      "--out", str(out), "--quiet", "--device", "cpu"])
         assert code == 0
     elif kind == "naive":
@@ -107,7 +113,19 @@ def child(kind: str, work: Path, observed: int) -> None:
     print(json.dumps({"kind": kind, "seconds": seconds, "peak_mb": peak / 1024, "baseline_mb": baseline / 1024}))
 
 
-def measure(kind: str, work: Path, observed: int) -> dict:
+def drop_page_cache() -> bool:
+    """Empty the OS page cache (needs root on Linux), so that the next job reads from disk."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def measure(kind: str, work: Path, observed: int, cold: bool = False) -> dict:
+    if cold and not drop_page_cache():
+        return {}
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
     proc = subprocess.run([sys.executable, __file__, "--child", kind, "--work", str(work), "--observed", str(observed)],
                           capture_output=True, text=True, env=env, check=True)
@@ -131,21 +149,32 @@ def main() -> None:
     shape = make_series(args.work, args.size_gb, args.observed, args.tensors)
     print(f"series: base + {args.observed} checkpoints of {args.size_gb:.2f} GB "
           f"({args.tensors} bf16 tensors of {shape['rows']}x{shape['cols']}), made in {time.perf_counter() - t0:.0f} s")
-    # Warm the page cache the same way for every contender: each reads the same files once first.
-    measure("floor", args.work, args.observed)
-    floor = measure("floor", args.work, args.observed)
-    relex_run = measure("relex", args.work, args.observed)
+    load = os.getloadavg()[0]
+    print(f"load average before measuring: {load:.2f} on {os.cpu_count()} cores")
+    rows = []
+    for cache in ("warm", "cold"):
+        cold = cache == "cold"
+        if not cold:
+            measure("floor", args.work, args.observed)  # fill the page cache
+        floor = measure("floor", args.work, args.observed, cold)
+        relex_run = measure("relex", args.work, args.observed, cold)
+        if not floor:
+            print("cold-cache figures need permission to drop the page cache (root on Linux); skipped")
+            continue
+        rows.append((cache, floor, relex_run))
     naive = None if args.skip_naive else measure("naive", args.work, args.observed)
     largest = shape["rows"] * shape["cols"] * 4 * (args.observed + 2) / 1e6
     total_in = args.size_gb * (args.observed + 1) * 1e3
-    print(f"I/O floor (read {total_in / 1e3:.1f} GB, write {args.size_gb:.1f} GB): {floor['seconds']:.1f} s")
-    print(f"relex extrapolate:                      {relex_run['seconds']:.1f} s "
-          f"(ratio to the I/O floor {relex_run['seconds'] / floor['seconds']:.2f})")
+    for cache, floor, relex_run in rows:
+        print(f"[{cache} page cache] I/O floor (read {total_in / 1e3:.1f} GB, write {args.size_gb:.1f} GB): "
+              f"{floor['seconds']:.1f} s; relex extrapolate: {relex_run['seconds']:.1f} s; "
+              f"ratio {relex_run['seconds'] / floor['seconds']:.2f}")
+    relex_run = rows[0][2]
     print(f"relex peak memory above interpreter:    {relex_run['peak_mb'] - relex_run['baseline_mb']:.0f} MB "
           f"(largest tensor x (T+2) in float32 = {largest:.0f} MB; all inputs = {total_in:.0f} MB)")
     if naive:
         print(f"naive in-memory float64 SVD:            {naive['seconds']:.1f} s "
-              f"(relex is {naive['seconds'] / relex_run['seconds']:.1f}x faster)")
+              f"(relex, warm cache, is {naive['seconds'] / relex_run['seconds']:.1f}x faster)")
         print(f"naive peak memory above interpreter:    {naive['peak_mb'] - naive['baseline_mb']:.0f} MB")
 
 

@@ -5,6 +5,14 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from relex.errors import RelexInputError
-from relex.engine import ExtrapolationResult, extrapolate
 
 __all__ = ["__version__", "RelexInputError", "ExtrapolationResult", "extrapolate"]
+
+
+def __getattr__(name: str):
+    # The engine pulls in torch; importing it lazily keeps `relex --help` and input errors fast.
+    if name in ("extrapolate", "ExtrapolationResult"):
+        from relex import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module 'relex' has no attribute {name!r}")
