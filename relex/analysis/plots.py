@@ -195,7 +195,10 @@ def backtest_figure(analysis, max_models: int = 8) -> Figure:
     if finite_errors and max(finite_errors) / max(min(finite_errors), 1e-12) > 30:
         ax.set_yscale("log")
     ax.set_title("backtest error vs horizon (one line per fit window)", fontsize=9)
-    ax.legend(fontsize=7, ncol=2)
+    if shown:
+        ax.legend(fontsize=7, ncol=2)
+    else:
+        ax.text(0.5, 0.5, "too few checkpoints to backtest", ha="center", transform=ax.transAxes)
     ax.tick_params(labelsize=7)
     ax2 = fig.add_subplot(1, 2, 2)
     if ranking:
