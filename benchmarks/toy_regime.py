@@ -65,6 +65,23 @@ SETTINGS: list[tuple[str, str, dict]] = [
      {**MODE, **RL, "optimizer": "momentum", "lr": 0.0003}),
     ("models-sgd-lr003", "mode base with label smoothing 0.3, GRPO 128x8, SGD 0.003",
      {**MODE, **RL, "label_smoothing": 0.3, "lr": 0.003}),
+    # second round, around the setting that worked (SGD 0.001)
+    ("mode-sgd-lr001-ck5", "as mode-sgd-lr001, checkpoints every 5 steps (T=20)",
+     {**MODE, **RL, "lr": 0.001, "checkpoint_every": 5}),
+    ("mode-sgd-lr001-s1", "as mode-sgd-lr001, seed 1 (base and RL)",
+     {**MODE, **RL, "lr": 0.001, "seed": 1}),
+    ("mode-sgd-lr001-s2", "as mode-sgd-lr001, seed 2 (base and RL)",
+     {**MODE, **RL, "lr": 0.001, "seed": 2}),
+    ("mode-sgd-lr002", "mode base, GRPO 128x8, SGD 0.002",
+     {**MODE, **RL, "lr": 0.002}),
+    ("mode-sgd-lr001-b256", "mode base, GRPO 256x8, SGD 0.001",
+     {**MODE, **RL, "lr": 0.001, "prompts_per_step": 256}),
+    ("mode-sgd-lr001-200", "mode base, GRPO 128x8, SGD 0.001, 200 steps (checkpoints every 4)",
+     {**MODE, **RL, "lr": 0.001, "steps": 200, "checkpoint_every": 4}),
+    ("mode-sgd-lr001-b64", "mode base, GRPO 64x8, SGD 0.001",
+     {**MODE, **RL, "lr": 0.001, "prompts_per_step": 64}),
+    ("mode-exact-lr001", "mode base, exact expected-reward gradient, 128 prompts, SGD 0.001",
+     {**MODE, **RL, "objective": "exact_pg", "lr": 0.001}),
 ]
 
 
@@ -225,16 +242,16 @@ def fmt(x, nd=2):
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| setting | greedy base→final | T=1 base→final | α | drift (max) | cos first/last | prefix dir cos | "
+    head = ("| setting | greedy base→final | T=1 base→final | α | drift (max) | cos first/last | prefix dir cos | verdict | "
             "RELEX 10% / 20% (greedy frac) | elem 20% | last 20% | RELEX 20%→50% | RELEX 20% (T=1 frac) | "
             "w-err RELEX 20% | s/step | s |")
-    lines = [head, "|" + "---|" * head.count("|")[:-1] if False else "|" + "---|" * (head.count("|") - 1)]
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         e = r["extrapolation"]
         lines.append(
             f"| {r['name']} | {r['base_greedy']:.3f}→{r['final_greedy']:.3f} | {r['base_t1']:.3f}→{r['final_t1']:.3f} | "
             f"{r['alpha']:.2f} | {r['drift_ratio']:.1f} ({r['drift_max']}) | {r['cos_first_last']:.2f} | "
-            f"{r['prefix_dir_cos20']:.2f} | {fmt(e['relex_10->100']['frac_greedy'])} / {fmt(e['relex_20->100']['frac_greedy'])} | "
+            f"{r['prefix_dir_cos20']:.2f} | {r.get('verdict', '-').split('-')[0]} | {fmt(e['relex_10->100']['frac_greedy'])} / {fmt(e['relex_20->100']['frac_greedy'])} | "
             f"{fmt(e['elementwise_20->100']['frac_greedy'])} | {fmt(e['last_20->100']['frac_greedy'])} | "
             f"{fmt(e['relex_20->50']['frac_greedy'])} | {fmt(e['relex_20->100']['frac_t1'])} | "
             f"{e['relex_20->100']['weight_error']:.2f} | {r['seconds_per_step']:.2f} | {r['seconds']:.0f} |")
@@ -246,7 +263,11 @@ def main(argv=None):
     parser.add_argument("--out", default="toy_regime.json")
     parser.add_argument("--only", default="", help="comma-separated setting names")
     parser.add_argument("--append", action="store_true", help="keep rows already in --out")
+    parser.add_argument("--render", action="store_true", help="only print the table of the rows in --out")
     args = parser.parse_args(argv)
+    if args.render:
+        print(table(json.loads(Path(args.out).read_text())))
+        return 0
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from transformers.utils import logging as hf_logging

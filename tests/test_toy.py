@@ -121,3 +121,12 @@ def test_config_rejects_unknown_choices():
         ToyConfig(objective="ppo")
     with pytest.raises(ValueError):
         ToyConfig(optimizer="lion")
+
+
+def test_presets():
+    demo, noisy, ci = ToyConfig.demo(), ToyConfig.noisy(), ToyConfig.ci()
+    assert demo.warmup_key() == noisy.warmup_key()  # the two share one base
+    assert (demo.optimizer, noisy.optimizer) == ("sgd", "adam")
+    assert ci.steps * ci.prompts_per_step * ci.samples_per_prompt < demo.prompts_per_step * demo.samples_per_prompt
+    assert ToyConfig.from_dict(demo.to_dict()) == demo
+    assert ToyConfig.demo(lr=0.5).lr == 0.5

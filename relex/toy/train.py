@@ -50,7 +50,7 @@ class ToyConfig:
     warmup_lr: float = 1e-3
     warmup_batch: int = 128
     label_smoothing: float = 0.0
-    distractor: float = 0.0  # share of warm-up answers replaced by the carry-less sum
+    distractor: float = 0.6  # share of warm-up answers replaced by the carry-less sum
     # RL
     objective: str = "grpo"
     steps: int = 100
@@ -58,7 +58,7 @@ class ToyConfig:
     samples_per_prompt: int = 8
     temperature: float = 1.0
     optimizer: str = "sgd"
-    lr: float = 0.01
+    lr: float = 0.001
     momentum: float = 0.9
     weight_decay: float = 0.0
     clip_eps: float = 0.2
@@ -81,9 +81,14 @@ class ToyConfig:
     # presets -------------------------------------------------------------------------------------
     @classmethod
     def demo(cls, **overrides) -> "ToyConfig":
-        """The drift-dominated setting chosen by benchmarks/toy_regime.py (see docs/toy_regime.md)."""
-        base = dict(name="demo", warmup_steps=450, label_smoothing=0.5, distractor=0.0, objective="grpo",
-                    steps=100, prompts_per_step=128, samples_per_prompt=8, optimizer="sgd", lr=0.01,
+        """The drift-dominated setting chosen by benchmarks/toy_regime.py (see docs/toy_regime.md).
+
+        A "mode" base (warm-up with 60% carry-less answers: it samples the right answer ~40% of the time
+        but greedy decoding prefers the carry-less one), then sampled GRPO, 128 prompts x 8 samples, plain
+        SGD at lr 0.001 for 100 steps, a checkpoint every 5 steps. Held-out greedy accuracy 0.38 -> 0.84.
+        """
+        base = dict(name="demo", warmup_steps=450, label_smoothing=0.0, distractor=0.6, objective="grpo",
+                    steps=100, prompts_per_step=128, samples_per_prompt=8, optimizer="sgd", lr=0.001,
                     checkpoint_every=5)
         base.update(overrides)
         return cls(**base)
@@ -99,9 +104,14 @@ class ToyConfig:
 
     @classmethod
     def noisy(cls, **overrides) -> "ToyConfig":
-        """The noise-dominated setting of the first toy study: plain base, Adam 1e-4, 128 x 8, 300 steps."""
-        base = dict(name="noisy", warmup_steps=170, label_smoothing=0.0, objective="grpo", steps=300,
-                    prompts_per_step=128, samples_per_prompt=8, optimizer="adam", lr=1e-4, checkpoint_every=5)
+        """A noise-dominated run: the demo's base and GRPO batch, but Adam at lr 1e-4 (the first toy study).
+
+        It shares its base with ``demo()`` (same warm-up fields), gains more accuracy by its last checkpoint,
+        yet its trajectory is noise-dominated and extrapolating it lands far outside where the model works.
+        """
+        base = dict(name="noisy", warmup_steps=450, label_smoothing=0.0, distractor=0.6, objective="grpo",
+                    steps=100, prompts_per_step=128, samples_per_prompt=8, optimizer="adam", lr=1e-4,
+                    checkpoint_every=5)
         base.update(overrides)
         return cls(**base)
 
