@@ -33,7 +33,7 @@ from relex.errors import RelexInputError
 from relex.io.discover import CheckpointSeries, discover_series
 from relex.io.reader import CheckpointReader, TensorInfo
 from relex.io.writer import PlannedTensor, ShardedWriter, check_output_folder, staged_folder
-from relex.methods import MatrixFactors, TensorData, TensorModel, method_class
+from relex.methods import MatrixFactors, TensorData, TensorModel, get_method, method_class
 from relex.methods.matrix_rank1 import FactorAccumulator, matrix_shape
 from relex.subspace import gram
 from relex.trajectory import ModelSpec, Planner
@@ -471,11 +471,14 @@ def _model_pass(readers: "_Series", planner: Planner, device: torch.device, bloc
     run_bytes = readers.base.nbytes() * (1 + len(readers.observed))
     tensors: list[TensorResult] = []
     run_gram = np.zeros((len(steps),) * 2)
+    verdict_check = _VerdictBacktest(steps)
 
     def decide(state: _TensorState) -> None:
         nonlocal run_gram
         state.model = planner.model(state.data) if state.info.is_float else None
         run_gram = run_gram + state.data.gram
+        if state.info.is_float:
+            verdict_check.add(state.name, state.data.gram, len(state.info.shape))
         tensors.append(_tensor_result(state, keep_grams, targets))
         if on_model is not None:
             on_model(state)
@@ -484,7 +487,7 @@ def _model_pass(readers: "_Series", planner: Planner, device: torch.device, bloc
         jobs = _plan_jobs(readers, block_bytes, gram=True, write=True, factorised=factorised)
         bytes_read = _stream(readers, jobs, device, steps, factorised=factorised, factor_p=planner.p,
                              on_ready=decide, on_block=on_block, progress=progress, total_bytes=run_bytes)
-        return tensors, bytes_read, run_gram
+        return tensors, bytes_read, (run_gram, verdict_check)
 
     datas: dict[str, TensorData] = {}
     jobs = _plan_jobs(readers, block_bytes, gram=True, write=False, factorised=factorised)
@@ -509,7 +512,38 @@ def _model_pass(readers: "_Series", planner: Planner, device: torch.device, bloc
     bytes_read = _stream(readers, jobs, device, steps, factorised=factorised, factor_p=None,
                          on_ready=lambda state: None, on_block=on_block, known=known, progress=progress,
                          bytes_before=bytes_read, total_bytes=2 * run_bytes)
-    return tensors, bytes_read, run_gram
+    return tensors, bytes_read, (run_gram, verdict_check)
+
+
+class _VerdictBacktest:
+    """Sums, over tensors, the Gram-space backtest errors of a rank-1 linear line and of stopping."""
+
+    def __init__(self, steps: np.ndarray):
+        from relex.analysis.drift import verdict_holdout
+
+        self.steps = steps
+        self.holdout = verdict_holdout(len(steps))
+        self.sums = np.zeros(3)  # line error², stop error², true norm² at the farthest held-out step
+        if self.holdout is not None:
+            self.line, self.stop = get_method("relex"), get_method("last")
+
+    def add(self, name: str, gram: np.ndarray, ndim: int) -> None:
+        if self.holdout is None or not np.any(gram):
+            return
+        from relex.backtest import gram_errors
+
+        line, true_sq = gram_errors(gram, self.steps, self.line, self.holdout, tensor=name, ndim=ndim)
+        stop, _ = gram_errors(gram, self.steps, self.stop, self.holdout, tensor=name, ndim=ndim)
+        self.sums += (line[-1], stop[-1], true_sq[-1])
+
+    def apply(self, diagnostics: DriftDiagnostics | None) -> DriftDiagnostics | None:
+        if diagnostics is None or self.holdout is None or self.sums[2] <= 0:
+            return diagnostics
+        from relex.analysis.drift import apply_backtest
+
+        p = len(self.steps) - self.holdout
+        line, stop = np.sqrt(self.sums[:2] / self.sums[2])
+        return apply_backtest(diagnostics, self.steps[:p], self.steps[p:], line, stop)
 
 
 def _targets(target_step) -> list[int]:
@@ -639,7 +673,7 @@ def extrapolate(
                             writer.write(state.name, tensor.reshape(planned.shape))
                         state.pieces = []
 
-                tensors, bytes_read, run_gram = _model_pass(
+                tensors, bytes_read, (run_gram, verdict_check) = _model_pass(
                     readers, planner, torch_device, block_bytes, on_block=on_block, targets=target_array,
                     keep_grams=keep_grams, progress=progress, on_model=on_model)
                 for writer in writers.values():
@@ -648,7 +682,7 @@ def extrapolate(
                 for writer in writers.values():
                     writer.close()
             seconds = time.perf_counter() - started
-            diagnostics = diagnose(run_gram, series.steps) if np.any(run_gram) else None
+            diagnostics = verdict_check.apply(diagnose(run_gram, series.steps) if np.any(run_gram) else None)
             result = ExtrapolationResult(
                 out_dirs={t: (out_dir if len(targets) == 1 else out_dir / f"step-{t}") for t in targets},
                 series=series, method=method, options=options, tensors=tensors, diagnostics=diagnostics,

@@ -200,7 +200,7 @@ def fit_trajectory(
         with staged_folder(out_dir, overwrite) as staging:
             writer_box["folder"] = staging
             try:
-                tensors, bytes_read, run_gram = _model_pass(
+                tensors, bytes_read, (run_gram, verdict_check) = _model_pass(
                     readers, planner, torch_device, block_bytes, on_block=on_block,
                     targets=np.array([series.steps[-1]], dtype=np.float64), keep_grams=False, progress=progress,
                     on_model=on_model)
@@ -212,7 +212,7 @@ def fit_trajectory(
                     writer_box["writer"].close()
             from relex.analysis.drift import diagnose
 
-            diagnostics = diagnose(run_gram, series.steps) if np.any(run_gram) else None
+            diagnostics = verdict_check.apply(diagnose(run_gram, series.steps) if np.any(run_gram) else None)
             results = {t.name: t for t in tensors}
             manifest = {
                 "format": FORMAT,

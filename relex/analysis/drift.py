@@ -256,6 +256,7 @@ class DriftDiagnostics:
     verdict: str  # DRIFT, MIXED or NOISE
     message: str
     coherent: CoherentFit | None = None  # the rank-2 fit (its cos and alpha describe the path's shape)
+    backtest: dict | None = None  # line vs stopping on the observed window (see apply_backtest)
 
     def expected_errors(self, target: float) -> dict:
         """Expected relative weight error ‖pred − true‖/‖true − w_0‖ at ``target`` under the fitted
@@ -279,6 +280,7 @@ class DriftDiagnostics:
                 "factors": self.coherent.factors,
                 "band": self.coherent.band,
             },
+            "backtest": self.backtest,
             "line_fit": {"drift_per_step_sq": getattr(self, "_a2", float("nan")),
                          "noise_per_step": getattr(self, "_b2", float("nan"))},
         }
@@ -374,3 +376,40 @@ def _verdict(straight: CoherentFit, turning: CoherentFit | None, n_steps: int) -
     if share < NOISE_THRESHOLD:
         return NOISE, "noise-dominated: extrapolation will likely hurt"
     return MIXED, "mixed drift and noise: extrapolate only a short horizon and check the backtest"
+
+
+def verdict_holdout(n_steps: int) -> int | None:
+    """Checkpoints the verdict's backtest holds out: the second half of the window (horizon about 2x),
+    keeping at least two to fit; None when the window is too short (fewer than 4 checkpoints)."""
+    if n_steps < 4:
+        return None
+    return n_steps - max(2, (n_steps + 1) // 2)
+
+
+def apply_backtest(diagnostics: DriftDiagnostics, fit_steps, held_out_steps, line_error: float,
+                   stop_error: float) -> DriftDiagnostics:
+    """Let a backtest on the observed window overrule the drift share when the two disagree.
+
+    ``line_error`` is the relative weight-space error at the farthest held-out step of RELEX (rank 1,
+    linear) fitted on ``fit_steps``; ``stop_error`` that of stopping at the last fitted checkpoint. The
+    drift share describes the motion; the backtest checks that a line actually predicts it. When the line
+    did worse than stopping, extrapolating further will likely hurt, whatever the share says.
+    """
+    fit_steps, held_out_steps = [int(s) for s in fit_steps], [int(s) for s in held_out_steps]
+    diagnostics.backtest = {"fit_steps": fit_steps, "held_out_steps": held_out_steps,
+                            "line_error": float(line_error), "stop_error": float(stop_error)}
+    if not (math.isfinite(line_error) and math.isfinite(stop_error)):
+        return diagnostics
+    evidence = (f"on the observed window a line fitted up to step {fit_steps[-1]} predicted step "
+                f"{held_out_steps[-1]} with weight error {line_error:.2f}, stopping {stop_error:.2f}")
+    if line_error >= stop_error:
+        if diagnostics.verdict == DRIFT:
+            diagnostics.verdict = MIXED
+            diagnostics.message = (f"drift share {diagnostics.drift_share:.2f}, but extrapolation will likely "
+                                   f"hurt: {evidence}")
+        else:
+            diagnostics.verdict = NOISE
+            diagnostics.message = f"noise-dominated: extrapolation will likely hurt ({evidence})"
+    else:
+        diagnostics.message = f"{diagnostics.message} ({evidence})"
+    return diagnostics
