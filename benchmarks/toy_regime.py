@@ -63,7 +63,7 @@ SETTINGS: list[tuple[str, str, dict]] = [
      {**MODE, **RL, "hidden": 64, "lr": 0.003}),
     ("mode-momentum", "mode base, GRPO 128x8, SGD momentum 0.9, lr 0.0003",
      {**MODE, **RL, "optimizer": "momentum", "lr": 0.0003}),
-    ("models-sgd-lr003", "mode base with label smoothing 0.3, GRPO 128x8, SGD 0.003",
+    ("modeLS-sgd-lr003", "mode base with label smoothing 0.3, GRPO 128x8, SGD 0.003",
      {**MODE, **RL, "label_smoothing": 0.3, "lr": 0.003}),
     # second round, around the setting that worked (SGD 0.001)
     ("mode-sgd-lr001-ck5", "as mode-sgd-lr001, checkpoints every 5 steps (T=20)",
