@@ -77,10 +77,17 @@ def build_model(config, seed: int):
 def save_checkpoint(model, tokenizer, path: str | Path, step: int, extra_state: dict | None = None) -> Path:
     """Write ``model`` and ``tokenizer`` to ``path`` in the HF Trainer layout, with ``trainer_state.json``."""
     from transformers import GenerationConfig
+    from transformers.utils import logging as hf_logging
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # one bar per checkpoint would flood the output of a run
+    try:
+        model.save_pretrained(path, safe_serialization=True)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, do_sample=False,
                      max_new_tokens=4).save_pretrained(path)
     tokenizer.save_pretrained(path)
