@@ -206,7 +206,7 @@ def plot_demo(demo: DemoResult, path: Path) -> None:
     left.grid(alpha=0.3)
 
     labels = list(demo.verdicts)
-    stats = [("alpha", "growth\nexponent α"), ("drift_ratio", "drift\nratio"),
+    stats = [("drift_share", "drift share\n(verdict)"), ("alpha", "growth\nexponent α"), ("drift_ratio", "drift\nratio"),
              ("cos_first_last", "cos(first,\nlast delta)"), ("prefix_cos", "cos(prefix dir.,\nwindow dir.)")]
     low, high = -1.0, 1.5  # scores far below the null are clipped (and labelled) to keep the scale readable
     x = np.arange(len(stats))
@@ -216,7 +216,7 @@ def plot_demo(demo: DemoResult, path: Path) -> None:
         values = [d["scores"].get(key, float("nan")) for key, _ in stats]
         shown = [min(max(v, low), high) if v == v else 0.0 for v in values]
         right.bar(x + i * width, shown, width, color=colors[i % len(colors)],
-                  label=f"first {label}: {d['verdict']}")
+                  label=f"first {label}: {d['message'].split(':')[0].split(' (')[0]}")
         for xi, value, bar_value in zip(x + i * width, values, shown):
             if value == value and value != bar_value:
                 right.text(xi, bar_value, f"{value:.1f}", ha="center", va="bottom" if value > 0 else "top",
