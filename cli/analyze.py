@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from relex_cli.app import app
-from relex_cli.console import VERDICT_STYLE, console
+from relex_cli.console import VERDICT_STYLE, console, BaseOption, MaxStepOption, RunDirArgument, StepsOption
 
 INPUT = "Input"
 ANALYSIS = "Analysis"
@@ -131,10 +131,10 @@ def print_summary(result) -> None:
 
 @app.command(no_args_is_help=True)
 def analyze(
-    run_dir: Annotated[Path, typer.Argument(help="Run folder holding checkpoint-N/, global_step_N/ or step_N/ folders.", show_default=False)],
-    base: Annotated[Optional[Path], typer.Option(help="Base (step-0) checkpoint, if not the run's own step-0 folder.", rich_help_panel=INPUT)] = None,
-    steps: Annotated[Optional[str], typer.Option(help="Observed steps to use, e.g. 10,20,30 (default: all).", rich_help_panel=INPUT)] = None,
-    max_step: Annotated[Optional[int], typer.Option(help="Use observed steps up to this one.", rich_help_panel=INPUT)] = None,
+    run_dir: RunDirArgument,
+    base: BaseOption = None,
+    steps: StepsOption = None,
+    max_step: MaxStepOption = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Read pytorch_model*.bin pickles when no safetensors exist.", rich_help_panel=INPUT)] = False,
     rank: Annotated[int, typer.Option(help="Report explained variance at ranks 1..RANK.", rich_help_panel=ANALYSIS)] = 3,
     holdout: Annotated[Optional[int], typer.Option(help="Checkpoints the main backtest holds out (default: the last quarter).", rich_help_panel=ANALYSIS)] = None,

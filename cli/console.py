@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
 
 from rich.console import Console
 from rich.progress import (
@@ -15,6 +19,14 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.table import Table
+
+INPUT = "Input"
+
+# Options every command that reads a run shares.
+RunDirArgument = Annotated[Path, typer.Argument(help="Run folder holding checkpoint-N/, global_step_N/ or step_N/ folders.", show_default=False)]
+BaseOption = Annotated[Optional[Path], typer.Option(help="Base (step-0) checkpoint, if not the run's own step-0 folder.", rich_help_panel=INPUT)]
+StepsOption = Annotated[Optional[str], typer.Option(help="Observed steps to use, e.g. 10,20,30 (default: all).", rich_help_panel=INPUT)]
+MaxStepOption = Annotated[Optional[int], typer.Option(help="Use observed steps up to this one.", rich_help_panel=INPUT)]
 
 console = Console()
 err_console = Console(stderr=True)

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from relex_cli.app import app
-from relex_cli.console import console, err_console, print_diagnostics
+from relex_cli.console import console, print_diagnostics, BaseOption, MaxStepOption, RunDirArgument, StepsOption
 
 INPUT = "Input"
 MODEL = "Trajectory model"
@@ -54,12 +54,12 @@ def _parse_targets(text: str) -> list[int]:
 
 @app.command(no_args_is_help=True)
 def extrapolate(
-    run_dir: Annotated[Path, typer.Argument(help="Run folder holding checkpoint-N/, global_step_N/ or step_N/ folders.", show_default=False)],
+    run_dir: RunDirArgument,
     target_step: Annotated[str, typer.Option("--target-step", help="Step to predict; several as 100,200 (then OUT_DIR/step-N/ each).", rich_help_panel=OUTPUT, show_default=False)],
     out: Annotated[Path, typer.Option("--out", help="Output folder (a Hugging Face checkpoint).", rich_help_panel=OUTPUT, show_default=False)],
-    base: Annotated[Optional[Path], typer.Option(help="Base (step-0) checkpoint, if not the run's own step-0 folder.", rich_help_panel=INPUT)] = None,
-    steps: Annotated[Optional[str], typer.Option(help="Observed steps to use, e.g. 10,20,30 (default: all).", rich_help_panel=INPUT)] = None,
-    max_step: Annotated[Optional[int], typer.Option(help="Use observed steps up to this one.", rich_help_panel=INPUT)] = None,
+    base: BaseOption = None,
+    steps: StepsOption = None,
+    max_step: MaxStepOption = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Read pytorch_model*.bin pickles when no safetensors exist.", rich_help_panel=INPUT)] = False,
     method: MethodOption = "relex",
     rank: RankOption = 1,

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from relex_cli.app import app
-from relex_cli.console import console
+from relex_cli.console import console, BaseOption, MaxStepOption, RunDirArgument, StepsOption
 from relex_cli.extrapolate import (
     INPUT,
     MODEL,
@@ -29,11 +29,11 @@ from relex_cli.extrapolate import (
 
 @app.command(no_args_is_help=True)
 def fit(
-    run_dir: Annotated[Path, typer.Argument(help="Run folder holding checkpoint-N/, global_step_N/ or step_N/ folders.", show_default=False)],
+    run_dir: RunDirArgument,
     out: Annotated[Path, typer.Option("--out", help="Folder for the stored trajectory (safetensors + trajectory.json).", rich_help_panel=OUTPUT, show_default=False)],
-    base: Annotated[Optional[Path], typer.Option(help="Base (step-0) checkpoint, if not the run's own step-0 folder.", rich_help_panel=INPUT)] = None,
-    steps: Annotated[Optional[str], typer.Option(help="Observed steps to use, e.g. 10,20,30 (default: all).", rich_help_panel=INPUT)] = None,
-    max_step: Annotated[Optional[int], typer.Option(help="Use observed steps up to this one.", rich_help_panel=INPUT)] = None,
+    base: BaseOption = None,
+    steps: StepsOption = None,
+    max_step: MaxStepOption = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Read pytorch_model*.bin pickles when no safetensors exist.", rich_help_panel=INPUT)] = False,
     method: MethodOption = "relex",
     rank: RankOption = 1,
