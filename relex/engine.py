@@ -536,14 +536,14 @@ class _VerdictBacktest:
         stop, _ = gram_errors(gram, self.steps, self.stop, self.holdout, tensor=name, ndim=ndim)
         self.sums += (line[-1], stop[-1], true_sq[-1])
 
-    def apply(self, diagnostics: DriftDiagnostics | None) -> DriftDiagnostics | None:
+    def apply(self, diagnostics: DriftDiagnostics | None, target_step: float | None = None) -> DriftDiagnostics | None:
         if diagnostics is None or self.holdout is None or self.sums[2] <= 0:
             return diagnostics
         from relex.analysis.drift import apply_backtest
 
         p = len(self.steps) - self.holdout
         line, stop = np.sqrt(self.sums[:2] / self.sums[2])
-        return apply_backtest(diagnostics, self.steps[:p], self.steps[p:], line, stop)
+        return apply_backtest(diagnostics, self.steps[:p], self.steps[p:], line, stop, target_step)
 
 
 def _targets(target_step) -> list[int]:
@@ -682,7 +682,8 @@ def extrapolate(
                 for writer in writers.values():
                     writer.close()
             seconds = time.perf_counter() - started
-            diagnostics = verdict_check.apply(diagnose(run_gram, series.steps) if np.any(run_gram) else None)
+            diagnostics = verdict_check.apply(diagnose(run_gram, series.steps) if np.any(run_gram) else None,
+                                              max(targets))
             result = ExtrapolationResult(
                 out_dirs={t: (out_dir if len(targets) == 1 else out_dir / f"step-{t}") for t in targets},
                 series=series, method=method, options=options, tensors=tensors, diagnostics=diagnostics,

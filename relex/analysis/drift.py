@@ -387,26 +387,42 @@ def verdict_holdout(n_steps: int) -> int | None:
 
 
 def apply_backtest(diagnostics: DriftDiagnostics, fit_steps, held_out_steps, line_error: float,
-                   stop_error: float) -> DriftDiagnostics:
+                   stop_error: float, target_step: float | None = None) -> DriftDiagnostics:
     """Let a backtest on the observed window overrule the drift share when the two disagree.
 
     ``line_error`` is the relative weight-space error at the farthest held-out step of RELEX (rank 1,
     linear) fitted on ``fit_steps``; ``stop_error`` that of stopping at the last fitted checkpoint. The
-    drift share describes the motion; the backtest checks that a line actually predicts it. When the line
-    did worse than stopping, extrapolating further will likely hurt, whatever the share says.
+    drift share describes the motion; the backtest checks that a line actually predicts it.
+
+    With ``target_step``, both errors are carried to the real horizon before they are compared: the
+    line's error grows in proportion to how far beyond the window it goes, ``(h − 1)`` with h the ratio of
+    the predicted step to the last fitted one (the cautious assumption: a direction that is slightly off
+    misses by more the farther it is followed), while stopping's error grows like ``1 − 1/h`` (what pure
+    drift gives). When the line does worse than stopping, extrapolating will likely hurt, whatever the
+    drift share says.
     """
     fit_steps, held_out_steps = [int(s) for s in fit_steps], [int(s) for s in held_out_steps]
-    diagnostics.backtest = {"fit_steps": fit_steps, "held_out_steps": held_out_steps,
-                            "line_error": float(line_error), "stop_error": float(stop_error)}
+    record = {"fit_steps": fit_steps, "held_out_steps": held_out_steps,
+              "line_error": float(line_error), "stop_error": float(stop_error)}
+    diagnostics.backtest = record
     if not (math.isfinite(line_error) and math.isfinite(stop_error)):
         return diagnostics
     evidence = (f"on the observed window a line fitted up to step {fit_steps[-1]} predicted step "
                 f"{held_out_steps[-1]} with weight error {line_error:.2f}, stopping {stop_error:.2f}")
-    if line_error >= stop_error:
+    line, stop = line_error, stop_error
+    last_observed = float(diagnostics.steps[-1])
+    if target_step is not None and target_step > last_observed and held_out_steps[-1] > fit_steps[-1]:
+        h_backtest = held_out_steps[-1] / fit_steps[-1]
+        h_target = float(target_step) / last_observed
+        line = line_error * (h_target - 1.0) / (h_backtest - 1.0)
+        stop = stop_error * (1.0 - 1.0 / h_target) / (1.0 - 1.0 / h_backtest)
+        record.update(target_step=float(target_step), projected_line_error=line, projected_stop_error=stop)
+        evidence += f"; carried to step {int(target_step)}: {line:.2f} against {stop:.2f}"
+    if line >= stop:
         if diagnostics.verdict == DRIFT:
             diagnostics.verdict = MIXED
-            diagnostics.message = (f"drift share {diagnostics.drift_share:.2f}, but extrapolation will likely "
-                                   f"hurt: {evidence}")
+            diagnostics.message = (f"extrapolation this far will likely hurt: the drift share is "
+                                   f"{diagnostics.drift_share:.2f}, but {evidence}")
         else:
             diagnostics.verdict = NOISE
             diagnostics.message = f"noise-dominated: extrapolation will likely hurt ({evidence})"

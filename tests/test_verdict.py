@@ -1,0 +1,40 @@
+"""The verdict printed by relex extrapolate: drift share first, then a backtest carried to the target."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import relex
+from relex.analysis.drift import DRIFT, NOISE, apply_backtest, diagnose, pure_drift_gram
+from relex.synthetic import make_run
+
+STEPS = [5, 10, 15, 20]
+
+
+def test_backtest_projected_to_the_target_overrules_a_drift_share():
+    # Figures of the toy demo (SGD) and of its Adam twin at a 20% prefix, predicting step 100.
+    smooth = apply_backtest(diagnose(pure_drift_gram(STEPS), STEPS), [5, 10], [15, 20], 0.16, 0.49, 100)
+    assert smooth.verdict == DRIFT
+    assert np.isclose(smooth.backtest["projected_line_error"], 0.16 * 4)  # h: 2 in the backtest, 5 at the target
+    assert np.isclose(smooth.backtest["projected_stop_error"], 0.49 * 0.8 / 0.5)
+    noisy = apply_backtest(diagnose(pure_drift_gram(STEPS), STEPS), [5, 10], [15, 20], 0.45, 0.51, 100)
+    assert noisy.verdict != DRIFT
+    assert "will likely hurt" in noisy.message and "carried to step 100: 1.80 against 0.82" in noisy.message
+    # The same backtest allows a short extrapolation.
+    near = apply_backtest(diagnose(pure_drift_gram(STEPS), STEPS), [5, 10], [15, 20], 0.45, 0.51, 25)
+    assert near.verdict == DRIFT
+
+
+def test_engine_verdicts_on_drift_and_on_random_walk(tmp_path):
+    steps = list(range(2, 42, 2))
+    make_run(tmp_path / "drift", steps, noise=0.05, noise_kind="walk", seed=1)
+    make_run(tmp_path / "mixed", steps, noise=3.0, noise_kind="walk", seed=1)
+    make_run(tmp_path / "walk", steps, noise=10.0, noise_kind="walk", seed=1)
+    drift = relex.extrapolate(tmp_path / "drift", target_step=120, out_dir=tmp_path / "o1").diagnostics
+    mixed = relex.extrapolate(tmp_path / "mixed", target_step=120, out_dir=tmp_path / "o3").diagnostics
+    walk = relex.extrapolate(tmp_path / "walk", target_step=120, out_dir=tmp_path / "o2").diagnostics
+    assert drift.verdict == DRIFT and drift.drift_share > 0.9
+    assert walk.verdict == NOISE and "will likely hurt" in walk.message
+    assert walk.backtest["line_error"] > walk.backtest["stop_error"]
+    # Mostly drift (share ~0.8), but too noisy to follow six times as far as observed.
+    assert mixed.verdict != DRIFT and mixed.drift_share > 0.7 and "will likely hurt" in mixed.message
