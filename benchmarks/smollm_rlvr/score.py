@@ -2,7 +2,8 @@
 
 For each checkpoint: greedy accuracy (pass@1 at temperature 0) and, with --samples K > 0, sampled avg@K
 and pass@K at --temperature. CIs are percentile bootstrap over problems; with --ref, each checkpoint also
-gets a paired bootstrap CI of its difference to the reference checkpoint (same resampled problems).
+gets a paired bootstrap CI of its difference to the reference checkpoint (same resampled problems). The
+json keeps every checkpoint's per-problem outcomes (`per_problem`) for later paired comparisons.
 
     python benchmarks/smollm_rlvr/score.py /work/smollm_run/run/checkpoint-{0,36,72} \\
         --ref /work/smollm_run/run/checkpoint-0 --samples 8 --out scores.json
@@ -129,6 +130,9 @@ def main() -> None:
         entry["step"] = step
         for metric, v in raw[ck].items():
             entry[metric] = stats(v, None if ref is None else ref[metric], a.n_boot, a.seed)
+        # per-problem outcomes (held-out order), so that paired differences can be computed later
+        # between checkpoints scored in different runs (report.py does)
+        entry["per_problem"] = {metric: [round(float(x), 4) for x in v] for metric, v in raw[ck].items()}
         result["checkpoints"][ck] = entry
     text = json.dumps(result, indent=2)
     if a.out:

@@ -96,3 +96,20 @@ def extract(completion: str) -> int | None:
 
 def reward(completion: str, answer: int) -> float:
     return 1.0 if extract(completion) == int(answer) else 0.0
+
+
+if __name__ == "__main__":
+    # python benchmarks/smollm_rlvr/task.py --logprob-jsonl heldout_logprob.jsonl
+    # writes the held-out prompts with their correct answers as {"prompt", "response"} records, the input of
+    # `relex analyze --logprob-prompts` (log-probability of the right answer under every checkpoint)
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--logprob-jsonl", required=True)
+    a = p.parse_args()
+    _, test = splits()
+    with open(a.logprob_jsonl, "w") as f:
+        for prob in test:
+            f.write(json.dumps({"prompt": prompt_text(prob), "response": str(prob["answer"])}) + "\n")
+    print(f"wrote {len(test)} records to {a.logprob_jsonl}")
