@@ -129,3 +129,22 @@ def write_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], step: int |
     (folder / "config.json").write_text(json.dumps(config or {"model_type": "synthetic"}))
     if step is not None:
         (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+
+
+def trajectory_gram(steps, coefficients=(), walk: float = 0.0, seed: int = 0, dim: int = 4000) -> np.ndarray:
+    """Gram matrix G = X Xᵀ of X = Σ_j c_j(t) v_j + a random walk, without writing checkpoints.
+
+    The v_j are random unit vectors in ``dim`` dimensions; the walk has squared norm ``walk² · t`` at step t.
+    """
+    import math
+
+    rng = np.random.default_rng(seed)
+    t = np.asarray(steps, dtype=np.float64)
+    x = np.zeros((len(t), dim))
+    for c in coefficients:
+        v = rng.standard_normal(dim)
+        x += np.outer(c(t), v / np.linalg.norm(v))
+    if walk:
+        dt = np.diff(np.concatenate([[0.0], t]))
+        x += np.cumsum(rng.standard_normal((len(t), dim)) * np.sqrt(dt)[:, None], axis=0) * walk / math.sqrt(dim)
+    return x @ x.T

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest
@@ -10,6 +9,7 @@ import pytest
 from relex.analysis.backtesting import available_models, fit_points, run_backtests
 from relex.backtest import backtest, default_holdout, gram_errors
 from relex.methods import get_method
+from relex.synthetic import trajectory_gram
 
 STEPS = np.arange(5, 101, 5)
 
@@ -97,16 +97,7 @@ def test_whole_model_error_sums_squared_errors_over_tensors():
 
 
 def gram_of(coefficients, walk, seed, steps=STEPS, dim=4000):
-    rng = np.random.default_rng(seed)
-    t = np.asarray(steps, dtype=np.float64)
-    x = np.zeros((len(t), dim))
-    for c in coefficients:
-        v = rng.standard_normal(dim)
-        x += np.outer(c(t), v / np.linalg.norm(v))
-    if walk:
-        dt = np.diff(np.concatenate([[0.0], t]))
-        x += np.cumsum(rng.standard_normal((len(t), dim)) * np.sqrt(dt)[:, None], axis=0) * walk / math.sqrt(dim)
-    return x @ x.T
+    return trajectory_gram(steps, coefficients, walk=walk, seed=seed, dim=dim)
 
 
 def ranking(grams):

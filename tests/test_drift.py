@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from relex.synthetic import trajectory_gram as synthetic_gram
 import pytest
 
 from relex.analysis.drift import (DRIFT, MIXED, NOISE, DriftDiagnostics, coherent_share, diagnose, drift_stats,
@@ -16,18 +18,8 @@ DIM = 4000
 STEPS = np.arange(5, 101, 5)  # 20 checkpoints
 
 
-def trajectory_gram(steps, coefficients=(), walk=0.0, seed=0, dim=DIM, momentum=None):
-    """G = X Xᵀ of X = Σ_j c_j(t) v_j + walk noise (unit-norm random v_j, noise of norm² walk²·t)."""
-    rng = np.random.default_rng(seed)
-    t = np.asarray(steps, dtype=np.float64)
-    x = np.zeros((len(t), dim))
-    for c in coefficients:
-        v = rng.standard_normal(dim)
-        x += np.outer(c(t), v / np.linalg.norm(v))
-    if walk:
-        dt = np.diff(np.concatenate([[0.0], t]))
-        x += np.cumsum(rng.standard_normal((len(t), dim)) * np.sqrt(dt)[:, None], axis=0) * walk / math.sqrt(dim)
-    return x @ x.T
+def trajectory_gram(steps, coefficients=(), walk=0.0, seed=0, dim=DIM):
+    return synthetic_gram(steps, coefficients, walk=walk, seed=seed, dim=dim)
 
 
 def momentum_noise_gram(n_steps=300, beta=0.9, every=5, seed=0, dim=DIM):
