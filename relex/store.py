@@ -147,7 +147,6 @@ def fit_trajectory(
         base_norms: dict[str, float] = {}
         layout: list[PlannedTensor] = []
         writer_box: dict = {}
-        pending: dict[str, list] = {}
 
         def store_dtype(name: str) -> torch.dtype:
             return torch.float32 if storage_dtype == "float32" else readers.output_dtype(name)

@@ -149,7 +149,6 @@ def _masked_factors(h: np.ndarray, known: np.ndarray, k: int, iterations: int = 
                     tolerance: float = 1e-7) -> np.ndarray:
     """F (n×k) fitted to the ``known`` entries of H by alternating least squares over the rows, with the
     coherent part kept inside the data: (F Fᵀ)_ii ≤ H_ii (an exceeding diagonal entry is pulled back)."""
-    n = h.shape[0]
     diagonal = np.clip(np.diag(h), 0.0, None)
     values, vectors = np.linalg.eigh(np.where(known, h, 0.0) + np.diag(diagonal))
     f = vectors[:, ::-1][:, :k] * np.sqrt(np.clip(values[::-1][:k], 0.0, None))
