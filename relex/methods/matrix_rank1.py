@@ -33,8 +33,7 @@ import numpy as np
 from relex.errors import RelexInputError
 from relex.methods import MatrixFactors, TensorData, TensorModel, register, unit_rows
 from relex.methods.elementwise import ElementwiseLinear
-from relex.methods.relex import fit_series, resolve_spec
-from relex.regressors import load_fit
+from relex.methods.relex import fit_series, fitted_coefficients, resolve_spec
 from relex.regressors.anchored import backtest_shrink
 from relex.subspace import top_singular_triple
 
@@ -177,16 +176,8 @@ class MatrixRankOne:
 
     @staticmethod
     def coefficients(params: dict, targets: np.ndarray) -> np.ndarray:
-        targets = np.asarray(targets, dtype=np.float64).reshape(-1)
-        s = params["scale"]
-        if params.get("fit") is None:
-            return np.zeros((len(targets), 0))
-        fit = load_fit(params["fit"])
-        predicted = fit.predict(targets)  # (n, 1)
-        if not params.get("anchored"):
-            return s * predicted
-        increment = predicted - fit.predict(np.array([params["t_last"]]))
-        return s * np.hstack([np.ones((len(targets), 1)), params["shrink"] * increment])
+        # Anchored models here always carry a numeric λ (from the backtest), which fitted_coefficients uses.
+        return fitted_coefficients(params, targets)
 
     @staticmethod
     def describe(params: dict, targets: np.ndarray) -> dict:

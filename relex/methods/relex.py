@@ -87,17 +87,7 @@ class TemporalLowRank(TemporalMethod):
 
     @staticmethod
     def coefficients(params: dict, targets: np.ndarray) -> np.ndarray:
-        targets = np.asarray(targets, dtype=np.float64).reshape(-1)
-        s = params["scale"]
-        if params.get("fit") is None:
-            return np.zeros((len(targets), 0))
-        fit = load_fit(params["fit"])
-        predicted = fit.predict(targets)  # (n, k)
-        if not params.get("anchored"):
-            return s * predicted
-        increment = predicted - fit.predict(np.array([params["t_last"]]))
-        lam = shrink_of(params, increment, targets)
-        return s * np.hstack([np.ones((len(targets), 1)), lam[:, None] * increment])
+        return fitted_coefficients(params, targets)
 
     @staticmethod
     def describe(params: dict, targets: np.ndarray) -> dict:
@@ -108,6 +98,22 @@ class TemporalLowRank(TemporalMethod):
         fit = load_fit(params["fit"])
         increment = fit.predict(targets) - fit.predict(np.array([params["t_last"]]))
         return {"shrink": [float(v) for v in shrink_of(params, increment, targets)]}
+
+
+def fitted_coefficients(params: dict, targets: np.ndarray) -> np.ndarray:
+    """Coefficients (n_targets, r) of a fitted model's basis at ``targets``: the fitted curves times the
+    scale, or, anchored, 1 for the last delta followed by the shrunk increments beyond the last step."""
+    targets = np.asarray(targets, dtype=np.float64).reshape(-1)
+    s = params["scale"]
+    if params.get("fit") is None:
+        return np.zeros((len(targets), 0))
+    fit = load_fit(params["fit"])
+    predicted = fit.predict(targets)  # (n, k)
+    if not params.get("anchored"):
+        return s * predicted
+    increment = predicted - fit.predict(np.array([params["t_last"]]))
+    lam = shrink_of(params, increment, targets)
+    return s * np.hstack([np.ones((len(targets), 1)), lam[:, None] * increment])
 
 
 def shrink_of(params: dict, increment: np.ndarray, targets: np.ndarray) -> np.ndarray:
