@@ -11,6 +11,7 @@ import typer
 
 from relex_cli.app import app
 from relex_cli.console import VERDICT_STYLE, console, BaseOption, MaxStepOption, RunDirArgument, StepsOption
+from relex_cli.console import RevisionPatternOption, SubfolderPatternOption
 
 INPUT = "Input"
 ANALYSIS = "Analysis"
@@ -24,13 +25,13 @@ def _fmt(value, digits: int = 3) -> str:
     return "0" if abs(value) < 1e-9 else f"{value:.{digits}f}"
 
 
-def _records(spec: Optional[str], run_dir: Path, limit: Optional[int]):
+def _records(spec: Optional[str], run_dir: Optional[Path], limit: Optional[int]):
     """The records to score: a JSONL file, ``toy`` (the toy task's held-out answers), or — when RUN_DIR is
     a toy run (it holds toy_run.json) and nothing was asked — the toy's held-out answers."""
     from relex.analysis.logprob import load_records, toy_records
 
     if spec is None:
-        return toy_records(limit) if (run_dir / "toy_run.json").is_file() else None
+        return toy_records(limit) if run_dir is not None and (run_dir / "toy_run.json").is_file() else None
     if spec.lower() == "none":
         return None
     if spec.lower() == "toy":
@@ -135,6 +136,8 @@ def analyze(
     base: BaseOption = None,
     steps: StepsOption = None,
     max_step: MaxStepOption = None,
+    revision_pattern: RevisionPatternOption = "step_{N}",
+    subfolder_pattern: SubfolderPatternOption = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Read pytorch_model*.bin pickles when no safetensors exist.", rich_help_panel=INPUT)] = False,
     rank: Annotated[int, typer.Option(help="Report explained variance at ranks 1..RANK.", rich_help_panel=ANALYSIS)] = 3,
     holdout: Annotated[Optional[int], typer.Option(help="Checkpoints the main backtest holds out (default: the last quarter).", rich_help_panel=ANALYSIS)] = None,
@@ -159,7 +162,9 @@ def analyze(
     from relex.errors import RelexInputError
     from relex.io.writer import check_output_folder
 
-    from relex_cli.console import byte_progress
+    from relex.io.hub import parse_hub_run
+
+    from relex_cli.console import byte_progress, resolve_run
 
     if rank < 1:
         raise RelexInputError(f"--rank must be at least 1, got {rank}")
@@ -167,9 +172,11 @@ def analyze(
         raise RelexInputError(f"--null-samples must be at least 10, got {null_samples}")
     if out is not None:
         check_output_folder(out, overwrite)  # fail before reading anything
-    records = _records(logprob_prompts, run_dir, logprob_limit)
+    records = _records(logprob_prompts, None if parse_hub_run(run_dir) else Path(run_dir), logprob_limit)
+    with byte_progress(disable=quiet, label="downloading") as fetched:
+        run = resolve_run(run_dir, steps, revision_pattern, subfolder_pattern, fetched, base=base, max_step=max_step)
     with byte_progress(disable=quiet, label="analysing") as progress, _count_progress(quiet) as scored:
-        result = run_analysis(run_dir, base=base, steps=steps, max_step=max_step, rank=rank, holdout=holdout,
+        result = run_analysis(**run, max_step=max_step, rank=rank, holdout=holdout,
                               learned=learned, null_samples=null_samples, logprob_records=records,
                               logprob_batch_size=logprob_batch_size, device=device, allow_pickle=allow_pickle,
                               progress=progress, logprob_progress=scored)

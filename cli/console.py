@@ -23,10 +23,13 @@ from rich.table import Table
 INPUT = "Input"
 
 # Options every command that reads a run shares.
-RunDirArgument = Annotated[Path, typer.Argument(help="Run folder holding checkpoint-N/, global_step_N/ or step_N/ folders.", show_default=False)]
-BaseOption = Annotated[Optional[Path], typer.Option(help="Base (step-0) checkpoint, if not the run's own step-0 folder.", rich_help_panel=INPUT)]
+# RUN_DIR and --base are strings: a Path would collapse the // of a Hub run (hf://ORG/REPO).
+RunDirArgument = Annotated[str, typer.Argument(help="Run folder holding checkpoint-N/, global_step_N/ or step_N/ folders, or a Hub run hf://ORG/REPO[@REVISION] (see --revision-pattern, --subfolder-pattern).", show_default=False)]
+BaseOption = Annotated[Optional[str], typer.Option(help="Base (step-0) checkpoint: a folder or a Hub id ORG/NAME, if not the run's own step-0 checkpoint.", rich_help_panel=INPUT)]
 StepsOption = Annotated[Optional[str], typer.Option(help="Observed steps to use, e.g. 10,20,30 (default: all).", rich_help_panel=INPUT)]
 MaxStepOption = Annotated[Optional[int], typer.Option(help="Use observed steps up to this one.", rich_help_panel=INPUT)]
+RevisionPatternOption = Annotated[str, typer.Option(help="Hub runs: the branches (or tags) holding the checkpoints, {N} the step, e.g. step_{N} or step-{N:04d}.", rich_help_panel=INPUT)]
+SubfolderPatternOption = Annotated[Optional[str], typer.Option(help="Hub runs: read the checkpoints from folders of one revision (main, or hf://ORG/REPO@REVISION) named so, e.g. step-{N:04d}, instead of from branches.", rich_help_panel=INPUT, show_default=False)]
 
 console = Console()
 err_console = Console(stderr=True)
@@ -68,8 +71,56 @@ def byte_progress(disable: bool = False, label: str = "working"):
             bar.stop()
 
 
-def print_diagnostics(diagnostics) -> None:
-    """The drift statistics beside their random-walk null and pure-drift values, then the verdict."""
+def resolve_run(run_dir: str, steps: Optional[str], revision_pattern: str = "step_{N}",
+                subfolder_pattern: Optional[str] = None, progress=None, *, base: Optional[str] = None,
+                max_step: Optional[int] = None) -> dict:
+    """The keyword arguments naming a run for the engine: ``run_dir``, ``checkpoints``, ``base``, ``steps``.
+
+    A local folder gives ``{"run_dir": Path(run_dir), ...}``. A Hub run ``hf://ORG/REPO[@REVISION]`` is
+    fetched into the Hugging Face cache (only weights, config and tokenizer; offline from the cache alone)
+    and gives ``{"run_dir": None, "checkpoints": [(step, folder), ...], "steps": None, ...}``, its steps
+    already chosen by ``steps`` and ``max_step``. A ``base`` given as a Hub id (``ORG/NAME`` or
+    ``hf://ORG/NAME[@REVISION]``) is fetched the same way. ``progress(name, done, total)`` gets the bytes
+    downloaded.
+    """
+    from relex.errors import RelexInputError
+    from relex.io import hub
+
+    local = hub.parse_hub_run(run_dir) is None
+    if local:
+        if subfolder_pattern is not None or revision_pattern != hub.DEFAULT_REVISION_PATTERN:
+            raise RelexInputError("--revision-pattern and --subfolder-pattern apply to Hub runs (hf://ORG/REPO) only")
+        if not Path(run_dir).is_dir():  # before fetching a Hub base for nothing
+            raise RelexInputError("run folder does not exist or is not a folder", run_dir)
+        run = {"run_dir": Path(run_dir), "steps": steps}
+    else:
+        checkpoints = hub.resolve_hub_run(run_dir, steps, revision_pattern=revision_pattern,
+                                          subfolder_pattern=subfolder_pattern, progress=progress,
+                                          max_step=max_step, include_base=base is None)
+        run = {"run_dir": None, "checkpoints": checkpoints, "steps": None}
+    if base is not None and (hub.parse_hub_run(base) is not None or hub.is_hub_id(base)):
+        run["base"] = hub.resolve_model(base, progress=progress)
+    else:
+        run["base"] = None if base is None else Path(base)
+    return run
+
+
+def print_sources(series, sources: dict | None = None) -> None:
+    """How the checkpoints were read, and the folders that looked like checkpoints but were skipped."""
+    if sources is not None:
+        kind = sources.get("observed_kind")
+        kinds = kind if isinstance(kind, str) else ", ".join(kind)
+        console.print(f"read {len(series.observed)} checkpoints as {kinds} over the base "
+                      f"{series.base.path} ({sources['base']['kind']})")
+    for folder, reason in series.skipped:
+        console.print(f"[dim]skipped {folder}: {reason}[/dim]")
+
+
+def print_diagnostics(diagnostics, series=None) -> None:
+    """The drift statistics beside their random-walk null and pure-drift values, then the verdict.
+
+    With the ``series``, a window too short for a verdict also says which trainer setting keeps more
+    checkpoints."""
     table = Table(title="drift diagnostics (whole model)", show_header=True)
     table.add_column("statistic")
     table.add_column("observed", justify="right")
@@ -90,3 +141,5 @@ def print_diagnostics(diagnostics) -> None:
     style = VERDICT_STYLE.get(diagnostics.verdict, "bold")
     console.print(f"verdict: [{style}]{diagnostics.message}[/{style}] "
                   f"(fitted drift share of the last delta: {diagnostics.drift_share:.2f})")
+    if series is not None and "too short" in diagnostics.message:
+        console.print(f"hint: {series.retention_hint()}")

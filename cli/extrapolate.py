@@ -9,7 +9,8 @@ from typing import Annotated, Optional
 import typer
 
 from relex_cli.app import app
-from relex_cli.console import console, print_diagnostics, BaseOption, MaxStepOption, RunDirArgument, StepsOption
+from relex_cli.console import console, print_diagnostics, print_sources, BaseOption, MaxStepOption, RunDirArgument, StepsOption
+from relex_cli.console import RevisionPatternOption, SubfolderPatternOption
 
 INPUT = "Input"
 MODEL = "Trajectory model"
@@ -60,6 +61,8 @@ def extrapolate(
     base: BaseOption = None,
     steps: StepsOption = None,
     max_step: MaxStepOption = None,
+    revision_pattern: RevisionPatternOption = "step_{N}",
+    subfolder_pattern: SubfolderPatternOption = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Read pytorch_model*.bin pickles when no safetensors exist.", rich_help_panel=INPUT)] = False,
     method: MethodOption = "relex",
     rank: RankOption = 1,
@@ -76,6 +79,8 @@ def extrapolate(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.", rich_help_panel=OUTPUT)] = False,
     report: Annotated[Optional[Path], typer.Option(help="Also write the full report (per-tensor statistics) to this JSON file.", rich_help_panel=OUTPUT)] = None,
     max_shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 5GB or 500MB.", rich_help_panel=OUTPUT)] = "5GB",
+    output: Annotated[str, typer.Option("--output", help="checkpoint: a full Hugging Face checkpoint (for a LoRA run, the merged model; needs the base). lora (LoRA runs only): a PEFT adapter over the same base holding the prediction exactly.", rich_help_panel=OUTPUT)] = "checkpoint",
+    lora_rank: Annotated[Optional[int], typer.Option("--lora-rank", help="With --output lora: truncate each module's update to this rank (SVD of the small factors); the truncation error per module goes to relex.json. Default: exact (rank = sum of the observed adapters' ranks).", rich_help_panel=OUTPUT, show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="Print only errors.", rich_help_panel=OUTPUT)] = False,
 ) -> None:
     """Predict the checkpoint at --target-step from the observed checkpoints of RUN_DIR.
@@ -87,16 +92,22 @@ def extrapolate(
     """
     from relex.engine import extrapolate as run_extrapolation
 
-    from relex_cli.console import byte_progress
+    from relex.io.writer import check_output_folder
+
+    from relex_cli.console import byte_progress, resolve_run
 
     targets = _parse_targets(target_step)
+    check_output_folder(out, overwrite)  # before downloading a Hub run
+    with byte_progress(disable=quiet, label="downloading") as fetched:
+        run = resolve_run(run_dir, steps, revision_pattern, subfolder_pattern, fetched, base=base, max_step=max_step)
     with byte_progress(disable=quiet, label="extrapolating") as progress:
         result = run_extrapolation(
-            run_dir, target_step=targets, out_dir=out, base=base, steps=steps, max_step=max_step,
+            **run, target_step=targets, out_dir=out, max_step=max_step,
             method=method, rank=rank, regressor=regressor, scale=scale, auto_scope=auto_scope,
             candidates=candidates, holdout=holdout, copy_norms=copy_norms, from_step=from_step,
             device=device, dtype=dtype, overwrite=overwrite, allow_interpolation=allow_interpolation,
-            allow_pickle=allow_pickle, max_shard_size=max_shard_size, progress=progress,
+            allow_pickle=allow_pickle, max_shard_size=max_shard_size, output=output, lora_rank=lora_rank,
+            progress=progress,
         )
     if report is not None:
         report.parent.mkdir(parents=True, exist_ok=True)
@@ -124,9 +135,10 @@ def extrapolate(
         f"{summary['bytes_read'] / 1e9:.2f} / {summary['bytes_written'] / 1e9:.2f}",
     )
     console.print(table)
+    print_sources(result.series, result.sources)
     print_selection(result.selection, [t.stats for t in result.tensors])
     if result.diagnostics is not None:
-        print_diagnostics(result.diagnostics)
+        print_diagnostics(result.diagnostics, result.series)
     for step, folder in result.out_dirs.items():
         console.print(f"wrote step {step} → [bold]{folder}[/bold]")
 

@@ -9,6 +9,7 @@ import typer
 
 from relex_cli.app import app
 from relex_cli.console import console, BaseOption, MaxStepOption, RunDirArgument, StepsOption
+from relex_cli.console import RevisionPatternOption, SubfolderPatternOption
 from relex_cli.extrapolate import (
     INPUT,
     MODEL,
@@ -34,6 +35,8 @@ def fit(
     base: BaseOption = None,
     steps: StepsOption = None,
     max_step: MaxStepOption = None,
+    revision_pattern: RevisionPatternOption = "step_{N}",
+    subfolder_pattern: SubfolderPatternOption = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Read pytorch_model*.bin pickles when no safetensors exist.", rich_help_panel=INPUT)] = False,
     method: MethodOption = "relex",
     rank: RankOption = 1,
@@ -58,13 +61,17 @@ def fit(
     model's size in float32 (matrix-rank1: only u and v per matrix). Reads the run twice (a Gram pass,
     then the pass that forms the vectors).
     """
+    from relex.io.writer import check_output_folder
     from relex.store import fit_trajectory
 
-    from relex_cli.console import byte_progress
+    from relex_cli.console import byte_progress, resolve_run
 
+    check_output_folder(out, overwrite)  # before downloading a Hub run
+    with byte_progress(disable=quiet, label="downloading") as fetched:
+        run = resolve_run(run_dir, steps, revision_pattern, subfolder_pattern, fetched, base=base, max_step=max_step)
     with byte_progress(disable=quiet, label="fitting") as progress:
         result = fit_trajectory(
-            run_dir, out_dir=out, base=base, steps=steps, max_step=max_step, method=method, rank=rank,
+            **run, out_dir=out, max_step=max_step, method=method, rank=rank,
             regressor=regressor, scale=scale, auto_scope=auto_scope, candidates=candidates, holdout=holdout,
             copy_norms=copy_norms, from_step=from_step, device=device, dtype=dtype, storage_dtype=storage_dtype,
             overwrite=overwrite, allow_pickle=allow_pickle, max_shard_size=max_shard_size, progress=progress,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,8 +31,11 @@ import torch
 from relex import __version__
 from relex.analysis.drift import DriftDiagnostics, diagnose
 from relex.errors import RelexInputError
-from relex.io.discover import CheckpointSeries, discover_series
-from relex.io.reader import CheckpointReader, TensorInfo
+from relex.io.discover import CheckpointSeries, discover_series, is_checkpoint_name
+from relex.io.source import Source, TensorInfo
+from relex.io.sources import open_source
+from relex.io.lora import LoraAdapterWriter, mix_factors
+from relex.io.files import AUX_FILES
 from relex.io.writer import PlannedTensor, ShardedWriter, check_output_folder, staged_folder
 from relex.methods import MatrixFactors, TensorData, TensorModel, get_method, method_class
 from relex.methods.matrix_rank1 import FactorAccumulator, matrix_shape
@@ -71,6 +75,8 @@ class ExtrapolationResult:
     device: str
     selection: dict | None = None  # backtest figures of automatic choices
     passes: int = 1  # reads of the run (2 when run-level choices needed a Gram pass first)
+    sources: dict | None = None  # how each checkpoint was read (kind, folder, adapter settings)
+    output: str = "checkpoint"  # or "lora": a PEFT adapter
 
     @property
     def target_steps(self) -> list[int]:
@@ -102,6 +108,9 @@ class ExtrapolationResult:
             "base": str(self.series.base.path),
             "observed_steps": self.series.steps,
             "observed_folders": [str(c.path) for c in self.series.observed],
+            "sources": self.sources,
+            "skipped": [{"folder": str(f), "reason": r} for f, r in self.series.skipped],
+            "output": self.output,
             "target_steps": self.target_steps,
             "outputs": {str(k): str(v) for k, v in self.out_dirs.items()},
             "device": self.device,
@@ -130,33 +139,49 @@ def resolve_device(device: str) -> torch.device:
 
 
 class _Series:
-    """Open readers over the base and observed checkpoints, with the tensor layout checked."""
+    """Open sources over the base and observed checkpoints, with the tensor layout checked."""
 
     def __init__(self, series: CheckpointSeries, allow_pickle: bool):
         self.series = series
-        self.base = CheckpointReader(series.base.path, allow_pickle=allow_pickle)
-        self.observed = [CheckpointReader(c.path, allow_pickle=allow_pickle) for c in series.observed]
-        self.names = self._storage_order(self.base)
-        self.aliases = [self._check_layout(r) for r in self.observed]
+        self.observed: list[Source] = []
+        self.base = open_source(series.base, allow_pickle=allow_pickle)
+        try:
+            for checkpoint in series.observed:
+                self.observed.append(open_source(checkpoint, base=self.base, allow_pickle=allow_pickle))
+            # Reading in storage order keeps the access to each file sequential.
+            self.names = self.base.order()
+            self.aliases = [self._check_layout(r) for r in self.observed]
+        except BaseException:
+            self.close()
+            raise
 
-    @staticmethod
-    def _storage_order(reader: CheckpointReader) -> list[str]:
-        # Reading in storage order keeps the access to each file sequential.
-        files = {f: i for i, f in enumerate(reader.files)}
-        return sorted(reader.tensors, key=lambda n: (files[reader.tensors[n].file], reader.tensors[n].offset))
+    def describe(self) -> dict:
+        """How each checkpoint was read, for ``relex.json``."""
+        kinds = sorted({source.kind for source in self.observed})
+        return {"base": self.base.describe(), "observed_kind": kinds[0] if len(kinds) == 1 else kinds,
+                "observed": [source.describe() for source in self.observed]}
 
-    def _tied_source(self, reader: CheckpointReader) -> str | None:
+    def run_bytes(self) -> int:
+        """Bytes one full read of the base and every observed checkpoint costs."""
+        return self.base.nbytes() + sum(source.nbytes() for source in self.observed)
+
+    def config_folders(self) -> list[Path]:
+        """Where config and tokenizer files are taken from: newest checkpoint first, the base last."""
+        return [self.observed[-1].config_folder, *[s.config_folder for s in reversed(self.observed[:-1])],
+                self.base.config_folder]
+
+    def _tied_source(self, reader: Source) -> str | None:
         for name in reader.tensors:
             if name.endswith("embed_tokens.weight") or name.endswith("wte.weight"):
                 return name
         return None
 
-    def _check_layout(self, reader: CheckpointReader) -> dict[str, str]:
+    def _check_layout(self, reader: Source) -> dict[str, str]:
         """Names, shapes must match the base; a missing tied lm_head reads the embedding instead."""
         aliases = {}
         mine, base = set(reader.tensors), set(self.base.tensors)
         missing = base - mine
-        if missing == {TIED_HEAD} and _config_ties(reader.folder):
+        if missing == {TIED_HEAD} and _config_ties(reader.config_folder):
             source = self._tied_source(reader)
             if source is not None:
                 aliases[TIED_HEAD] = source
@@ -202,6 +227,12 @@ class _Series:
             if rows is not None and i not in rows:
                 continue
             source = aliases.get(name, name)
+            exact = reader.delta(source, start, stop)
+            if exact is not None:  # a source over the base (LoRA) knows W − W_0 without rounding W
+                delta, cost = exact
+                nbytes += cost
+                x[i].copy_(delta.reshape(-1))
+                continue
             raw = reader.read(source, start, stop)
             nbytes += raw.numel() * raw.element_size()
             x[i].copy_(raw.reshape(-1))
@@ -209,13 +240,18 @@ class _Series:
         return w0, x, nbytes
 
     def read_whole(self, name: str, index: int, device: torch.device):
-        """(flat float32 tensor, bytes read) of the base (``index`` −1) or observed checkpoint ``index``."""
+        """(flat float32 tensor, bytes read, is a delta) of the base (``index`` −1) or observed checkpoint
+        ``index``; a source over the base gives the delta W − W_0 directly."""
         if index < 0:
             reader, source = self.base, name
         else:
             reader, source = self.observed[index], self.aliases[index].get(name, name)
+            exact = reader.delta(source)
+            if exact is not None:
+                delta, cost = exact
+                return delta.to(device=device, dtype=torch.float32).reshape(-1), cost, True
         raw = reader.read(source)
-        return raw.to(device=device, dtype=torch.float32).reshape(-1), raw.numel() * raw.element_size()
+        return raw.to(device=device, dtype=torch.float32).reshape(-1), raw.numel() * raw.element_size(), False
 
     def checked_gram(self, name: str, start, stop, w0: torch.Tensor, x: torch.Tensor) -> np.ndarray:
         """G = X Xᵀ of a block; NaN/Inf anywhere in the inputs shows up in G, and only then are the
@@ -373,12 +409,12 @@ def _stream(readers: "_Series", jobs: list[_Job], device: torch.device, steps: n
             if job.write and on_block is not None:
                 on_block(state, job, w0, x)
         elif job.kind == "base":
-            state.w0_whole, nbytes = payload
+            state.w0_whole, nbytes, _ = payload
             state.accumulator = FactorAccumulator(n_steps, factor_p)
         else:
-            w, nbytes = payload
+            w, nbytes, is_delta = payload
             rows, cols = matrix_shape(info.shape)
-            state.accumulator.add((w - state.w0_whole).reshape(rows, cols))
+            state.accumulator.add((w if is_delta else w - state.w0_whole).reshape(rows, cols))
             del w
             if job.index == n_steps - 1:
                 state.factors = state.accumulator.result()
@@ -468,7 +504,7 @@ def _model_pass(readers: "_Series", planner: Planner, device: torch.device, bloc
     """
     steps = np.asarray(readers.series.steps, dtype=np.float64)
     factorised = lambda info: info.is_float and planner.factorised(info.shape)  # noqa: E731
-    run_bytes = readers.base.nbytes() * (1 + len(readers.observed))
+    run_bytes = readers.run_bytes()
     tensors: list[TensorResult] = []
     run_gram = np.zeros((len(steps),) * 2)
     verdict_check = _VerdictBacktest(steps)
@@ -588,6 +624,8 @@ def extrapolate(
     max_shard_size: str | int = "5GB",
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     keep_grams: bool = False,
+    output: str = "checkpoint",
+    lora_rank: int | None = None,
     progress: ProgressCallback | None = None,
 ) -> ExtrapolationResult:
     """Write the checkpoint(s) of ``target_step`` predicted from a run's observed checkpoints.
@@ -617,6 +655,11 @@ def extrapolate(
         allow_pickle: read ``pytorch_model*.bin`` weights (pickles) when no safetensors exist.
         block_bytes: tensors whose T+2 float32 copies exceed this are processed in row blocks.
         keep_grams: keep each tensor's Gram matrix in the result (for analysis).
+        output: ``checkpoint`` (a full Hugging Face checkpoint; for a LoRA run the merged model) or
+            ``lora`` (a LoRA run only: a PEFT adapter over the same base holding the prediction exactly,
+            of rank Σ r_i over the observed adapters).
+        lora_rank: with ``output="lora"``, truncate each module's update to this rank (SVD of the small
+            factors); the relative truncation error per module goes to ``relex.json``.
         progress: called as ``progress(tensor_name, bytes_read_so_far, total_bytes)``.
 
     Returns:
@@ -630,8 +673,13 @@ def extrapolate(
     targets = _targets(target_step)
     if dtype != "auto" and dtype not in OUTPUT_DTYPES:
         raise RelexInputError(f"unknown --dtype {dtype!r} (use auto, {', '.join(OUTPUT_DTYPES)})")
+    if output not in ("checkpoint", "lora"):
+        raise RelexInputError(f"unknown --output {output!r} (use checkpoint or lora)")
+    if lora_rank is not None and (output != "lora" or lora_rank < 1):
+        raise RelexInputError("--lora-rank takes a positive rank and needs --output lora")
     out_dir = Path(out_dir)
     check_output_folder(out_dir, overwrite)
+    _check_output_place(out_dir, run_dir)
     series = discover_series(run_dir, base=base, steps=steps, max_step=max_step, checkpoints=checkpoints)
     _check_targets(targets, series.steps[-1], allow_interpolation)
     torch_device = resolve_device(device)
@@ -643,65 +691,218 @@ def extrapolate(
 
     readers = _Series(series, allow_pickle)
     try:
-        plan = _output_plan(readers, dtype)
+        if output == "lora":
+            _check_adapter_output(readers, method)
         with staged_folder(out_dir, overwrite) as staging:
             folders = {t: staging if len(targets) == 1 else staging / f"step-{t}" for t in targets}
-            writers = {t: ShardedWriter(folders[t], plan.values(), max_shard_size) for t in targets}
+            if output == "lora":
+                sink = _AdapterSink(readers, folders, target_array, torch_device, lora_rank, dtype)
+            else:
+                sink = _CheckpointSink(readers, folders, target_array, torch_device, dtype, max_shard_size)
             try:
-                def on_model(state: _TensorState) -> None:
-                    if state.model is not None:
-                        state.prepared["coefficients"] = state.model.coefficients(target_array)
-
-                def on_block(state: _TensorState, job: _Job, w0: torch.Tensor, x: torch.Tensor) -> None:
-                    planned = plan[state.name]
-                    if state.model is None:
-                        if state.info.is_float:  # prepared by an earlier pass
-                            raise RuntimeError(f"no model for tensor {state.name!r}")
-                        outputs = [_newest_value(w0, x, planned.dtype)] * len(targets)
-                    else:
-                        if "coefficients" not in state.prepared:
-                            on_model(state)
-                        basis = _block_basis(state, x, torch_device)
-                        factors = _factor_rows(state.model, job, torch_device)
-                        outputs = [_combine(w0, row, basis, factors).to(planned.dtype)
-                                   for row in state.prepared["coefficients"]]
-                    state.pieces.append([o.cpu() for o in outputs])
-                    if len(state.pieces) == job.n_blocks:
-                        for i, writer in enumerate(writers.values()):
-                            parts = [block[i] for block in state.pieces]
-                            tensor = parts[0] if len(parts) == 1 else torch.cat(parts)
-                            writer.write(state.name, tensor.reshape(planned.shape))
-                        state.pieces = []
-
                 tensors, bytes_read, (run_gram, verdict_check) = _model_pass(
-                    readers, planner, torch_device, block_bytes, on_block=on_block, targets=target_array,
-                    keep_grams=keep_grams, progress=progress, on_model=on_model)
-                for writer in writers.values():
-                    writer.finish()
+                    readers, planner, torch_device, block_bytes, on_block=sink.on_block, targets=target_array,
+                    keep_grams=keep_grams, progress=progress, on_model=sink.on_model)
+                sink.finish()
             finally:
-                for writer in writers.values():
-                    writer.close()
+                sink.close()
             seconds = time.perf_counter() - started
             diagnostics = verdict_check.apply(diagnose(run_gram, series.steps) if np.any(run_gram) else None,
                                               max(targets))
             result = ExtrapolationResult(
                 out_dirs={t: (out_dir if len(targets) == 1 else out_dir / f"step-{t}") for t in targets},
                 series=series, method=method, options=options, tensors=tensors, diagnostics=diagnostics,
-                seconds=seconds, bytes_read=bytes_read,
-                bytes_written=sum(w.bytes_written for w in writers.values()), device=str(torch_device),
-                selection=planner.selection, passes=2 if planner.needs_run_pass else 1,
+                seconds=seconds, bytes_read=bytes_read, bytes_written=sink.bytes_written,
+                device=str(torch_device), selection=planner.selection,
+                passes=2 if planner.needs_run_pass else 1, sources=readers.describe(), output=output,
             )
-            sources = [series.newest.path, *[c.path for c in reversed(series.observed[:-1])], series.base.path]
-            for t, writer in writers.items():
-                writer.copy_aux_files(sources)
+            for t in targets:
                 provenance = result.to_dict()
                 provenance["target_step"] = t
-                provenance["shards_sha256"] = writer.shard_digests()
-                writer.write_json("relex.json", provenance)
+                provenance.update(sink.provenance(t))
+                sink.save(t, provenance, readers.config_folders())
     finally:
         readers.close()
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _check_output_place(out_dir: Path, run_dir) -> None:
+    """An output inside the run folder under a checkpoint-like name would later be read as training."""
+    if run_dir is None or str(run_dir).startswith("hf://"):
+        return
+    if is_checkpoint_name(out_dir.name) and out_dir.resolve().parent == Path(run_dir).resolve():
+        raise RelexInputError(
+            "this output would sit in the run folder under a checkpoint name and look like a trained "
+            "checkpoint; write it elsewhere (e.g. RUN-relex-STEP)", out_dir)
+
+
+def _check_adapter_output(readers: "_Series", method: str) -> None:
+    """``--output lora`` needs adapters and a model whose prediction mixes the observed updates."""
+    if any(source.kind != "lora" for source in readers.observed):
+        raise RelexInputError("--output lora needs a LoRA run (adapter checkpoints); this run holds full weights",
+                              readers.observed[-1].folder)
+    if method == "matrix-rank1":
+        raise RelexInputError("--output lora needs a mode whose prediction mixes the observed updates "
+                              "(relex, elementwise or last), not matrix-rank1")
+    modules = set(readers.observed[-1].modules)
+    for source in readers.observed[:-1]:
+        if set(source.modules) != modules:
+            raise RelexInputError("targets other modules than the newest adapter; --output lora needs one "
+                                  "set of LoRA modules", source.folder)
+
+
+def _block_outputs(state: "_TensorState", job: _Job, w0: torch.Tensor, x: torch.Tensor, dtype: torch.dtype,
+                   n_targets: int, device: torch.device) -> list[torch.Tensor]:
+    """The predicted values of one row block, one per target step, in ``dtype``."""
+    if state.model is None:
+        if state.info.is_float:  # prepared by an earlier pass
+            raise RuntimeError(f"no model for tensor {state.name!r}")
+        return [_newest_value(w0, x, dtype)] * n_targets
+    basis = _block_basis(state, x, device)
+    factors = _factor_rows(state.model, job, device)
+    return [_combine(w0, row, basis, factors).to(dtype) for row in state.prepared["coefficients"]]
+
+
+def _assembled(state: "_TensorState", job: _Job, outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Collect one row block's outputs; once the tensor's last block is in, its whole value per target."""
+    state.pieces.append([o.cpu() for o in outputs])
+    if len(state.pieces) < job.n_blocks:
+        return []
+    whole = []
+    for i in range(len(outputs)):
+        parts = [block[i] for block in state.pieces]
+        whole.append((parts[0] if len(parts) == 1 else torch.cat(parts)).reshape(state.info.shape))
+    state.pieces = []
+    return whole
+
+
+class _Sink:
+    """Where the predictions of one extrapolation go: one writer per target step.
+
+    The engine calls ``on_model(state)`` when a tensor's model is known and ``on_block(state, job, w_0, X)``
+    for each of its row blocks; then ``finish`` (or ``close`` on failure), ``provenance`` and ``save``.
+    """
+
+    writers: dict
+
+    def finish(self) -> None:
+        for writer in self.writers.values():
+            writer.finish()
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+
+
+class _CheckpointSink(_Sink):
+    """Writes the predicted tensors as a Hugging Face checkpoint per target step."""
+
+    def __init__(self, readers: "_Series", folders: dict[int, Path], targets: np.ndarray,
+                 device: torch.device, dtype: str, max_shard_size: str | int):
+        self.plan = _output_plan(readers, dtype)
+        self.targets, self.device = targets, device
+        self.writers = {t: ShardedWriter(folders[t], self.plan.values(), max_shard_size) for t in folders}
+
+    def on_model(self, state: "_TensorState") -> None:
+        if state.model is not None:
+            state.prepared["coefficients"] = state.model.coefficients(self.targets)
+
+    def on_block(self, state: "_TensorState", job: _Job, w0: torch.Tensor, x: torch.Tensor) -> None:
+        planned = self.plan[state.name]
+        if state.model is not None and "coefficients" not in state.prepared:
+            self.on_model(state)
+        outputs = _block_outputs(state, job, w0, x, planned.dtype, len(self.targets), self.device)
+        for writer, tensor in zip(self.writers.values(), _assembled(state, job, outputs)):
+            writer.write(state.name, tensor)
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(w.bytes_written for w in self.writers.values())
+
+    def provenance(self, target: int) -> dict:
+        return {"shards_sha256": self.writers[target].shard_digests()}
+
+    def save(self, target: int, provenance: dict, config_folders: list[Path]) -> None:
+        writer = self.writers[target]
+        writer.copy_aux_files(config_folders)
+        writer.write_json("relex.json", provenance)
+
+
+class _AdapterSink(_Sink):
+    """Writes the prediction of a LoRA run as a PEFT adapter per target step.
+
+    The prediction of a target module is W_0 + Σ_i m_i ΔW_i with ΔW_i = P_i Q_i (P_i = s·B_i, Q_i = A_i), so it
+    is exactly one LoRA of rank Σ_i r_i: P = [m_1 P_1 | … | m_T P_T], Q = [Q_1; …; Q_T], optionally truncated
+    to ``lora_rank`` by an SVD of the small factors. Full tensors of the adapter (``modules_to_save``) are
+    predicted like any weight.
+    """
+
+    def __init__(self, readers: "_Series", folders: dict[int, Path], targets: np.ndarray,
+                 device: torch.device, lora_rank: int | None, dtype: str):
+        self.readers, self.targets, self.device, self.folders = readers, targets, device, folders
+        newest = readers.observed[-1]
+        exact = {name: sum(source.modules[name].rank for source in readers.observed) for name in newest.modules}
+        self.ranks = {n: r if lora_rank is None else min(lora_rank, r) for n, r in exact.items()}
+        self.exact = lora_rank is None or all(lora_rank >= r for r in exact.values())
+        factor_dtype = torch.float32 if dtype == "auto" else OUTPUT_DTYPES[dtype]
+        self.full_dtypes = {n: (OUTPUT_DTYPES[dtype] if dtype != "auto" else readers.output_dtype(n))
+                            for n in newest.saved}
+        full = {n: (readers.info(n).shape, d) for n, d in self.full_dtypes.items()}
+        self.factor_dtype = factor_dtype
+        self.writers = {t: LoraAdapterWriter(folders[t], newest, self.ranks, full, factor_dtype) for t in folders}
+        self.errors: dict[int, dict[str, float]] = {t: {} for t in folders}
+
+    def on_model(self, state: "_TensorState") -> None:
+        model = state.model
+        if model is not None:
+            state.prepared["coefficients"] = model.coefficients(self.targets)
+        if state.name not in self.ranks:
+            return
+        n_obs = len(self.readers.observed)
+        pairs = [source.factors(self.readers.aliases[i].get(state.name, state.name))
+                 for i, source in enumerate(self.readers.observed)]
+        for k, target in enumerate(self.writers):
+            if model is None or model.n_basis == 0:
+                weights = np.zeros(n_obs)
+            else:
+                weights = np.asarray(state.prepared["coefficients"][k][:model.n_basis]) @ np.asarray(model.basis)
+            p, q, error = mix_factors(pairs, [float(w) for w in weights], self.ranks[state.name])
+            self.writers[target].write_module(state.name, p.to(self.factor_dtype), q.to(self.factor_dtype))
+            self.errors[target][state.name] = float(error)
+
+    def on_block(self, state: "_TensorState", job: _Job, w0: torch.Tensor, x: torch.Tensor) -> None:
+        if state.name not in self.full_dtypes:
+            return  # the base's own tensors are not part of an adapter
+        outputs = _block_outputs(state, job, w0, x, self.full_dtypes[state.name], len(self.targets), self.device)
+        for writer, tensor in zip(self.writers.values(), _assembled(state, job, outputs)):
+            writer.write_full(state.name, tensor)
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(_folder_bytes(folder) for folder in self.folders.values())
+
+    def provenance(self, target: int) -> dict:
+        errors = self.errors[target]
+        return {"lora": {"rank": max(self.ranks.values(), default=0), "exact": self.exact,
+                         "max_truncation_error": max(errors.values(), default=0.0),
+                         "truncation_error": errors}}
+
+    def save(self, target: int, provenance: dict, config_folders: list[Path]) -> None:
+        folder = self.folders[target]
+        for name in AUX_FILES:  # tokenizer files; an adapter folder has no model config of its own
+            if name in ("config.json", "generation_config.json"):
+                continue
+            for source in config_folders:
+                if (source / name).is_file():
+                    shutil.copyfile(source / name, folder / name)
+                    break
+        provenance["adapter_sha256"] = self.writers[target].digests()
+        (folder / "relex.json").write_text(json.dumps(provenance, indent=2) + "\n")
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) if folder.is_dir() else 0
 
 
 def _extra_options(spec: ModelSpec) -> dict:
@@ -794,7 +995,7 @@ def collect_grams(
     grams: dict[str, np.ndarray] = {}
     norms: dict[str, float] = {}
     bytes_read = 0
-    total_bytes = readers.base.nbytes() * (1 + len(series.observed))
+    total_bytes = readers.run_bytes()
     try:
         for (name, start, stop, *_), w0, x, nbytes in _prefetched(readers, _jobs(readers, block_bytes, 1), torch_device):
             bytes_read += nbytes

@@ -222,6 +222,7 @@ def fit_trajectory(
                 "base": str(series.base.path.resolve()),
                 "observed_steps": series.steps,
                 "observed_folders": [str(c.path) for c in series.observed],
+                "sources": readers.describe(),
                 "storage": {"dtype": storage_dtype, "bytes": writer.bytes_written,
                             "model_bytes": readers.base.nbytes()},
                 "selection": planner.selection,
@@ -246,8 +247,7 @@ def fit_trajectory(
                     entry["basis"] = [basis_key(name, r) for r in range(model.n_basis)]
                     entry["factors"] = [list(factor_keys(name, f)) for f in range(len(model.factors))]
                 manifest["tensors"][name] = entry
-            writer.copy_aux_files([series.newest.path, *[c.path for c in reversed(series.observed[:-1])],
-                                   series.base.path])
+            writer.copy_aux_files(readers.config_folders())
             writer.write_json(MANIFEST, manifest)
     finally:
         readers.close()

@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import os
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from relex.errors import RelexInputError
+from relex.io.source import Source, TensorInfo
 
 DTYPES = {
     "F64": torch.float64,
@@ -33,32 +33,6 @@ DTYPES = {
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items() if v is not None}
 _MAX_HEADER = 100 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Name, shape and dtype of a stored tensor, and the file that holds it."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    file: Path
-    offset: int = 0  # absolute byte offset of the tensor's data in its file
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=self.dtype).element_size()
-
-    @property
-    def is_float(self) -> bool:
-        return self.dtype.is_floating_point
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
@@ -105,17 +79,19 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     return infos
 
 
-class CheckpointReader:
-    """Read-only view of one checkpoint folder (single file or shards + index).
+class CheckpointReader(Source):
+    """A Hugging Face checkpoint folder (single file or shards + index), read lazily.
 
     ``tensors`` maps names to :class:`TensorInfo` from the headers alone; :meth:`read` returns one tensor
-    (or rows ``start:stop`` of it) as a CPU tensor.
+    (or rows ``start:stop`` of it) as a CPU tensor. ``kind`` is ``safetensors`` (or ``pickle`` for
+    ``pytorch_model*.bin`` weights read with ``--allow-pickle``).
     """
 
     def __init__(self, folder: str | Path, allow_pickle: bool = False):
         self.folder = Path(folder)
         self.files = self._weight_files(allow_pickle)
-        self._pickled = self.files and self.files[0].suffix == ".bin"
+        self._pickled = bool(self.files) and self.files[0].suffix == ".bin"
+        self.kind = "pickle" if self._pickled else "safetensors"
         self._handles: dict[Path, int] = {}
         self.tensors: dict[str, TensorInfo] = {}
         if self._pickled:
@@ -235,19 +211,10 @@ class CheckpointReader:
             return buffer.view(torch.bool).reshape(shape)
         return buffer.view(info.dtype).reshape(shape)
 
-    def nbytes(self) -> int:
-        return sum(info.nbytes for info in self.tensors.values())
-
     def close(self) -> None:
         for fd in self._handles.values():
             os.close(fd)
         self._handles.clear()
-
-    def __enter__(self) -> "CheckpointReader":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def open_checkpoint(folder: str | Path, allow_pickle: bool = False) -> CheckpointReader:

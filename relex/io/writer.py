@@ -23,24 +23,8 @@ from typing import Iterator, Sequence
 import torch
 
 from relex.errors import RelexInputError
+from relex.io.files import AUX_FILES
 from relex.io.reader import DTYPE_NAMES
-
-# Files a Hugging Face model folder needs besides its weights.
-AUX_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "preprocessor_config.json",
-)
-
 
 def parse_size(size: str | int) -> int:
     """``"5GB"`` / ``"500MB"`` / ``1000`` -> bytes."""
