@@ -37,10 +37,11 @@ from relex.io.sources import open_source
 from relex.io.lora import LoraAdapterWriter, mix_factors
 from relex.io.files import AUX_FILES
 from relex.io.writer import PlannedTensor, ShardedWriter, check_output_folder, staged_folder
-from relex.methods import MatrixFactors, TensorData, TensorModel, get_method, method_class
+from relex.methods import MatrixFactors, TensorData, TensorModel, method_class
 from relex.methods.matrix_rank1 import FactorAccumulator, matrix_shape
 from relex.subspace import gram
 from relex.trajectory import ModelSpec, Planner
+from relex.analysis.verdict import VerdictBacktest
 
 DEFAULT_BLOCK_BYTES = 2 * 1024**3
 OUTPUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -507,7 +508,7 @@ def _model_pass(readers: "_Series", planner: Planner, device: torch.device, bloc
     run_bytes = readers.run_bytes()
     tensors: list[TensorResult] = []
     run_gram = np.zeros((len(steps),) * 2)
-    verdict_check = _VerdictBacktest(steps)
+    verdict_check = VerdictBacktest(steps)
 
     def decide(state: _TensorState) -> None:
         nonlocal run_gram
@@ -549,37 +550,6 @@ def _model_pass(readers: "_Series", planner: Planner, device: torch.device, bloc
                          on_ready=lambda state: None, on_block=on_block, known=known, progress=progress,
                          bytes_before=bytes_read, total_bytes=2 * run_bytes)
     return tensors, bytes_read, (run_gram, verdict_check)
-
-
-class _VerdictBacktest:
-    """Sums, over tensors, the Gram-space backtest errors of a rank-1 linear line and of stopping."""
-
-    def __init__(self, steps: np.ndarray):
-        from relex.analysis.drift import verdict_holdout
-
-        self.steps = steps
-        self.holdout = verdict_holdout(len(steps))
-        self.sums = np.zeros(3)  # line error², stop error², true norm² at the farthest held-out step
-        if self.holdout is not None:
-            self.line, self.stop = get_method("relex"), get_method("last")
-
-    def add(self, name: str, gram: np.ndarray, ndim: int) -> None:
-        if self.holdout is None or not np.any(gram):
-            return
-        from relex.backtest import gram_errors
-
-        line, true_sq = gram_errors(gram, self.steps, self.line, self.holdout, tensor=name, ndim=ndim)
-        stop, _ = gram_errors(gram, self.steps, self.stop, self.holdout, tensor=name, ndim=ndim)
-        self.sums += (line[-1], stop[-1], true_sq[-1])
-
-    def apply(self, diagnostics: DriftDiagnostics | None, target_step: float | None = None) -> DriftDiagnostics | None:
-        if diagnostics is None or self.holdout is None or self.sums[2] <= 0:
-            return diagnostics
-        from relex.analysis.drift import apply_backtest
-
-        p = len(self.steps) - self.holdout
-        line, stop = np.sqrt(self.sums[:2] / self.sums[2])
-        return apply_backtest(diagnostics, self.steps[:p], self.steps[p:], line, stop, target_step)
 
 
 def _targets(target_step) -> list[int]:

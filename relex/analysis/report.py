@@ -21,6 +21,7 @@ import numpy as np
 
 from relex.analysis.backtesting import BacktestResult, run_backtests
 from relex.analysis.drift import DriftDiagnostics, diagnose
+from relex.analysis.verdict import run_verdict
 from relex.analysis.nulls import expected_null, explained_ranks, random_walk_null
 from relex.analysis.tables import parse_name, rows_to_csv
 from relex.subspace import temporal_svd
@@ -317,8 +318,9 @@ def analyze(
     rows = [tensor_row(name, grams.grams[name], observed, grams.shapes[name], grams.base_norms[name], rank,
                        null_samples) for name in grams.names]
     run_gram = grams.total() if grams.grams else np.zeros((len(observed), len(observed)))
-    diagnostics = diagnose(run_gram, observed) if np.any(run_gram) else None
     ndims = {name: len(grams.shapes[name]) for name in grams.names}
+    # The same verdict as relex extrapolate's (drift statistics, then the window backtest).
+    diagnostics = run_verdict(grams.grams, ndims, observed)
     bt = run_backtests(grams.grams, observed, ndims, holdout=holdout, fractions=fractions, ranks=backtest_ranks,
                        learned=learned)
     for row in rows:
