@@ -26,7 +26,7 @@ INPUT = "Input"
 # RUN_DIR and --base are strings: a Path would collapse the // of a Hub run (hf://ORG/REPO).
 RunDirArgument = Annotated[str, typer.Argument(help="Run folder holding checkpoint-N/, global_step_N/ or step_N/ folders, or a Hub run hf://ORG/REPO[@REVISION] (see --revision-pattern, --subfolder-pattern).", show_default=False)]
 BaseOption = Annotated[Optional[str], typer.Option(help="Base (step-0) checkpoint: a folder or a Hub id ORG/NAME, if not the run's own step-0 checkpoint.", rich_help_panel=INPUT)]
-StepsOption = Annotated[Optional[str], typer.Option(help="Observed steps to use, e.g. 10,20,30 (default: all).", rich_help_panel=INPUT)]
+StepsOption = Annotated[Optional[str], typer.Option(help="Observed steps to use, e.g. 10,20,30, 1-75 or 10-100:10 (default: all).", rich_help_panel=INPUT)]
 MaxStepOption = Annotated[Optional[int], typer.Option(help="Use observed steps up to this one.", rich_help_panel=INPUT)]
 RevisionPatternOption = Annotated[str, typer.Option(help="Hub runs: the branches (or tags) holding the checkpoints, {N} the step, e.g. step_{N} or step-{N:04d}.", rich_help_panel=INPUT)]
 SubfolderPatternOption = Annotated[Optional[str], typer.Option(help="Hub runs: read the checkpoints from folders of one revision (main, or hf://ORG/REPO@REVISION) named so, e.g. step-{N:04d}, instead of from branches.", rich_help_panel=INPUT, show_default=False)]
