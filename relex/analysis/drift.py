@@ -385,6 +385,91 @@ def verdict_holdout(n_steps: int) -> int | None:
     return n_steps - max(2, (n_steps + 1) // 2)
 
 
+# How far the window backtest may be carried (see :func:`horizon`): its line was checked over one horizon
+# h_b (the farthest held-out step over the last fitted one, about 2); its error is carried to the target
+# multiplied by k = (h − 1) / (h_b − 1). Beyond k = 10, an order of magnitude more extrapolation than the
+# backtest checked, the carried error is an assumption rather than a measurement, and the verdict refuses to
+# call the extrapolation plausible. The extrapolations relex is built for, from 10-20% of a run to its end,
+# carry it 4-9 times.
+MAX_CARRY = 10.0
+
+
+def _as_float(value) -> float:
+    """``float(value)``, with integers too large for a float as infinity (never an OverflowError)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
+def step_text(step) -> str:
+    """A step as it is written: an integer when it is one, however large."""
+    if isinstance(step, (int, np.integer)):
+        digits = str(abs(int(step)))
+        if len(digits) > 24:  # an absurd step stays readable
+            return f"{'-' if step < 0 else ''}{digits[0]}.{digits[1:3]}e+{len(digits) - 1}"
+        return str(int(step))
+    value = _as_float(step)
+    if math.isfinite(value) and value.is_integer():
+        return str(int(value))
+    return f"{value:g}"
+
+
+def _step_value(step):
+    value = float(step)
+    return int(value) if value.is_integer() else value
+
+
+def times_text(ratio: float) -> str:
+    """A ratio of steps as '12.5', '250' or '6.2e+17'."""
+    if not math.isfinite(ratio):
+        return "∞"
+    if ratio < 100:
+        return f"{ratio:.3g}"
+    if ratio < 1e6:
+        return f"{ratio:,.0f}"
+    return f"{ratio:.2g}"
+
+
+def horizon(steps, target_step, fit_steps=None, held_out_steps=None) -> tuple[dict, str] | None:
+    """How far beyond the observed window ``target_step`` lies, and whether the window backtest reaches it.
+
+    Returns ``(record, text)``, or ``None`` without a target. The record holds the target, the window, the
+    ratio of the target to the last observed step and, with the backtest's ``fit_steps`` and
+    ``held_out_steps``: the backtest's own horizon ``backtest_ratio`` (h_b), the factor ``carry`` by which
+    its error is carried to the target, and the farthest step it can vouch for (``max_target_step``, where
+    the carry reaches :data:`MAX_CARRY`); ``within_limit`` is False beyond it. Any integer target is
+    accepted (a step too large for a float is an infinite ratio).
+    """
+    if target_step is None or not len(steps):
+        return None
+    first, last = steps[0], steps[-1]
+    target = _as_float(target_step)
+    last_value = float(last)
+    ratio = target / last_value if last_value > 0 else math.inf
+    record = {"target_step": int(target_step) if isinstance(target_step, (int, np.integer)) else target,
+              "first_observed_step": _step_value(first), "last_observed_step": _step_value(last), "ratio": ratio}
+    window = f"steps {step_text(first)}..{step_text(last)}"
+    if target <= last_value:
+        return record, f"the target lies inside the observed window (step {step_text(target_step)} from {window})"
+    text = (f"the target is {times_text(ratio)}× the observed window "
+            f"(step {step_text(target_step)} from {window})")
+    if fit_steps is not None and held_out_steps is not None and len(fit_steps) and len(held_out_steps):
+        fit_last, held_last = float(fit_steps[-1]), float(held_out_steps[-1])
+        if fit_last > 0 and held_last > fit_last:
+            h_b = held_last / fit_last
+            carry = (ratio - 1.0) / (h_b - 1.0)
+            max_ratio = 1.0 + MAX_CARRY * (h_b - 1.0)
+            max_target = int(math.floor(last_value * max_ratio))
+            within = carry <= MAX_CARRY
+            record.update(backtest_ratio=h_b, carry=carry, max_carry=MAX_CARRY, max_ratio=max_ratio,
+                          max_target_step=max_target, within_limit=within)
+            if not within:
+                text += (f", beyond the {times_text(max_ratio)}× (step {max_target}) that a backtest over "
+                         f"{times_text(h_b)}× can vouch for (relex carries it at most {MAX_CARRY:g} times as far)")
+    return record, text
+
+
 def apply_backtest(diagnostics: DriftDiagnostics, fit_steps, held_out_steps, line_error: float,
                    stop_error: float, target_step: float | None = None) -> DriftDiagnostics:
     """Let a backtest on the observed window overrule the drift share when the two disagree.
@@ -398,7 +483,11 @@ def apply_backtest(diagnostics: DriftDiagnostics, fit_steps, held_out_steps, lin
     the predicted step to the last fitted one (the cautious assumption: a direction that is slightly off
     misses by more the farther it is followed), while stopping's error grows like ``1 − 1/h`` (what pure
     drift gives). When the line does worse than stopping, extrapolating will likely hurt, whatever the
-    drift share says.
+    drift share says. The message says how far beyond the window the target lies (:func:`horizon`); a
+    target beyond the :data:`MAX_CARRY` limit is never called plausible, whatever the errors.
+
+    The record (``diagnostics.backtest``) holds the errors, ``line_beats_stop`` and, with a target,
+    ``horizon`` (see :func:`horizon`).
     """
     fit_steps, held_out_steps = [int(s) for s in fit_steps], [int(s) for s in held_out_steps]
     record = {"fit_steps": fit_steps, "held_out_steps": held_out_steps,
@@ -410,13 +499,22 @@ def apply_backtest(diagnostics: DriftDiagnostics, fit_steps, held_out_steps, lin
                 f"{held_out_steps[-1]} with weight error {line_error:.2f}, stopping {stop_error:.2f}")
     line, stop = line_error, stop_error
     last_observed = float(diagnostics.steps[-1])
-    if target_step is not None and target_step > last_observed and held_out_steps[-1] > fit_steps[-1]:
+    target = None if target_step is None else _as_float(target_step)
+    reach = horizon(diagnostics.steps, target_step, fit_steps, held_out_steps)
+    beyond = False
+    if reach is not None:
+        record["horizon"], horizon_note = reach
+        beyond = not reach[0].get("within_limit", True)
+        evidence = f"{horizon_note}; {evidence}"
+    if target is not None and target > last_observed and held_out_steps[-1] > fit_steps[-1]:
         h_backtest = held_out_steps[-1] / fit_steps[-1]
-        h_target = float(target_step) / last_observed
-        line = line_error * (h_target - 1.0) / (h_backtest - 1.0)
+        h_target = target / last_observed
+        carry = (h_target - 1.0) / (h_backtest - 1.0)
+        line = line_error * carry if line_error > 0 else 0.0  # never 0 × ∞
         stop = stop_error * (1.0 - 1.0 / h_target) / (1.0 - 1.0 / h_backtest)
-        record.update(target_step=float(target_step), projected_line_error=line, projected_stop_error=stop)
-        evidence += f"; carried to step {int(target_step)}: {line:.2f} against {stop:.2f}"
+        record.update(target_step=target, projected_line_error=line, projected_stop_error=stop)
+        evidence += f"; carried to step {step_text(target_step)}: {_error_text(line)} against {stop:.2f}"
+    record["line_beats_stop"] = bool(line < stop)
     if line >= stop:
         if diagnostics.verdict == DRIFT:
             diagnostics.verdict = MIXED
@@ -425,6 +523,16 @@ def apply_backtest(diagnostics: DriftDiagnostics, fit_steps, held_out_steps, lin
         else:
             diagnostics.verdict = NOISE
             diagnostics.message = f"noise-dominated: extrapolation will likely hurt ({evidence})"
+    elif beyond and diagnostics.verdict == DRIFT:
+        diagnostics.verdict = MIXED
+        diagnostics.message = f"extrapolation this far cannot be vouched for: {evidence}"
     else:
         diagnostics.message = f"{diagnostics.message} ({evidence})"
     return diagnostics
+
+
+def _error_text(error: float) -> str:
+    """A relative error, readable however large it was carried."""
+    if not math.isfinite(error):
+        return "∞"
+    return f"{error:.2f}" if error < 1e4 else f"{error:.2g}"
