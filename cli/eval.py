@@ -110,9 +110,9 @@ def _print_table(results, title: str) -> None:
 
 @app.command("eval", no_args_is_help=True)
 def eval_command(
-    checkpoints: Annotated[list[str], typer.Argument(
+    checkpoints: Annotated[Optional[list[str]], typer.Argument(
         help="Checkpoint folders (or hub ids) to score; the first is the baseline of the comparison. "
-             "Name one with LABEL=PATH.", show_default=False, metavar="CKPT")],
+             "Name one with LABEL=PATH.", show_default=False, metavar="CKPT")] = None,
     tasks: Annotated[str, typer.Option(
         help="Comma-separated benchmarks: aime24, aime25, amc23, minerva_math (the OCW set), math500, toy; "
              "'all' for the five math benchmarks.", rich_help_panel=BENCHMARKS)] = "aime24,aime25,amc23,minerva_math,math500",
@@ -140,6 +140,19 @@ def eval_command(
         "--system-prompt", help="System message for chat prompts.", rich_help_panel=DECODING,
         show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Seed of sampling and of the bootstrap.", rich_help_panel=DECODING)] = 0,
+    logits_extrapolate: Annotated[Optional[list[str]], typer.Option(
+        "--logits-extrapolate", help="Also score logits extrapolation, z_a + alpha (z_b - z_a) at every decoding "
+        "step, as a column after the checkpoints: a=CKPT_A,b=CKPT_B,alpha=2.5; or target=STEP instead of alpha "
+        "(alpha = (STEP - step_a) / (step_b - step_a), steps from trainer_state.json or the folder names); or "
+        "run=RUN,target=STEP[,steps=...|max_step=K][,a=STEP,b=STEP] (a, b: the two newest checkpoints of the "
+        "window). Also label=NAME, device_a=, device_b=. Repeatable.", rich_help_panel=DECODING,
+        show_default=False, metavar="SPEC")] = None,
+    selective: Annotated[Optional[list[str]], typer.Option(
+        "--selective", help="Also score selective Δlog p extrapolation as a column: decode with the RL model and "
+        "where log p_RL(y) - log p_base(y) < tau resample from log p_RL + gamma (log p_RL - log p_base): "
+        "base=BASE,rl=RL[,tau=-0.3][,gamma=0.1], or run=RUN[,steps=...|max_step=K] (the run's base and newest "
+        "checkpoint). Also label=NAME, device_base=, device_rl=. Repeatable.", rich_help_panel=DECODING,
+        show_default=False, metavar="SPEC")] = None,
     backend: Annotated[str, typer.Option(
         help="hf (transformers, CPU or GPU) or vllm (GPU, needs vLLM installed).", rich_help_panel=MODEL)] = "hf",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (hf backend).", rich_help_panel=MODEL)] = "auto",
@@ -161,6 +174,11 @@ def eval_command(
 
     The final \\boxed{} answer is compared with math-verify; with --samples K the score is avg@K (pass@k in --out). Each checkpoint runs in its own process. With two or more checkpoints, each is compared to the first with a 95% paired-bootstrap interval over problems.
     """  # noqa: E501 - one line per paragraph, wrapped by the help formatter
+    from relex.decoding import parse_logits, parse_selective
+
+    checkpoints = list(checkpoints or [])
+    decoders = [parse_logits(text) for text in logits_extrapolate or []] + [
+        parse_selective(text) for text in selective or []]
     from relex.evaluate import evaluate
 
     with _ProgressView(disable=quiet) as view:
@@ -168,7 +186,7 @@ def eval_command(
             checkpoints, tasks=tasks, data_dir=data_dir, samples=samples, temperature=temperature, top_p=top_p,
             max_new_tokens=max_new_tokens, limit=limit, backend=backend, device=device, dtype=dtype,
             batch_size=batch_size, seed=seed, prompt=prompt, system_prompt=system_prompt, model_args=model_args,
-            keep_completions=completions, out=out, progress=view,
+            keep_completions=completions, decoders=decoders, out=out, progress=view,
         )
     from relex.evaluate.tasks import TASKS
 

@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import relex
 from relex.errors import RelexInputError
@@ -107,12 +107,13 @@ def _tail(path: Path, lines: int = 25) -> str:
 
 
 def _run_worker(checkpoint: str, label: str, settings: EvalSettings, folder: Path, index: int, count: int,
-                env: dict, progress: Progress | None) -> dict:
+                env: dict, progress: Progress | None, decoding: dict | None = None) -> dict:
     job = {
         "checkpoint": checkpoint,
         "settings": settings.to_dict(),
         "output": str(folder / f"result-{index}.json"),
         "progress": str(folder / f"progress-{index}.jsonl"),
+        "decoding": decoding,
     }
     job_path = folder / f"job-{index}.json"
     job_path.write_text(json.dumps(job), encoding="utf-8")
@@ -171,6 +172,16 @@ def _forward_progress(path: Path, offset: int, base_event: dict, progress: Progr
     return offset + len(complete)
 
 
+def _decoding_spec(item):
+    from relex.decoding.spec import DecodingSpec
+
+    if isinstance(item, DecodingSpec):
+        return DecodingSpec.from_dict(item.to_dict())  # a copy: paths are resolved below
+    if isinstance(item, dict):
+        return DecodingSpec.from_dict(item)
+    raise TypeError(f"decoders takes DecodingSpec objects, got {type(item).__name__}")
+
+
 def evaluate(
     checkpoints: Sequence[str | tuple[str, str]] | str,
     tasks: str | Sequence[str] | None = None,
@@ -191,6 +202,7 @@ def evaluate(
     model_args: str | None = None,
     keep_completions: bool = False,
     labels: Sequence[str] | None = None,
+    decoders: Sequence[Any] | None = None,
     out: str | Path | None = None,
     n_boot: int = 10_000,
     confidence: float = 0.95,
@@ -216,6 +228,9 @@ def evaluate(
         model_args: extra lm-eval model arguments, ``"key=value,key=value"``.
         keep_completions: store every completion's text in the results.
         labels: names for the checkpoints in tables and in the results (default: short distinct paths).
+        decoders: two checkpoints decoding together, scored as further columns after ``checkpoints``:
+            :class:`relex.decoding.DecodingSpec` objects (e.g. from :func:`relex.decoding.parse_logits` or
+            :func:`relex.decoding.parse_selective`), labelled by their ``label`` or a default.
         out: write the results JSON here (atomically, only once everything succeeded).
         n_boot, confidence: paired bootstrap of the differences to the baseline.
         progress: called with progress events (dicts with ``checkpoint``, ``index``, ``count``, ``stage`` and,
@@ -227,7 +242,9 @@ def evaluate(
     """
     if isinstance(checkpoints, (str, Path)):
         checkpoints = [str(checkpoints)]
-    if not checkpoints:
+    checkpoints = list(checkpoints or [])
+    decoders = [_decoding_spec(item) for item in decoders or []]
+    if not checkpoints and not decoders:
         raise RelexInputError("no checkpoint given")
     settings = EvalSettings(
         tasks=list(tasks.split(",")) if isinstance(tasks, str) else list(tasks or []) or None,
@@ -251,6 +268,11 @@ def evaluate(
     else:
         defaults = unique_labels([path for _, path in named])
         labels = [given or default for (given, _), default in zip(named, defaults)]
+    for spec in decoders:
+        spec.a, spec.b = check_checkpoint(spec.a)[0], check_checkpoint(spec.b)[0]
+    jobs = [(path, label, None) for path, label in zip(paths, labels)]
+    jobs += [(spec.b, spec.label or spec.default_label(), spec.to_dict()) for spec in decoders]
+    labels = [label for _, label, _ in jobs]
     if len(set(labels)) != len(labels):
         raise RelexInputError(f"checkpoint labels must be distinct, got {', '.join(labels)}")
     if out is not None:
@@ -260,20 +282,21 @@ def evaluate(
         if out.is_dir():
             raise RelexInputError("results path is a folder", out)
 
-    all_local = all(is_local for _, is_local in located) and (
+    all_local = all(is_local for _, is_local in located) and all(
+        Path(spec.a).is_dir() and Path(spec.b).is_dir() for spec in decoders) and (
         settings.data_dir is not None or all(TASKS[name].kind != "math" for name in settings.tasks))
     env = _worker_env(all_local)
     document = new_document(settings.to_dict(), relex.__version__)
     titles = {name: TASKS[name].title for name in settings.tasks}
     folder = Path(tempfile.mkdtemp(prefix="relex-eval-"))
     try:
-        for index, (path, label) in enumerate(zip(paths, labels)):
-            result = _run_worker(path, label, settings, folder, index, len(paths), env, progress)
+        for index, (path, label, decoding) in enumerate(jobs):
+            result = _run_worker(path, label, settings, folder, index, len(jobs), env, progress, decoding)
             add_checkpoint(document, label, result, titles)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     results = EvalResults(document)
-    if len(paths) > 1:
+    if len(jobs) > 1:
         compare(results, baseline=0, n_boot=n_boot, seed=seed, confidence=confidence)
     if out is not None:
         results.save(out)

@@ -171,13 +171,27 @@ def _model_args(checkpoint: str, settings: EvalSettings, device: str) -> tuple[d
     return args, config
 
 
-def load_model(checkpoint: str, settings: EvalSettings, device: str):
-    """The lm-eval model for ``checkpoint``; :class:`RelexInputError` if it does not load."""
+def load_model(checkpoint: str, settings: EvalSettings, device: str, decoding: dict | None = None):
+    """The lm-eval model for ``checkpoint``; :class:`RelexInputError` if it does not load.
+
+    With ``decoding`` (a :class:`relex.decoding.DecodingSpec` as a dict) ``checkpoint`` is its checkpoint b,
+    decoded together with its checkpoint a by the spec's rule (:mod:`relex.decoding.lm_eval_model`).
+    """
     import lm_eval.api.registry as registry
 
     args, config = _model_args(checkpoint, settings, device)
+    name = settings.backend
+    if decoding is not None:
+        import relex.decoding.lm_eval_model  # noqa: F401 - registers the two-model lm-eval models
+        from relex.decoding.spec import DecodingSpec
+
+        spec = DecodingSpec.from_dict(decoding)
+        name = spec.model_name + ("-vllm" if settings.backend == "vllm" else "")
+        args.update(spec.model_args(), seed=settings.seed)
+        if spec.device_b and settings.backend == "hf":
+            config["device"] = spec.device_b
     try:
-        cls = registry.get_model(settings.backend)
+        cls = registry.get_model(name)
         return cls.create_from_arg_obj(args, config)
     except (MemoryError, KeyboardInterrupt):
         raise
@@ -368,8 +382,11 @@ def _load_task(manager, spec: TaskSpec, settings: EvalSettings) -> list:
                               task_source(spec, settings)) from exc
 
 
-def run_checkpoint(checkpoint: str, settings: EvalSettings, progress: Progress | None = None) -> dict:
-    """Evaluate one checkpoint on ``settings.tasks``; returns ``{"checkpoint": {...}, "tasks": {...}}``."""
+def run_checkpoint(checkpoint: str, settings: EvalSettings, progress: Progress | None = None,
+                   decoding: dict | None = None) -> dict:
+    """Evaluate one checkpoint on ``settings.tasks``; returns ``{"checkpoint": {...}, "tasks": {...}}``.
+
+    ``decoding``: score two checkpoints decoding together instead (see :func:`load_model`)."""
     check_dependencies(settings.backend)
     settings.validate()
     notify = progress or (lambda event: None)
@@ -377,7 +394,7 @@ def run_checkpoint(checkpoint: str, settings: EvalSettings, progress: Progress |
     device = resolve_device(settings.device)
 
     notify({"stage": "loading", "message": "loading the model"})
-    lm = load_model(checkpoint, settings, device)
+    lm = load_model(checkpoint, settings, device, decoding)
     prompt_format = choose_prompt_format(lm, settings, checkpoint)
     max_length = getattr(lm, "max_length", None)
     specs = resolve_tasks(settings.tasks)
@@ -461,5 +478,7 @@ def run_checkpoint(checkpoint: str, settings: EvalSettings, progress: Progress |
         "lm_eval_version": getattr(lm_eval, "__version__", None),
         "elapsed_seconds": round(time.time() - started, 2),
     }
+    if decoding is not None:
+        info["decoding"] = dict(decoding)
     notify({"stage": "done", "message": "done"})
     return {"checkpoint": info, "tasks": tasks}

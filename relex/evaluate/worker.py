@@ -1,7 +1,8 @@
 """Evaluate one checkpoint in its own process: ``python -m relex.evaluate.worker JOB.json``.
 
 GPU memory is not reliably freed between models inside one process, so :func:`relex.evaluate.evaluate`
-starts one worker per checkpoint. The job file holds ``{"checkpoint", "settings", "output", "progress"}``;
+starts one worker per checkpoint. The job file holds ``{"checkpoint", "settings", "output", "progress"}``
+(and ``"decoding"`` for two checkpoints decoding together, :mod:`relex.decoding`);
 the worker appends progress events (json lines) to ``progress`` and writes ``output``:
 ``{"ok": true, "result": ...}`` on success (exit 0), ``{"ok": false, "error": {"problem", "path"}}`` for
 bad input (exit 2), or ``{"ok": false, "internal": "traceback"}`` for anything else (exit 1).
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         settings = EvalSettings.from_dict(job["settings"])
-        result = run_checkpoint(job["checkpoint"], settings, progress)
+        result = run_checkpoint(job["checkpoint"], settings, progress, job.get("decoding"))
     except RelexInputError as exc:
         _write_json(output, {"ok": False, "error": {"problem": exc.problem,
                                                     "path": None if exc.path is None else str(exc.path)}})
