@@ -15,7 +15,7 @@ from typing import Mapping
 
 import numpy as np
 
-from relex.methods import Method
+from relex.methods import Method, TensorData
 
 
 def default_holdout(n_steps: int) -> int:
@@ -25,18 +25,20 @@ def default_holdout(n_steps: int) -> int:
 
 def gram_errors(gram: np.ndarray, steps, method: Method, holdout: int, *, tensor: str = "",
                 ndim: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """Squared prediction errors and squared true norms of the ``holdout`` last deltas of one tensor."""
-    g = np.asarray(gram, dtype=np.float64)
-    steps = np.asarray(steps, dtype=np.float64)
-    p = len(steps) - holdout
-    if p < 2:
-        raise ValueError(f"a backtest needs at least 2 checkpoints to fit, got {p}")
-    weights = method.plan(g[:p, :p], steps[:p], steps[p:], tensor=tensor, ndim=ndim).weights  # (h, p)
-    cross = g[:p, p:]  # ⟨x_i, x_j⟩ for fitted i and held-out j
-    true_sq = np.diag(g)[p:]
-    predicted_sq = np.einsum("ji,ik,jk->j", weights, g[:p, :p], weights)
-    sq_errors = true_sq - 2 * np.einsum("ji,ij->j", weights, cross) + predicted_sq
-    return np.clip(sq_errors, 0.0, None), true_sq
+    """Squared prediction errors and squared true norms of the ``holdout`` last deltas of one tensor, the
+    model at its own scale (from :func:`products`)."""
+    data = TensorData(tensor, (0,) * ndim, np.asarray(steps, dtype=np.float64), np.asarray(gram, dtype=np.float64))
+    cross, predicted_sq, true_sq = products(method, data, holdout, scale=None)
+    return np.clip(true_sq - 2 * cross + predicted_sq, 0.0, None), true_sq
+
+
+def mixing_weights(method: Method, gram: np.ndarray, steps, targets, *, tensor: str = "", ndim: int = 2) -> np.ndarray:
+    """Mixing weights A (n_targets, T) of ``method`` fitted on a Gram matrix alone: x̂(t*) = Σ_i A_i x_i."""
+    data = TensorData(tensor, (0,) * ndim, np.asarray(steps, dtype=np.float64), np.asarray(gram, dtype=np.float64))
+    model = method.fit_tensor(data)
+    if model.factors:
+        raise ValueError(f"method {model.params['method']!r} needs the weight matrices, not only G")
+    return model.mixing(np.asarray(targets, dtype=np.float64))
 
 
 @dataclass
@@ -87,27 +89,17 @@ def backtest(grams: Mapping[str, np.ndarray], steps, methods: Mapping[str, Metho
 # -- backtests of fitted tensor models (any mode, any predictor, any scale) -------------------------------
 
 
-def products(method, data, holdout: int, *, regressor=None, shared=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def products(method: Method, data: TensorData, holdout: int, *, regressor=None, shared=None,
+             scale: float | None = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(⟨x̂_j, x_j⟩, ‖x̂_j‖², ‖x_j‖²) for the ``holdout`` last checkpoints of one tensor (a
-    :class:`relex.methods.TensorData`), the model fitted on the others with scale 1.
+    :class:`relex.methods.TensorData`), the model fitted on the others at ``scale`` (1 by default; ``None``:
+    the method's own).
 
     The squared error of the model at scale s is then ‖x_j‖² − 2s⟨x̂_j, x_j⟩ + s²‖x̂_j‖², so a backtest
-    also gives the best scale in closed form. Temporal models need only G; per-matrix models provide
-    their own ``backtest_products``.
+    also gives the best scale in closed form. Each method computes these (``backtest_products``): temporal
+    models from G alone, per-matrix models from the singular triples the engine measured.
     """
-    if hasattr(method, "backtest_products"):
-        return method.backtest_products(data, holdout, regressor=regressor, shared=shared)
-    g = np.asarray(data.gram, dtype=np.float64)
-    t = len(data.steps)
-    p = t - holdout
-    if p < 2:
-        raise ValueError(f"a backtest needs at least 2 checkpoints to fit, got {p}")
-    true_sq = np.diag(g)[p:].copy()
-    model = method.fit_tensor(data.truncated(p), regressor=regressor, scale=1.0, shared=shared)
-    weights = model.mixing(np.asarray(data.steps, dtype=np.float64)[p:])  # (h, p)
-    cross = np.einsum("ji,ij->j", weights, g[:p, p:])
-    predicted_sq = np.einsum("ji,ik,jk->j", weights, g[:p, :p], weights)
-    return cross, predicted_sq, true_sq
+    return method.backtest_products(data, holdout, regressor=regressor, shared=shared, scale=scale)
 
 
 def best_scale(cross: float, predicted_sq: float, bounds: tuple[float, float] = (0.0, 2.0)) -> float:

@@ -40,7 +40,7 @@ from relex.io.writer import PlannedTensor, ShardedWriter, check_output_folder, s
 from relex.methods import MatrixFactors, TensorData, TensorModel, method_class
 from relex.methods.matrix_rank1 import FactorAccumulator, matrix_shape
 from relex.subspace import gram
-from relex.trajectory import ModelSpec, Planner
+from relex.trajectory import ModelSelector, ModelSpec
 from relex.analysis.verdict import VerdictBacktest
 
 DEFAULT_BLOCK_BYTES = 2 * 1024**3
@@ -495,7 +495,7 @@ def _tensor_result(state: _TensorState, keep_grams: bool, targets: np.ndarray) -
                         relative, g if keep_grams else None)
 
 
-def _model_pass(readers: "_Series", planner: Planner, device: torch.device, block_bytes: int, *,
+def _model_pass(readers: "_Series", planner: ModelSelector, device: torch.device, block_bytes: int, *,
                 on_block: Callable, targets: np.ndarray, keep_grams: bool, progress: ProgressCallback | None,
                 on_model: Callable[[_TensorState], None] | None = None) -> tuple[list[TensorResult], int, dict]:
     """Decide every tensor's model and stream the blocks to ``on_block``.
@@ -655,7 +655,7 @@ def extrapolate(
     torch_device = resolve_device(device)
     spec = ModelSpec(method=method, rank=rank, regressor=regressor, scale=scale, auto_scope=auto_scope,
                      candidates=candidates, holdout=holdout, copy_norms=copy_norms, from_step=from_step)
-    planner = Planner(spec, series.steps)
+    planner = ModelSelector(spec, series.steps)
     options = {"rank": rank, "regressor": regressor, "scale": planner.scale, **_extra_options(spec)}
     target_array = np.array(targets, dtype=np.float64)
 

@@ -61,7 +61,7 @@ from relex.io.discover import discover_series
 from relex.io.reader import DTYPES, DTYPE_NAMES, CheckpointReader
 from relex.io.writer import PlannedTensor, ShardedWriter, check_output_folder, staged_folder
 from relex.methods import TensorModel
-from relex.trajectory import ModelSpec, Planner
+from relex.trajectory import ModelSelector, ModelSpec
 
 FORMAT = "relex-trajectory"
 FORMAT_VERSION = 1
@@ -139,7 +139,7 @@ def fit_trajectory(
     torch_device = resolve_device(device)
     spec = ModelSpec(method=method, rank=rank, regressor=regressor, scale=scale, auto_scope=auto_scope,
                      candidates=candidates, holdout=holdout, copy_norms=copy_norms, from_step=from_step)
-    planner = Planner(spec, series.steps, run_pass=True)  # the storage layout needs every model first
+    planner = ModelSelector(spec, series.steps, run_pass=True)  # the storage layout needs every model first
     readers = _Series(series, allow_pickle)
     try:
         outputs = _output_plan(readers, dtype)

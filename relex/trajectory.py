@@ -1,7 +1,7 @@
 """Choosing trajectory models for a whole run: predictors by backtest, shared learned predictors, the scale.
 
 A :class:`ModelSpec` is what the user asked for (mode, rank, predictor or ``auto``, scale or ``auto``, the
-scope of automatic choices). A :class:`Planner` turns it into one :class:`relex.methods.TensorModel` per
+scope of automatic choices). A :class:`ModelSelector` turns it into one :class:`relex.methods.TensorModel` per
 tensor. Choices that need the whole run — ``auto`` per run or per group of tensors, ``--scale auto`` per
 run or group, and the learned predictor (``mlp``), which is trained on the coefficient series of every
 tensor of a kind — need every tensor's :class:`relex.methods.TensorData` first: the engine then reads the
@@ -31,6 +31,7 @@ from relex.backtest import best_scale, default_holdout, products, relative_error
 from relex.errors import RelexInputError
 from relex.methods import TensorData, TensorModel, get_method
 from relex.regressors import RegressorSpec, parse_regressor
+from relex.regressors.mlp import train_shared
 
 DEFAULT_CANDIDATES = ("linear", "loglinear", "powerlaw", "saturating", "poly2", "anchored", "anchored-saturating")
 TOLERANCE = 0.05
@@ -93,6 +94,18 @@ class ModelSpec:
     from_step: int | None = None
     tolerance: float = TOLERANCE
 
+    def record(self) -> dict:
+        """The model options ``relex.json`` and ``trajectory.json`` record: rank, regressor and scale, and the
+        options of automatic choices and of the element-wise mode when they matter."""
+        record = {"rank": self.rank, "regressor": self.regressor, "scale": parse_scale(self.scale)}
+        if self.regressor == "auto" or str(self.scale) == "auto":
+            record.update(auto_scope=self.auto_scope, candidates=self.options()["candidates"], holdout=self.holdout)
+        if self.copy_norms:
+            record["copy_norms"] = True
+        if self.from_step is not None:
+            record["from_step"] = self.from_step
+        return record
+
     def options(self) -> dict:
         """The JSON-able record of these settings (provenance)."""
         return {"rank": self.rank, "regressor": self.regressor, "scale": self.scale,
@@ -108,7 +121,7 @@ class Decision:
     errors: dict = field(default_factory=dict)  # candidate -> {"error": e, "errors": [...], "scale": s}
 
 
-class Planner:
+class ModelSelector:
     """Per-tensor trajectory models for one run, following a :class:`ModelSpec`."""
 
     def __init__(self, spec: ModelSpec, steps: Sequence[float], run_pass: bool = False):
@@ -172,8 +185,6 @@ class Planner:
         return self.selection
 
     def _train_shared(self, datas: Mapping[str, TensorData]) -> None:
-        from relex.regressors.mlp import train_shared
-
         groups: dict[str, list[TensorData]] = {}
         for data in datas.values():
             groups.setdefault(group_of(data.name), []).append(data)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from relex.analysis.backtesting import available_models, fit_points, run_backtests
-from relex.backtest import backtest, default_holdout, gram_errors
+from relex.backtest import backtest, default_holdout, gram_errors, mixing_weights
 from relex.methods import get_method
 from relex.synthetic import trajectory_gram
 
@@ -44,7 +44,7 @@ def test_gram_errors_equal_explicit_vector_errors_for_every_model(curved):
     checked = 0
     for spec in specs:
         try:
-            weights = spec.instance.plan(g[:p, :p], STEPS[:p].astype(float), STEPS[p:].astype(float)).weights
+            weights = mixing_weights(spec.instance, g[:p, :p], STEPS[:p], STEPS[p:])
         except Exception:  # noqa: BLE001 - models that need more than G are not Gram-space backtestable
             continue
         sq_err, true_sq = gram_errors(g, STEPS, spec.instance, holdout)
@@ -87,7 +87,7 @@ def test_whole_model_error_sums_squared_errors_over_tensors():
     p = len(STEPS) - 4
     err_sq, true_sq = 0.0, 0.0
     for name, x in xs.items():
-        weights = method.plan(grams[name][:p, :p], STEPS[:p].astype(float), STEPS[p:].astype(float)).weights
+        weights = mixing_weights(method, grams[name][:p, :p], STEPS[:p], STEPS[p:])
         diff = weights @ x[:p] - x[p:]
         err_sq = err_sq + (diff**2).sum(axis=1)
         true_sq = true_sq + (x[p:] ** 2).sum(axis=1)

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 import relex
+from relex.backtest import mixing_weights
 from relex.methods import TensorData, get_method
 from relex.methods.matrix_rank1 import FactorAccumulator
+from relex.trajectory import ModelSelector, ModelSpec
 from relex.subspace import top_singular_triple
 from relex.synthetic import DEFAULT_SHAPES, make_run, write_checkpoint
 from relex.testing import load_state
@@ -161,17 +163,23 @@ def test_matrix_rank1_coefficient_reads_the_newest_direction():
     np.testing.assert_allclose(factors.coef_fit, [0, 3, 4], atol=1e-5)  # direction of checkpoint 2 = newest
 
 
-def test_plan_interface_for_gram_backtests(run):
-    """The Gram-only ``plan`` of the temporal modes (used by backtests) agrees with the engine's model."""
+def test_gram_mixing_weights_for_backtests(run):
+    """The Gram-only mixing weights of the temporal modes (what backtests use) agree with the engine's model,
+    and a predictor chosen per tensor by backtest is that predictor fitted on the whole window."""
     root, base, observed = run
     grams = relex.engine.collect_grams(root)
-    for method in [get_method("relex", regressor="anchored"), get_method("relex", regressor="auto"),
-                   get_method("elementwise"), get_method("last")]:
-        for name, g in grams.grams.items():
-            plan = method.plan(g, np.array(STEPS, float), np.array([50.0, 90.0]), tensor=name,
-                               ndim=len(DEFAULT_SHAPES[name]))
-            model = method.fit_tensor(TensorData(name, DEFAULT_SHAPES[name], np.array(STEPS, float), g))
-            np.testing.assert_allclose(plan.weights, model.mixing([50.0, 90.0]))
+    selector = ModelSelector(ModelSpec(regressor="auto", auto_scope="tensor"), STEPS)
+    targets = np.array([50.0, 90.0])
+    for name, g in grams.grams.items():
+        shape = DEFAULT_SHAPES[name]
+        data = TensorData(name, shape, np.array(STEPS, float), g)
+        chosen = selector.model(data)
+        for method in [get_method("relex", regressor="anchored"), get_method("elementwise"), get_method("last")]:
+            weights = mixing_weights(method, g, STEPS, targets, tensor=name, ndim=len(shape))
+            np.testing.assert_allclose(weights, method.fit_tensor(data).mixing(targets))
+        best = get_method("relex", regressor=chosen.stats["regressor"])
+        np.testing.assert_allclose(mixing_weights(best, g, STEPS, targets, tensor=name, ndim=len(shape)),
+                                   chosen.mixing(targets))
 
 
 def test_never_moving_matrix_stays_at_base_in_matrix_rank1(tmp_path):

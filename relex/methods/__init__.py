@@ -12,183 +12,28 @@ u_f v_fᵀ, and coefficient functions a(t*) that the model evaluates from its JS
 the u_f, v_f and the params, and ``relex materialize`` evaluates them at any step without the run.
 
 Models that only mix deltas (no u_f v_fᵀ) are *temporal*: their mixing weights A = a(t*)·B make any
-backtest exact arithmetic on G (:mod:`relex.backtest`). Each model is one small module registered by name
-with :func:`register`.
+backtest exact arithmetic on G (:meth:`TemporalMethod.backtest_products`, the backtest kernel). Each model
+is one small module registered by name with :func:`register` (:mod:`relex.methods.base`).
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
-from typing import Callable, Protocol
-
-import numpy as np
-
 from relex.errors import RelexInputError
+from relex.methods.base import (REGISTRY, MatrixFactors, Method, TemporalMethod, TensorData, TensorModel, method_class,
+                                register, unit_rows)
+# Every model module registers itself on import.
+from relex.methods import elementwise, last, matrix_rank1, relex  # noqa: E402,F401
 
-
-@dataclass
-class TensorPlan:
-    """Mixing weights (n_targets, T) over the observed deltas, and per-tensor statistics."""
-
-    weights: np.ndarray
-    stats: dict = field(default_factory=dict)
-
-
-@dataclass
-class MatrixFactors:
-    """Per-checkpoint top singular triples of one 2-D tensor's deltas, reduced to what models need.
-
-    ``sigma[i]`` is σ_1 of Δ_i; ``coef[i] = σ_i (u_i·u_T)(v_i·v_T)`` is the rank-1 part of Δ_i measured
-    along the newest rank-1 direction u_T v_Tᵀ (sign-free, and equal to σ_i when the direction is stable).
-    For backtests fitted on the first ``p`` checkpoints, ``coef_fit[i]`` is the same along the direction
-    of checkpoint p − 1 for i < p, and ⟨Δ_i, u_{p−1} v_{p−1}ᵀ⟩ for i ≥ p. ``u``/``v`` are the newest
-    direction (float32), ``residual`` the largest relative residual of the solver over all checkpoints.
-    """
-
-    sigma: np.ndarray
-    coef: np.ndarray
-    u: np.ndarray | None
-    v: np.ndarray | None
-    coef_fit: np.ndarray | None = None
-    p: int | None = None
-    residual: float = 0.0
-    alignment: float = float("nan")  # |u_1·u_T|·|v_1·v_T|: stability of the direction over the window
-
-
-@dataclass
-class TensorData:
-    """Everything a trajectory model may look at for one tensor."""
-
-    name: str
-    shape: tuple[int, ...]
-    steps: np.ndarray  # (T,) float64
-    gram: np.ndarray  # (T, T) float64
-    is_float: bool = True
-    base_norm: float = 0.0
-    factors: MatrixFactors | None = None
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    def truncated(self, p: int) -> "TensorData":
-        """The same tensor seen through its first ``p`` checkpoints only (for backtests)."""
-        factors = None
-        if self.factors is not None and self.factors.coef_fit is not None and self.factors.p == p:
-            f = self.factors
-            factors = MatrixFactors(sigma=f.sigma[:p], coef=f.coef_fit[:p], u=None, v=None)
-        return TensorData(self.name, self.shape, self.steps[:p], self.gram[:p, :p], self.is_float, self.base_norm,
-                          factors)
-
-
-@dataclass
-class TensorModel:
-    """A fitted trajectory of one tensor (see the module docstring)."""
-
-    params: dict  # JSON-able; ``get_method(params["method"]).coefficients(params, targets)``
-    basis: np.ndarray  # (r, T) float64 mixing rows
-    factors: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # (u (m,), v (n,)) float32
-    stats: dict = field(default_factory=dict)
-
-    @property
-    def n_basis(self) -> int:
-        return self.basis.shape[0]
-
-    def coefficients(self, targets, scale: float | None = None) -> np.ndarray:
-        """(n_targets, r + f) coefficients, evaluated from the JSON round trip of ``params`` so that a
-        stored model gives bit-identical numbers."""
-        params = json.loads(json.dumps(self.params))
-        if scale is not None:
-            params["scale"] = float(scale)
-        return method_class(params["method"]).coefficients(params, np.asarray(targets, dtype=np.float64))
-
-    def mixing(self, targets, scale: float | None = None) -> np.ndarray:
-        """Mixing weights A (n_targets, T) of the delta part of the prediction."""
-        coef = self.coefficients(targets, scale)
-        return coef[:, : self.n_basis] @ self.basis
-
-
-class Method(Protocol):
-    name: str
-    needs_factors: bool
-
-    def fit_tensor(self, data: TensorData, *, regressor=None, scale: float | None = None,
-                   shared=None) -> TensorModel: ...
-
-    @staticmethod
-    def coefficients(params: dict, targets: np.ndarray) -> np.ndarray: ...
-
-    def plan(self, gram: np.ndarray, steps: np.ndarray, targets: np.ndarray, *, tensor: str = "",
-             ndim: int = 2) -> TensorPlan: ...
-
-
-class TemporalMethod:
-    """Shared behaviour of models that see a tensor through G alone."""
-
-    needs_factors = False
-    scale: float = 1.0
-
-    def series(self, data: TensorData) -> np.ndarray | None:
-        """The coefficient series (T, k) a shared learned predictor trains on (None: none)."""
-        return None
-
-    def plan(self, gram, steps, targets, *, tensor="", ndim=2) -> TensorPlan:
-        """Mixing weights at ``targets`` from a Gram matrix alone (the backtest interface)."""
-        steps = np.asarray(steps, dtype=np.float64)
-        data = TensorData(tensor, (0,) * ndim, steps, np.asarray(gram, dtype=np.float64))
-        model = self.fit_tensor(data)
-        if model.factors:
-            raise RelexInputError(f"method {model.params['method']!r} needs the weight matrices, not only G")
-        return TensorPlan(model.mixing(targets), model.stats)
-
-
-REGISTRY: dict[str, Callable[..., Method]] = {}
-
-
-def register(name: str):
-    """Class decorator registering a method factory under ``name``."""
-
-    def wrap(factory):
-        REGISTRY[name] = factory
-        factory.name = name
-        return factory
-
-    return wrap
+__all__ = ["REGISTRY", "MatrixFactors", "Method", "TemporalMethod", "TensorData", "TensorModel", "available",
+           "get_method", "method_class", "register", "unit_rows"]
 
 
 def available() -> list[str]:
-    _load_builtin()
     return sorted(REGISTRY)
 
 
 def get_method(name: str, **options) -> Method:
     """Instantiate the method ``name`` with its options (rank, regressor, scale, ...)."""
-    _load_builtin()
     if name not in REGISTRY:
         raise RelexInputError(f"unknown method {name!r}; known: {', '.join(sorted(REGISTRY))}")
     return REGISTRY[name](**options)
-
-
-def method_class(name: str):
-    """The registered factory (class) of ``name``, without instantiating it."""
-    _load_builtin()
-    if name not in REGISTRY:
-        raise RelexInputError(f"unknown method {name!r}; known: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name]
-
-
-def unit_rows(indices, t: int) -> np.ndarray:
-    """Basis rows selecting single observed deltas."""
-    rows = np.zeros((len(indices), t))
-    for r, i in enumerate(indices):
-        rows[r, i] = 1.0
-    return rows
-
-
-def _load_builtin() -> None:
-    import importlib
-    import pkgutil
-
-    for module in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{module.name}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from relex.errors import RelexInputError
-from relex.methods import TemporalMethod, TensorModel, register, unit_rows
+from relex.methods.base import TemporalMethod, TensorModel, register, unit_rows
 
 
 @register("elementwise")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from relex.methods import TemporalMethod, TensorModel, register, unit_rows
+from relex.methods.base import TemporalMethod, TensorModel, register, unit_rows
 
 
 @register("last")

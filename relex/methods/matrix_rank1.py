@@ -31,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 
 from relex.errors import RelexInputError
-from relex.methods import MatrixFactors, TensorData, TensorModel, register, unit_rows
+from relex.methods.base import MatrixFactors, TensorData, TensorModel, register, unit_rows
 from relex.methods.elementwise import ElementwiseLinear
 from relex.methods.relex import fit_series, fitted_coefficients, resolve_spec
 from relex.regressors.anchored import backtest_shrink
@@ -99,20 +99,12 @@ class MatrixRankOne:
     needs_factors = True
 
     def __init__(self, rank: int = 1, regressor: str = "linear", scale: float = 1.0, copy_norms: bool = False,
-                 first: int | None = None, **options):
+                 first: int | None = None, **_ignored):
         if rank != 1:
             raise RelexInputError(f"matrix-rank1 keeps one singular triple per matrix; --rank {rank} is not supported")
         self.spec = resolve_spec(regressor)
         self.scale = float(scale)
         self.fallback = ElementwiseLinear(scale=scale, copy_norms=copy_norms, first=first)
-        self.options = options
-
-    def plan(self, gram, steps, targets, *, tensor="", ndim=2):
-        """Gram-only planning exists for 1-D tensors (element-wise) only: matrices need their deltas."""
-        if ndim < 2:
-            return self.fallback.plan(gram, steps, targets, tensor=tensor, ndim=ndim)
-        raise RelexInputError("matrix-rank1 needs each 2-D delta (its singular triples), not only the Gram matrix; "
-                              "backtest it with relex extrapolate --method matrix-rank1 --regressor auto")
 
     @staticmethod
     def factorised(shape) -> bool:
@@ -131,15 +123,12 @@ class MatrixRankOne:
             model.stats["fallback"] = "elementwise"
             return model
         spec = resolve_spec(regressor) or self.spec
-        if spec is None:
-            from relex.trajectory import choose_for_tensor
-
-            return choose_for_tensor(self, data, scale=scale, shared=shared, **self.options)
         steps = np.asarray(data.steps, dtype=np.float64)
         t = len(steps)
         f = data.factors
         if f is None:
-            raise RelexInputError(f"matrix-rank1 needs the singular triples of {data.name!r} (engine input)")
+            raise RelexInputError(f"matrix-rank1 needs the singular triples of {data.name!r} (each 2-D delta), not "
+                                  "only the Gram matrix")
         base_stats = {"rank": 1, "regressor": spec.text, "sigma1": float(f.sigma[-1]), "solver_residual": f.residual,
                       "alignment": f.alignment}
         last_sq = float(data.gram[-1, -1]) if data.gram.size else 0.0
@@ -185,12 +174,11 @@ class MatrixRankOne:
             return {}
         return {"shrink": [float(params["shrink"])] * len(np.atleast_1d(targets))}
 
-    def backtest_products(self, data: TensorData, holdout: int, *, regressor=None, shared=None):
-        """(⟨x̂_j, x_j⟩, ‖x̂_j‖², ‖x_j‖²) for the held-out j of a fit on the first T − holdout checkpoints."""
+    def backtest_products(self, data: TensorData, holdout: int, *, regressor=None, shared=None, scale=1.0):
+        """(⟨x̂_j, x_j⟩, ‖x̂_j‖², ‖x_j‖²) for the held-out j of a fit on the first T − holdout checkpoints
+        (at scale 1: the products of the rank-1 direction; 1-D tensors: those of the element-wise line)."""
         if not self.factorised(data.shape):
-            from relex.backtest import products
-
-            return products(self.fallback, data, holdout)
+            return self.fallback.backtest_products(data, holdout, scale=scale)
         spec = resolve_spec(regressor) or self.spec
         g = data.gram
         t = len(data.steps)

@@ -11,16 +11,20 @@ from __future__ import annotations
 import numpy as np
 
 from relex.errors import RelexInputError
-from relex.methods import TemporalMethod, TensorData, TensorModel, register, unit_rows
+from relex.methods.base import TemporalMethod, TensorData, TensorModel, register, unit_rows
 from relex.regressors import RegressorSpec, as_array, load_fit, parse_regressor
 from relex.regressors.anchored import drift_shrink, fit_drift_noise
 from relex.subspace import temporal_svd
 
 
 def resolve_spec(regressor) -> RegressorSpec | None:
+    """The predictor of a ``regressor`` option (a name or a parsed spec; ``None`` keeps the method's own).
+
+    ``auto`` is not a predictor: :class:`relex.trajectory.ModelSelector` chooses one by backtest and passes it.
+    """
     if regressor is None or isinstance(regressor, RegressorSpec):
         return regressor
-    return None if regressor == "auto" else parse_regressor(regressor)
+    return parse_regressor(regressor)
 
 
 def fit_series(spec: RegressorSpec, steps: np.ndarray, values: np.ndarray, shared=None):
@@ -33,13 +37,12 @@ def fit_series(spec: RegressorSpec, steps: np.ndarray, values: np.ndarray, share
 
 @register("relex")
 class TemporalLowRank(TemporalMethod):
-    def __init__(self, rank: int = 1, regressor: str = "linear", scale: float = 1.0, **options):
+    def __init__(self, rank: int = 1, regressor: str = "linear", scale: float = 1.0, **_ignored):
         if rank < 1:
             raise RelexInputError(f"--rank must be at least 1, got {rank}")
         self.rank = rank
-        self.spec = resolve_spec(regressor)  # None: chosen per tensor by backtest
+        self.spec = resolve_spec(regressor)
         self.scale = float(scale)
-        self.options = options  # candidates, holdout, tolerance for a per-tensor "auto"
 
     def series(self, data: TensorData) -> np.ndarray | None:
         svd = temporal_svd(data.gram, self.rank)
@@ -47,10 +50,6 @@ class TemporalLowRank(TemporalMethod):
 
     def fit_tensor(self, data: TensorData, *, regressor=None, scale=None, shared=None) -> TensorModel:
         spec = resolve_spec(regressor) or self.spec
-        if spec is None:
-            from relex.trajectory import choose_for_tensor
-
-            return choose_for_tensor(self, data, scale=scale, shared=shared, **self.options)
         s = self.scale if scale is None else float(scale)
         steps = np.asarray(data.steps, dtype=np.float64)
         t = len(steps)

@@ -19,94 +19,27 @@ Names a user can give (``--regressor``):
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
-from typing import Callable, Protocol
-
-import numpy as np
+from dataclasses import dataclass
 
 from relex.errors import RelexInputError
-
-
-class Fit(Protocol):
-    r2: np.ndarray
-
-    def predict(self, t: np.ndarray) -> np.ndarray: ...
-
-    def to_dict(self) -> dict: ...
-
-
-@dataclass
-class Regressor:
-    """A named way of fitting coefficient series."""
-
-    name: str
-    fit: Callable[[np.ndarray, np.ndarray], Fit]
-    description: str = ""
-    min_points: int = 2
-    options: dict = field(default_factory=dict)
-    shared: bool = False  # learned across tensors (needs a whole-run pass first)
-
-
-REGISTRY: dict[str, Regressor] = {}
-LOADERS: dict[str, Callable[[dict], Fit]] = {}
-_PATTERNS: list[tuple[re.Pattern, Callable[[re.Match], Regressor]]] = []
-
-
-def register(name: str, description: str = "", min_points: int = 2, shared: bool = False):
-    """Decorator registering ``fit(steps, values) -> Fit`` under ``name``."""
-
-    def wrap(fit):
-        REGISTRY[name] = Regressor(name=name, fit=fit, description=description, min_points=min_points,
-                                   shared=shared)
-        return fit
-
-    return wrap
-
-
-def register_pattern(pattern: str, factory: Callable[[re.Match], Regressor]) -> None:
-    """Names matching ``pattern`` (e.g. ``poly(\\d+)``) build their regressor with ``factory(match)``."""
-    _PATTERNS.append((re.compile(pattern), factory))
-
-
-def loader(kind: str):
-    """Class decorator: ``cls.from_dict`` rebuilds fits whose ``to_dict()['kind'] == kind``."""
-
-    def wrap(cls):
-        LOADERS[kind] = cls.from_dict
-        return cls
-
-    return wrap
+from relex.regressors.base import (LOADERS, PATTERNS, REGISTRY, Fit, Regressor, as_array, loader, r_squared, register,
+                                   register_pattern)
+# Every predictor module registers itself on import.
+from relex.regressors import anchored, linear, loglinear, mlp, poly, powerlaw, saturating  # noqa: E402,F401
 
 
 def load_fit(record: dict) -> Fit:
     """The fit stored as ``record`` (from ``fit.to_dict()``)."""
-    _load_builtin()
     try:
         return LOADERS[record["kind"]](record)
     except KeyError:
         raise RelexInputError(f"unknown stored fit kind {record.get('kind')!r}") from None
 
 
-def r_squared(values: np.ndarray, fitted: np.ndarray) -> np.ndarray:
-    """In-sample R² per column (1 for a constant series fitted exactly)."""
-    residual = ((values - fitted) ** 2).sum(axis=0)
-    total = ((values - values.mean(axis=0)) ** 2).sum(axis=0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r2 = np.where(total > 0, 1.0 - residual / np.where(total > 0, total, 1.0), 1.0)
-    return r2
-
-
-def as_array(values) -> list:
-    """A numpy array as nested lists of Python floats (exact in JSON)."""
-    return np.asarray(values, dtype=np.float64).tolist()
-
-
 def get_regressor(name: str) -> Regressor:
-    _load_builtin()
     if name in REGISTRY:
         return REGISTRY[name]
-    for pattern, factory in _PATTERNS:
+    for pattern, factory in PATTERNS:
         match = pattern.fullmatch(name)
         if match:
             return factory(match)
@@ -114,7 +47,6 @@ def get_regressor(name: str) -> Regressor:
 
 
 def available() -> list[str]:
-    _load_builtin()
     return sorted([*REGISTRY, "poly2", "poly3"])
 
 
@@ -161,11 +93,3 @@ def parse_regressor(text: str) -> RegressorSpec:
     if canonical == "anchored-linear":
         canonical = "anchored"
     return RegressorSpec(text=canonical, base=base, anchored=anchored, shrink=shrink)
-
-
-def _load_builtin() -> None:
-    import importlib
-    import pkgutil
-
-    for module in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{module.name}")

@@ -26,12 +26,11 @@ command line as ``anchored`` (linear predictor), ``anchored-NAME`` (any predicto
 from __future__ import annotations
 
 import numpy as np
+from scipy.optimize import nnls
 
 
 def fit_drift_noise(gram: np.ndarray, steps) -> tuple[float, float]:
     """Non-negative (a², b²) with G ≈ a²·t tᵀ + b²·min(t, t'), least squares over the entries."""
-    from scipy.optimize import nnls
-
     t = np.asarray(steps, dtype=np.float64)
     design = np.stack([np.outer(t, t).ravel(), np.minimum.outer(t, t).ravel()], axis=1)
     scale = np.abs(design).max(axis=0)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from relex.errors import RelexInputError
-from relex.regressors import as_array, loader, r_squared, register
+from relex.regressors.base import as_array, loader, r_squared, register
 
 
 @loader("loglinear")

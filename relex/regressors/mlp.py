@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from relex.errors import RelexInputError
-from relex.regressors import as_array, loader, r_squared, register
+from relex.regressors.base import as_array, loader, r_squared, register
 
 HIDDEN = 32
 ITERATIONS = 400
@@ -85,7 +85,7 @@ def _forward(params: dict, x: np.ndarray) -> np.ndarray:
 
 
 def _train(inputs: np.ndarray, targets: np.ndarray) -> dict:
-    import torch
+    import torch  # only when a learned predictor is trained: relex.regressors itself needs numpy alone (start-up)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a fixed reduction order: the same weights in every process

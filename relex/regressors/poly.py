@@ -13,7 +13,7 @@ from functools import partial
 import numpy as np
 
 from relex.errors import RelexInputError
-from relex.regressors import Regressor, as_array, loader, r_squared, register_pattern
+from relex.regressors.base import Regressor, as_array, loader, r_squared, register_pattern
 
 MAX_DEGREE = 6
 

@@ -13,7 +13,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 
 from relex.errors import RelexInputError
-from relex.regressors import as_array, loader, r_squared, register
+from relex.regressors.base import as_array, loader, r_squared, register
 
 B_MIN, B_MAX = -2.0, 4.0
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from relex.errors import RelexInputError
-from relex.regressors import as_array, loader, r_squared, register
+from relex.regressors.base import as_array, loader, r_squared, register
 from relex.regressors.powerlaw import fit_shape
 
 LOG_TAU_RANGE = (math.log(0.01), math.log(100.0))
