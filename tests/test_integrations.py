@@ -410,9 +410,20 @@ def test_assess_is_the_same_outside_a_trainer(steady):
     assert mine == pytest.approx(theirs, rel=REL)
 
 
+def test_a_target_the_run_has_passed_is_left_out(steady, tmp_path):
+    run = steady["run"]
+    assessment = assess(run, base=run / BASE_FOLDER, max_step=10, target_steps=[6], out_dir=tmp_path / "out",
+                        require_plausible=False)
+    steps, diagnostics = independent_verdict(run, 10, base=run / BASE_FOLDER, target=None)
+    assert assessment.message == diagnostics.message and assessment.verdict == diagnostics.verdict
+    assert not any("projected" in k for k in assessment.figures)
+    assert assessment.figures["relex/written"] == 0.0 and not (tmp_path / "out").exists()
+
+
 def test_options_are_checked_when_the_callback_is_made():
     with pytest.raises(TypeError, match="regresor"):
         RelexCallback(regresor="linear")
     with pytest.raises(ValueError, match="target_steps"):
         RelexCallback(out_dir="somewhere")
     RelexCallback(target_steps=[100, 50], regressor="linear", rank=2, block_bytes=1 << 20)
+

@@ -96,7 +96,8 @@ def assess(
         base: the step-0 checkpoint (a folder or Hub id) when it is not the run's own step-0 folder or, for
             LoRA runs, the adapter's base model.
         max_step: ignore checkpoints after this step.
-        target_steps: steps to predict; the verdict's backtest is carried to the largest.
+        target_steps: steps to predict; the verdict's backtest is carried to the largest (targets at or
+            before the newest checkpoint are left out: with none ahead, the window alone is judged).
         out_dir: with ``target_steps``, write each prediction to ``out_dir/step-N/`` (replacing an older
             one) — only when the verdict is plausible, unless ``require_plausible=False``.
         device: where the engine computes (``cpu`` by default: beside a training job the accelerator is
@@ -120,13 +121,15 @@ def assess(
                           **{k: v for k, v in options.items() if k in gram_keys})
     steps = grams.steps
     ndims = {name: len(grams.shapes[name]) for name in grams.grams}
-    diagnostics = run_verdict(grams.grams, ndims, steps, max(targets) if targets else None)
+    # A target the run has already passed is not extrapolated to: the window alone is judged.
+    ahead = [t for t in targets if t > steps[-1]]
+    diagnostics = run_verdict(grams.grams, ndims, steps, max(ahead) if ahead else None)
     verdict = diagnostics.verdict if diagnostics is not None else None
     message = diagnostics.message if diagnostics is not None else "no tensor moved from the base"
     plausible = is_plausible(verdict)
     written: dict[int, Path] = {}
     if out_dir is not None and (plausible or not require_plausible):
-        for target in (t for t in targets if t > steps[-1]):
+        for target in ahead:
             folder = Path(out_dir) / f"step-{target}"
             # The same checkpoints as the verdict, whatever the trainer writes meanwhile.
             extrapolate(run_dir, target_step=target, out_dir=folder, base=base, steps=list(steps),
