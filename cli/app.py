@@ -27,7 +27,7 @@ def _register_commands() -> None:
     # Each command lives in its own module; importing it registers it on ``app``.
     import importlib
 
-    for module in ("extrapolate", "eval", "analyze", "demo", "fit"):
+    for module in ("extrapolate", "check", "eval", "analyze", "demo", "fit"):
         try:
             importlib.import_module(f"relex_cli.{module}")
         except ModuleNotFoundError as exc:
@@ -41,7 +41,8 @@ def _root() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; return the exit code (0 ok, 2 bad input or usage, 1 internal error)."""
+    """Run the command line; return the exit code (0 ok, 3 a gate failed, 2 bad input or usage, 1 internal
+    error)."""
     _register_commands()
     try:
         app(args=argv, prog_name="relex", standalone_mode=True)

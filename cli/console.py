@@ -126,15 +126,9 @@ def print_diagnostics(diagnostics, series=None) -> None:
     table.add_column("observed", justify="right")
     table.add_column("random walk", justify="right")
     table.add_column("pure drift", justify="right")
-    rows = [
-        ("growth exponent α", "alpha", "{:.2f}"),
-        ("drift ratio ‖Δ_T‖²/Σ‖step‖²", "drift_ratio", "{:.1f}"),
-        ("cos(first, last delta)", "cos_first_last", "{:.2f}"),
-        ("cos(prefix direction, direction)", "prefix_cos", "{:.2f}"),
-        ("rank-1 explained variance", "explained_rank1", "{:.3f}"),
-        ("R² of rank-1 coefficient", "r2_rank1", "{:.3f}"),
-    ]
-    for label, key, fmt in rows:
+    from relex.gate import STATISTICS
+
+    for label, key, fmt in STATISTICS:
         values = [getattr(s, key) for s in (diagnostics.observed, diagnostics.null, diagnostics.drift)]
         table.add_row(label, *[fmt.format(v) if v == v else "n/a" for v in values])
     console.print(table)
@@ -143,3 +137,50 @@ def print_diagnostics(diagnostics, series=None) -> None:
                   f"(fitted drift share of the last delta: {diagnostics.drift_share:.2f})")
     if series is not None and "too short" in diagnostics.message:
         console.print(f"hint: {series.retention_hint()}")
+
+
+# Options of the commands that gate (check, extrapolate --require, eval --fail-if-worse).
+GATE = "Gate"
+SummaryOption = Annotated[Optional[Path], typer.Option("--summary", help="Write a Markdown summary (the verdict first) to this file; in a GitHub Actions job it is also appended to $GITHUB_STEP_SUMMARY.", rich_help_panel=GATE, show_default=False)]
+
+
+def check_output_files(*paths: Optional[Path]) -> None:
+    """Refuse, before any work, an output file whose folder does not exist."""
+    from relex.errors import RelexInputError
+
+    for path in paths:
+        if path is not None and not Path(path).parent.is_dir():
+            raise RelexInputError("folder does not exist", Path(path).parent)
+
+
+def print_check(result) -> None:
+    """The window backtest carried to the target, how far the target lies beyond the window, the gate."""
+    reach = result.horizon()
+    backtest = (result.diagnostics.backtest if result.diagnostics is not None else None) or {}
+    if backtest:
+        line = (f"window backtest: a line fitted up to step {backtest['fit_steps'][-1]} predicted step "
+                f"{backtest['held_out_steps'][-1]} with weight error {backtest['line_error']:.2f}, stopping "
+                f"{backtest['stop_error']:.2f}")
+        if "projected_line_error" in backtest:
+            from relex.gate import _error
+
+            line += (f"; carried to step {result.target_step}: {_error(backtest['projected_line_error'])} "
+                     f"against {backtest['projected_stop_error']:.2f}")
+        console.print(line)
+    if reach is not None:
+        record, text = reach
+        limit = (f"; the backtest vouches for up to step {record['max_target_step']}"
+                 if "max_target_step" in record and record["within_limit"] else "")
+        console.print(f"horizon: {text}{limit}")
+    print_gate(result.decision)
+
+
+def print_gate(decision, title: str = "relex check") -> None:
+    """The gate's status line; in a GitHub Actions job also an annotation on the run page."""
+    import os
+
+    style = "bold green" if decision.passed and not decision.warning else "bold yellow" if decision.passed else "bold red"
+    console.print(f"gate: [{style}]{decision.status}[/{style}] (exit {decision.exit_code}): {decision.reason}")
+    if os.environ.get("GITHUB_ACTIONS") == "true" and (decision.warning or not decision.passed):
+        level = "warning" if decision.passed else "error"
+        print(f"::{level} title={title}::{decision.reason}", flush=True)

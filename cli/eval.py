@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from relex_cli.app import app
-from relex_cli.console import console, err_console
+from relex_cli.console import GATE, SummaryOption, console, err_console
 
 BENCHMARKS = "Benchmarks"
 DECODING = "Decoding"
@@ -169,10 +169,20 @@ def eval_command(
     completions: Annotated[bool, typer.Option(
         "--completions", help="Also store every completion's text in --out.", rich_help_panel=OUTPUT)] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress display.", rich_help_panel=OUTPUT)] = False,
+    fail_if_worse: Annotated[bool, typer.Option(
+        "--fail-if-worse", help="Exit 3 when a checkpoint is worse than the first one by more than --margin with "
+        "confidence: the upper end of its 95% paired-bootstrap interval (on the mean over tasks; on the task "
+        "with one) lies below −margin.", rich_help_panel=GATE)] = False,
+    margin: Annotated[float, typer.Option(
+        help="With --fail-if-worse: the loss in accuracy points (1.0 = one percentage point) that is tolerated.",
+        min=0.0, rich_help_panel=GATE)] = 0.0,
+    summary_path: SummaryOption = None,
 ) -> None:
     """Score checkpoints on AIME 24/25, AMC 23, Minerva math and MATH-500 with lm-evaluation-harness.
 
     The final \\boxed{} answer is compared with math-verify; with --samples K the score is avg@K (pass@k in --out). Each checkpoint runs in its own process. With two or more checkpoints, each is compared to the first with a 95% paired-bootstrap interval over problems.
+
+    Exit codes: 0 scored (and, with --fail-if-worse, no checkpoint worse than the first); 3 --fail-if-worse: a checkpoint is worse than the first by more than --margin with 95% confidence; 2 bad input; 1 internal error.
     """  # noqa: E501 - one line per paragraph, wrapped by the help formatter
     from relex.decoding import parse_logits, parse_selective
 
@@ -181,6 +191,9 @@ def eval_command(
         parse_selective(text) for text in selective or []]
     from relex.evaluate import evaluate
 
+    from relex_cli.console import check_output_files
+
+    check_output_files(summary_path)
     with _ProgressView(disable=quiet) as view:
         results = evaluate(
             checkpoints, tasks=tasks, data_dir=data_dir, samples=samples, temperature=temperature, top_p=top_p,
@@ -196,3 +209,26 @@ def eval_command(
     _print_table(results, title=f"relex eval · avg@{samples} ({', '.join(decoding)})")
     if out is not None:
         console.print(f"wrote results → [bold]{out}[/bold]")
+    gate = None
+    if fail_if_worse:
+        from relex.evaluate.gate import judge
+
+        gate = judge(results, margin)
+        _print_gate(gate)
+    from relex.gate import eval_markdown, write_summary
+
+    write_summary(eval_markdown(results, gate), summary_path)
+    if gate is not None and not gate.passed:
+        raise typer.Exit(3)
+
+
+def _print_gate(gate) -> None:
+    """The --fail-if-worse line; in a GitHub Actions job a failure is also an annotation on the run page."""
+    import os
+
+    if gate.passed:
+        console.print(f"gate: [bold green]passed[/bold green] (exit 0): {gate.reason()}")
+        return
+    console.print(f"gate: [bold red]failed[/bold red] (exit 3): {gate.reason()}")
+    if os.environ.get("GITHUB_ACTIONS") == "true":
+        print(f"::error title=relex eval::{gate.reason()}", flush=True)

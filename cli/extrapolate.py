@@ -10,7 +10,7 @@ import typer
 
 from relex_cli.app import app
 from relex_cli.console import console, print_diagnostics, print_sources, BaseOption, MaxStepOption, RunDirArgument, StepsOption
-from relex_cli.console import RevisionPatternOption, SubfolderPatternOption
+from relex_cli.console import GATE, RevisionPatternOption, SubfolderPatternOption, SummaryOption
 
 INPUT = "Input"
 MODEL = "Trajectory model"
@@ -44,13 +44,22 @@ CopyNormsOption = Annotated[bool, typer.Option("--copy-norms", help="elementwise
 FromStepOption = Annotated[Optional[int], typer.Option(help="elementwise: the observed step w_a of the line w_a + α(w_b − w_a) (default: the one before the last).", rich_help_panel=MODEL, show_default=False)]
 
 
+REQUIRE_HELP = ("Judge the run first, as relex check does, and refuse (exit 3, nothing written) unless the gate "
+                "passes: plausible (the gate of relex check) or drift-dominated (of relex check --strict). Reads "
+                "the run twice: the check's Gram pass, then the writing pass.")
+REQUIRE_CHOICES = ("plausible", "drift-dominated")
+
+
 def _parse_targets(text: str) -> list[int]:
+    from relex.gate import check_target_step
+
     try:
-        return [int(t) for t in text.replace(" ", "").split(",") if t]
+        targets = [int(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
         from relex.errors import RelexInputError
 
         raise RelexInputError(f"--target-step must be an integer or a comma-separated list, got {text!r}") from None
+    return [check_target_step(t) for t in targets]
 
 
 @app.command(no_args_is_help=True)
@@ -82,13 +91,16 @@ def extrapolate(
     output: Annotated[str, typer.Option("--output", help="checkpoint: a full Hugging Face checkpoint (for a LoRA run, the merged model; needs the base). lora (LoRA runs only): a PEFT adapter over the same base holding the prediction exactly.", rich_help_panel=OUTPUT)] = "checkpoint",
     lora_rank: Annotated[Optional[int], typer.Option("--lora-rank", help="With --output lora: truncate each module's update to this rank (SVD of the small factors); the truncation error per module goes to relex.json. Default: exact (rank = sum of the observed adapters' ranks).", rich_help_panel=OUTPUT, show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="Print only errors.", rich_help_panel=OUTPUT)] = False,
+    require: Annotated[Optional[str], typer.Option("--require", help=REQUIRE_HELP, rich_help_panel=GATE, show_default=False)] = None,
+    summary_path: SummaryOption = None,
 ) -> None:
     """Predict the checkpoint at --target-step from the observed checkpoints of RUN_DIR.
 
     Streams one tensor at a time: memory does not grow with the model. Automatic choices per run or group
     (--regressor auto, --scale auto) and the learned mlp predictor read the run twice. Prints the backtest
     of automatic choices and a verdict on whether the run is drift-dominated (extrapolation plausible) or
-    noise-dominated (it will likely hurt).
+    noise-dominated (it will likely hurt). With --require, a run whose verdict fails the gate is refused with
+    exit code 3 before anything is written.
     """
     from relex.engine import extrapolate as run_extrapolation
 
@@ -96,10 +108,26 @@ def extrapolate(
 
     from relex_cli.console import byte_progress, resolve_run
 
+    from relex.gate import write_summary
+
+    from relex_cli.console import check_output_files
+
     targets = _parse_targets(target_step)
+    if require is not None and require not in REQUIRE_CHOICES:
+        from relex.errors import RelexInputError
+
+        raise RelexInputError(f"unknown --require {require!r} (use {' or '.join(REQUIRE_CHOICES)})")
     check_output_folder(out, overwrite)  # before downloading a Hub run
+    check_output_files(summary_path)
     with byte_progress(disable=quiet, label="downloading") as fetched:
         run = resolve_run(run_dir, steps, revision_pattern, subfolder_pattern, fetched, base=base, max_step=max_step)
+    gate = None
+    if require is not None:
+        gate = _require(run, run_dir, targets, require, max_step, device, allow_pickle, allow_interpolation, quiet)
+        if not gate.decision.passed:
+            write_summary(gate.markdown("relex extrapolate", [("output", f"none: refused by --require {require}")]),
+                          summary_path)
+            raise typer.Exit(gate.exit_code)
     with byte_progress(disable=quiet, label="extrapolating") as progress:
         result = run_extrapolation(
             **run, target_step=targets, out_dir=out, max_step=max_step,
@@ -112,6 +140,8 @@ def extrapolate(
     if report is not None:
         report.parent.mkdir(parents=True, exist_ok=True)
         report.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    if summary_path is not None or _in_github_actions():
+        write_summary(_summary(result, run_dir, gate), summary_path)
     if quiet:
         return
     summary = result.summary()
@@ -141,6 +171,55 @@ def extrapolate(
         print_diagnostics(result.diagnostics, result.series)
     for step, folder in result.out_dirs.items():
         console.print(f"wrote step {step} → [bold]{folder}[/bold]")
+
+
+def _require(run: dict, run_dir: str, targets: list[int], require: str, max_step, device: str, allow_pickle: bool,
+             allow_interpolation: bool, quiet: bool):
+    """The gate of relex check (--strict for drift-dominated) on the farthest target; printed as it does."""
+    from relex.gate import check as run_check
+
+    from relex_cli.console import byte_progress, err_console, print_check, print_gate
+
+    with byte_progress(disable=quiet, label="checking") as progress:
+        gate = run_check(**run, target_step=max(targets), strict=require == "drift-dominated", max_step=max_step,
+                         device=device, allow_pickle=allow_pickle, progress=progress, run_label=run_dir,
+                         allow_interpolation=allow_interpolation)
+    if gate.decision.passed:
+        if not quiet:
+            print_gate(gate.decision, "relex extrapolate")
+        return gate
+    if not quiet:
+        print_sources(gate.series, gate.sources())
+        if gate.diagnostics is not None:
+            print_diagnostics(gate.diagnostics, gate.series)
+        print_check(gate)
+    err_console.print(f"relex: refused (--require {require}): {gate.decision.reason}; nothing written",
+                      soft_wrap=True, highlight=False, markup=False)
+    return gate
+
+
+def _in_github_actions() -> bool:
+    import os
+
+    return bool(os.environ.get("GITHUB_STEP_SUMMARY"))
+
+
+def _summary(result, run_dir: str, gate) -> str:
+    """The Markdown summary of an extrapolation: the verdict (and the gate, with --require), what was written."""
+    import math
+
+    from relex.gate import CheckResult, code, judge, verdict_markdown
+
+    written = [("output", f"step {step} → {code(folder)}") for step, folder in result.out_dirs.items()]
+    if gate is not None:
+        return gate.markdown("relex extrapolate", written)
+    target = max(result.target_steps)
+    verdict = CheckResult(run=run_dir, series=result.series,
+                          target_step=target if target > result.series.steps[-1] else None,
+                          diagnostics=result.diagnostics, decision=judge(result.diagnostics, target_step=target),
+                          tensors=len(result.tensors), parameters=sum(math.prod(t.shape) for t in result.tensors),
+                          seconds=result.seconds, bytes_read=result.bytes_read)
+    return verdict_markdown(verdict, "relex extrapolate", written, gate=False)
 
 
 def print_selection(selection: dict | None, tensor_stats=()) -> None:
