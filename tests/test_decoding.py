@@ -268,6 +268,23 @@ def test_toy_checkpoints_decode_as_the_toy_scorer_does(tmp_path):
         assert rewards(tokens, answers).tolist() == rewards(expected, answers).tolist()
 
 
+def test_lm_eval_model_scores_with_the_extrapolated_logits(pair):
+    pytest.importorskip("lm_eval")
+    from relex.decoding.lm_eval_model import LogitsExtrapolationLM, SelectiveExtrapolationLM
+
+    root = pair["root"]
+    ids = _encoded(pair["tokenizer"], ["The answer is 4"])["input_ids"]
+    with torch.no_grad():
+        z_a, z_b = pair["a"](ids).logits, pair["b"](ids).logits
+    lm = LogitsExtrapolationLM(pretrained=str(root / "checkpoint-200"), a=str(root / "checkpoint-100"), alpha=2.0,
+                               device="cpu", batch_size=1)
+    assert torch.allclose(lm._model_call(ids), z_a + 2.0 * (z_b - z_a), atol=1e-5)
+    selective = SelectiveExtrapolationLM(pretrained=str(root / "checkpoint-200"), a=str(root / "checkpoint-100"),
+                                         device="cpu", batch_size=1)
+    with pytest.raises(NotImplementedError, match="decoding procedure"):
+        selective._model_call(ids)
+
+
 # --------------------------------------------------------------------------------- relex eval, end to end
 @pytest.fixture
 def _one_thread_workers(monkeypatch):

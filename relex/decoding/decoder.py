@@ -173,16 +173,18 @@ class TwoModelDecoder:
         size = batch_size or len(prompts) or 1
         texts, ids, reasons, stats = [], [], [], DecodeStats()
         tokenizer = self.tokenizer
-        side = getattr(tokenizer, "padding_side", "left")
+        side, pad = getattr(tokenizer, "padding_side", "left"), tokenizer.pad_token_id
         for start in range(0, len(prompts), size):
             chunk = prompts[start:start + size]
-            tokenizer.padding_side = "left"
+            tokenizer.padding_side = "left"  # left padding: every row's next token sits in the last column
             try:
-                if tokenizer.pad_token_id is None:
+                if pad is None:
                     tokenizer.pad_token_id = self.pad_token_id
                 encoded = tokenizer(chunk, padding=True, return_tensors="pt", add_special_tokens=add_special_tokens)
             finally:
                 tokenizer.padding_side = side
+                if pad is None:
+                    tokenizer.pad_token_id = None
             tokens, lengths, why, part = self.generate_ids(
                 encoded["input_ids"], encoded["attention_mask"], max_new_tokens=max_new_tokens,
                 temperature=temperature, top_p=top_p, generator=generator, stop=stop)

@@ -104,7 +104,8 @@ class _TwoEngineLM(LM):
         super().__init__()
         from relex.decoding.vllm import VLLMPairDecoder
 
-        engine_kwargs.pop("device", None)
+        for key in ("device", "device_a", "max_batch_size"):  # placement is vLLM's (engine arguments)
+            engine_kwargs.pop(key, None)
         self.decoder = VLLMPairDecoder(str(pretrained), rule, str(a), dtype=dtype, seed=int(seed),
                                        gpu_memory_utilization=float(gpu_memory_utilization),
                                        engine_kwargs=engine_kwargs)
