@@ -338,6 +338,18 @@ def test_errors_never_stop_training(tmp_path, caplog):
     assert not any(k.startswith("relex/") for e in trainer.state.log_history for k in e)
 
 
+def test_a_prediction_that_cannot_be_written_leaves_the_verdict(tmp_path, caplog):
+    # output="lora" needs adapter checkpoints: this run holds full weights, so every write fails
+    callback = RelexCallback(target_steps=TARGET, out_dir=tmp_path / "out", output="lora")
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        train(tmp_path / "run", [callback], **STEADY)
+    assert [a.step for a in callback.history] == [8, 10]
+    assert all(a.figures["relex/written"] == 0.0 and "relex/drift_share" in a.figures for a in callback.history)
+    warned = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert len(warned) == 2 and all(m.startswith("relex: could not write the prediction at step ") for m in warned)
+    assert "--output lora needs a LoRA run" in warned[0]
+
+
 def test_out_dir_inside_a_checkpoint_folder_is_not_written(tmp_path, caplog):
     run = tmp_path / "run"
     callback = RelexCallback(target_steps=TARGET, out_dir=run / "checkpoint-2" / "relex", require_plausible=False)

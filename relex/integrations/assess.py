@@ -61,6 +61,7 @@ class Assessment:
     written: dict[int, Path] = field(default_factory=dict)  # target step -> folder written this time
     seconds: float = 0.0
     diagnostics: object = field(default=None, repr=False)  # relex.analysis.drift.DriftDiagnostics
+    write_error: BaseException | None = None  # why a prediction was not written (``write_errors="keep"``)
 
 
 def figures_of(diagnostics, steps: Sequence[int], plausible: bool) -> dict[str, float]:
@@ -87,6 +88,7 @@ def assess(
     out_dir: str | Path | None = None,
     require_plausible: bool = True,
     device: str = "cpu",
+    write_errors: str = "raise",
     **options,
 ) -> Assessment:
     """The verdict on a run's checkpoints up to ``max_step``, and optionally their extrapolation.
@@ -102,6 +104,9 @@ def assess(
             one) — only when the verdict is plausible, unless ``require_plausible=False``.
         device: where the engine computes (``cpu`` by default: beside a training job the accelerator is
             busy).
+        write_errors: ``raise`` (default) or ``keep``: a prediction that cannot be written (e.g. an engine
+            option this run does not allow) leaves the verdict standing, with the error in
+            :attr:`Assessment.write_error` and ``relex/written`` 0.
         options: engine options: those of :func:`relex.engine.collect_grams` for the verdict, and those of
             :func:`relex.engine.extrapolate` (``method``, ``rank``, ``regressor``, ``dtype``, ``output``…)
             for the written checkpoints.
@@ -114,6 +119,8 @@ def assess(
 
     started = time.perf_counter()
     check_options(options)
+    if write_errors not in ("raise", "keep"):
+        raise ValueError(f"write_errors must be 'raise' or 'keep', not {write_errors!r}")
     gram_keys, write_keys = engine_options()
     targets = sorted({int(t) for t in ([] if target_steps is None else
                                        [target_steps] if isinstance(target_steps, int) else target_steps)})
@@ -128,17 +135,25 @@ def assess(
     message = diagnostics.message if diagnostics is not None else "no tensor moved from the base"
     plausible = is_plausible(verdict)
     written: dict[int, Path] = {}
+    write_error = None
     if out_dir is not None and (plausible or not require_plausible):
-        for target in ahead:
-            folder = Path(out_dir) / f"step-{target}"
-            # The same checkpoints as the verdict, whatever the trainer writes meanwhile.
-            extrapolate(run_dir, target_step=target, out_dir=folder, base=base, steps=list(steps),
-                        overwrite=True, device=device, **{k: v for k, v in options.items() if k in write_keys})
-            written[target] = folder
+        try:
+            for target in ahead:
+                folder = Path(out_dir) / f"step-{target}"
+                # The same checkpoints as the verdict, whatever the trainer writes meanwhile.
+                extrapolate(run_dir, target_step=target, out_dir=folder, base=base, steps=list(steps),
+                            overwrite=True, device=device,
+                            **{k: v for k, v in options.items() if k in write_keys})
+                written[target] = folder
+        except Exception as exc:  # noqa: BLE001 — kept for the caller when asked to
+            if write_errors == "raise":
+                raise
+            write_error = exc
     figures = figures_of(diagnostics, steps, plausible)
     if out_dir is not None and targets:
         figures[PREFIX + "written"] = 1.0 if written else 0.0
     seconds = time.perf_counter() - started
     figures[PREFIX + "seconds"] = seconds
     return Assessment(step=steps[-1], steps=list(steps), verdict=verdict, message=message, plausible=plausible,
-                      figures=figures, written=written, seconds=seconds, diagnostics=diagnostics)
+                      figures=figures, written=written, seconds=seconds, diagnostics=diagnostics,
+                      write_error=write_error)

@@ -135,7 +135,8 @@ class RelexCallback(TrainerCallback):
     complete — after the trainer wrote its ``trainer_state.json`` — so they reach ``state.log_history`` at
     once and the ``trainer_state.json`` of the next checkpoint (or of ``trainer.save_state()``).
 
-    Never stops training: any error is logged as one warning line and that save's figures are left out.
+    Never stops training: any error is logged as one warning line and that save's figures are left out
+    (a prediction that cannot be written leaves the verdict's figures, with ``relex/written`` 0).
     Runs on the main process only (``state.is_world_process_zero``).
     """
 
@@ -239,7 +240,7 @@ class RelexCallback(TrainerCallback):
             job = functools.partial(
                 assess, args.output_dir, base=self._base, max_step=step, target_steps=self.target_steps,
                 out_dir=self.out_dir if self._write else None, require_plausible=self.require_plausible,
-                device=self.device, **self.engine_options)
+                device=self.device, write_errors="keep", **self.engine_options)
             if self.background:
                 if self._executor is None:
                     self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relex")
@@ -340,6 +341,9 @@ class RelexCallback(TrainerCallback):
                     assessment.message)
         for target, folder in assessment.written.items():
             logger.info("relex: wrote the prediction of step %d to %s", target, folder)
+        if assessment.write_error is not None:
+            logger.warning("relex: could not write the prediction at step %d: %s", assessment.step,
+                           one_line(assessment.write_error))
         figures = dict(assessment.figures)
         if self._trainer is not None:
             self._emitting = True
