@@ -192,7 +192,7 @@ def test_bad_input_is_one_line_and_leaves_no_results(models, small_math_dir, tmp
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if lm-eval were not installed
     code, _, stderr = _run(["eval", str(models["chat"]), "--data-dir", str(small_math_dir), *common], capsys)
     line = _one_error_line(stderr)
-    assert code == 2 and "lm-eval is not installed" in line and "pip install 'relex[eval]'" in line
+    assert code == 2 and "lm-eval is not installed" in line and "pip install 'relex-rlvr[eval]'" in line
 
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir()] and not list(tmp_path.glob(".results.json*"))

@@ -9,7 +9,7 @@
 Each checkpoint is scored in its own process (``python -m relex.evaluate.worker``). Benchmarks: AIME 2024,
 AIME 2025, AMC 2023, Minerva math (the OCW set), MATH-500 (:mod:`relex.evaluate.tasks`); answers are the
 last ``\\boxed{}`` compared with math-verify (:mod:`relex.evaluate.answers`). Needs ``pip install
-'relex[eval]'``.
+'relex-rlvr[eval]'`` (from a clone: ``pip install -e '.[eval]'``).
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ Progress = Callable[[dict], None]
 BACKENDS = ("hf", "vllm")
 PROMPT_FORMATS = ("auto", "chat", "plain")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-INSTALL_HINT = "pip install 'relex[eval]'"
+INSTALL_HINT = "pip install 'relex-rlvr[eval]'"
 
 
 @dataclass
