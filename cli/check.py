@@ -29,7 +29,7 @@ Exit codes:
 @app.command(no_args_is_help=True, help=CHECK_HELP)
 def check(
     run_dir: RunDirArgument,
-    target_step: Annotated[Optional[int], typer.Option("--target-step", help="The step to extrapolate to (default: judge the window alone, at the backtest's own horizon).", rich_help_panel=GATE, show_default=False)] = None,
+    target_step: Annotated[Optional[str], typer.Option("--target-step", metavar="N", help="The step to extrapolate to (default: judge the window alone, as far as its backtest reached).", rich_help_panel=GATE, show_default=False)] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Fail (exit 3) on anything but a drift-dominated verdict: mixed and inconclusive too.", rich_help_panel=GATE)] = False,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write every figure printed (verdict, message, drift share, statistics with their nulls, backtest, target, horizon, steps, sources) to this JSON file.", rich_help_panel=GATE, show_default=False)] = None,
     summary: SummaryOption = None,
@@ -38,6 +38,7 @@ def check(
     max_step: MaxStepOption = None,
     revision_pattern: RevisionPatternOption = "step_{N}",
     subfolder_pattern: SubfolderPatternOption = None,
+    allow_interpolation: Annotated[bool, typer.Option("--allow-interpolation", help="Accept a target step inside the observed window (the window alone is then judged).", rich_help_panel=GATE)] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Read pytorch_model*.bin pickles when no safetensors exist.", rich_help_panel=INPUT)] = False,
     device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.", rich_help_panel=INPUT)] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", help="Print only the gate's line.", rich_help_panel=GATE)] = False,
@@ -55,7 +56,8 @@ def check(
         run = resolve_run(run_dir, steps, revision_pattern, subfolder_pattern, fetched, base=base, max_step=max_step)
     with byte_progress(disable=quiet, label="reading") as progress:
         result = run_check(**run, target_step=target_step, strict=strict, max_step=max_step, device=device,
-                           allow_pickle=allow_pickle, progress=progress, run_label=run_dir)
+                           allow_pickle=allow_pickle, progress=progress, run_label=run_dir,
+                           allow_interpolation=allow_interpolation)
     if not quiet:
         observed = result.steps
         console.print(f"[bold]relex check[/bold]: {result.tensors} tensors, {result.parameters:,} parameters, "

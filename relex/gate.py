@@ -59,7 +59,13 @@ STATISTICS = (
 
 
 def check_target_step(target_step) -> int:
-    """``target_step`` as an int, or :class:`RelexInputError` for a step no training run can have."""
+    """``target_step`` (an int, or its text) as an int, or :class:`RelexInputError` for a step no training run
+    can have."""
+    if isinstance(target_step, str):
+        try:
+            target_step = int(target_step.strip())
+        except ValueError:
+            raise RelexInputError(f"--target-step must be an integer, got {target_step!r}") from None
     if isinstance(target_step, bool) or not isinstance(target_step, int):
         try:
             value = float(target_step)
@@ -107,7 +113,8 @@ def judge(diagnostics, strict: bool = False, target_step: int | None = None) -> 
     no tensor moved). See the module docstring for the rules."""
     if target_step is None and diagnostics is not None:
         target_step = ((diagnostics.backtest or {}).get("horizon") or {}).get("target_step")
-    where = f"to step {step_text(target_step)}" if target_step is not None else "along the trajectory"
+    where = (f"to step {step_text(target_step)}" if target_step is not None
+             else "as far as the window backtest reached")
     if diagnostics is None:
         outcome, reason = INCONCLUSIVE, "no tensor moved over the observed window: there is nothing to extrapolate"
     else:
@@ -226,9 +233,10 @@ def check(run_dir: str | Path | None = None, *, target_step: int | None = None, 
           allow_pickle: bool = False, progress=None, run_label: str | None = None,
           allow_interpolation: bool = False) -> CheckResult:
     """Read a run once (nothing is written) and judge whether extrapolating it to ``target_step`` is
-    plausible; same inputs as :func:`relex.engine.collect_grams`. Raises :class:`RelexInputError` on bad
-    input, including a target not beyond the last observed step (unless ``allow_interpolation``: then the
-    window alone is judged)."""
+    plausible; same inputs as :func:`relex.engine.collect_grams`. Without ``target_step`` (or, with
+    ``allow_interpolation``, a target inside the window) the window alone is judged: as far as its backtest
+    reached. Raises :class:`RelexInputError` on bad input, including a target not beyond the last observed
+    step without ``allow_interpolation``."""
     from relex.analysis.verdict import run_verdict
     from relex.engine import collect_grams
 
@@ -238,16 +246,18 @@ def check(run_dir: str | Path | None = None, *, target_step: int | None = None, 
     grams = collect_grams(run_dir, base=base, steps=steps, max_step=max_step, checkpoints=checkpoints,
                           device=device, allow_pickle=allow_pickle, progress=progress)
     observed = grams.steps
+    beyond = target_step  # the target the verdict carries the backtest to
     if target_step is not None and target_step <= observed[-1]:
         if not allow_interpolation:
-            raise RelexInputError(f"target step {target_step} is not beyond the last observed step {observed[-1]}")
-        target_step = None
+            raise RelexInputError(f"target step {target_step} is not beyond the last observed step {observed[-1]} "
+                                  "(pass --allow-interpolation to judge the window alone)")
+        beyond = None
     ndims = {name: len(grams.shapes[name]) for name in grams.grams}
-    diagnostics = run_verdict(grams.grams, ndims, observed, target_step)
+    diagnostics = run_verdict(grams.grams, ndims, observed, beyond)
     parameters = sum(math.prod(grams.shapes[name]) for name in grams.grams)
     return CheckResult(run=run_label if run_label is not None else str(run_dir), series=grams.series,
                        target_step=target_step, diagnostics=diagnostics,
-                       decision=judge(diagnostics, strict, target_step), tensors=len(grams.grams),
+                       decision=judge(diagnostics, strict, beyond), tensors=len(grams.grams),
                        parameters=parameters, seconds=time.perf_counter() - started, bytes_read=grams.bytes_read)
 
 

@@ -177,11 +177,28 @@ def test_horizons_beyond_what_the_backtest_vouches_for_are_refused(toy, tmp_path
         assert "beyond step 220" in data["gate"]["reason"]
     # Steps no run can have, and targets inside the window, are bad input: one line, exit 2, nothing written.
     report.unlink()
-    for bad in ("99999999999999999999", str(10**400), "0", "-5", "20", "12"):
+    for bad in ("99999999999999999999", str(10**400), "0", "-5", "20", "12", "1.5"):
         code, out, err = _run(["check", toy["demo"], "--target-step", bad, "--json", report], capsys)
         assert code == 2, (bad, out, err)
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
         assert not report.exists()
+
+
+def test_check_without_a_target_or_inside_the_window_judges_the_window(toy, tmp_path, capsys):
+    report = tmp_path / "relex.json"
+    code, out, _ = _run(["check", toy["demo"], "--json", report], capsys)
+    data = json.loads(report.read_text())
+    assert code == 0 and data["target_step"] is None and data["horizon"] is None
+    assert data["gate"]["reason"] == "extrapolation as far as the window backtest reached is plausible"
+    assert "projected_line_error" not in data["backtest"]
+    code, out, err = _run(["check", toy["demo"], "--target-step", 15], capsys)
+    assert code == 2 and "--allow-interpolation" in err
+    code, out, _ = _run(["check", toy["demo"], "--target-step", 15, "--allow-interpolation", "--json", report],
+                        capsys)
+    data = json.loads(report.read_text())
+    assert code == 0 and data["target_step"] == 15
+    assert data["horizon"]["text"] == "the target lies inside the observed window (step 15 from steps 5..20)"
+    assert data["gate"]["reason"] == "extrapolation as far as the window backtest reached is plausible"
 
 
 def test_extrapolate_require_writes_nothing_when_the_gate_fails(toy, tmp_path, capsys):
