@@ -180,11 +180,12 @@ def test_background_mode_logs_the_same_figures(steady):
         same = {k: v for k, v in mine.figures.items() if k != "relex/seconds"}
         assert same == pytest.approx({k: v for k, v in theirs.figures.items()
                                       if k not in ("relex/seconds", "relex/written")}, rel=REL)
-    # Logged once ready: step 8's before the save at step 10 (the callback waits for it there), step 10's
-    # when training ends; each carries the step of the checkpoint it describes.
+    # Logged once ready: step 8's at step 9 or 10 (at the latest before the save at step 10: the callback
+    # waits for it there), step 10's when training ends; each carries the checkpoint it describes.
     logged = [(step, logs["relex/step"]) for step, logs in recorder.logs
               if "relex/step" in logs and "relex/written" not in logs]
-    assert logged == [(10, 8.0), (10, 10.0)]
+    assert [figure for _, figure in logged] == [8.0, 10.0]
+    assert logged[0][0] in (9, 10) and logged[1][0] == 10
 
 
 def test_a_noise_dominated_run_writes_nothing_unless_asked(tmp_path):
@@ -203,6 +204,13 @@ def test_a_noise_dominated_run_writes_nothing_unless_asked(tmp_path):
     reference = extrapolate(run, target_step=TARGET, out_dir=tmp_path / "reference", base=run / BASE_FOLDER,
                             device="cpu")
     assert_same_checkpoint(tmp_path / "forced" / f"step-{TARGET}", reference.out_dirs[TARGET])
+    from relex_cli.app import main
+
+    code = main(["check", str(run), "--base", str(run / BASE_FOLDER), "--target-step", str(TARGET),
+                 "--device", "cpu", "--json", str(tmp_path / "check.json"), "--quiet"])
+    report = json.loads((tmp_path / "check.json").read_text())
+    assert code == 3 and not report["gate"]["passed"] and report["verdict"] == gated.latest.verdict
+    assert gated.latest.figures["relex/drift_share"] == pytest.approx(report["drift_share"], rel=REL)
 
 
 @pytest.mark.parametrize("explicit_base", [False, True])
@@ -439,3 +447,23 @@ def test_options_are_checked_when_the_callback_is_made():
         RelexCallback(out_dir="somewhere")
     RelexCallback(target_steps=[100, 50], regressor="linear", rank=2, block_bytes=1 << 20)
 
+
+@pytest.mark.parametrize("max_step", [8, 10])
+def test_relex_check_json_gives_the_figures_the_callback_logged(steady, tmp_path, max_step):
+    from relex_cli.app import main
+
+    run, callback = steady["run"], steady["blocking"]
+    figures = next(a.figures for a in callback.history if a.step == max_step)
+    out = tmp_path / "check.json"
+    code = main(["check", str(run), "--base", str(run / BASE_FOLDER), "--max-step", str(max_step),
+                 "--target-step", str(TARGET), "--device", "cpu", "--json", str(out), "--quiet"])
+    report = json.loads(out.read_text())
+    assert code == 0 and report["gate"]["passed"]  # plausible: the gate passes
+    assert report["steps"] == [s for s in SAVES if s <= max_step] and report["target_step"] == TARGET
+    assert figures["relex/plausible"] == (1.0 if report["verdict"] == DRIFT else 0.0) == 1.0
+    assert figures["relex/drift_share"] == pytest.approx(report["drift_share"], rel=REL)
+    statistics = {row["key"]: row["observed"] for row in report["statistics"]}
+    for key in ("explained_rank1", "r2_rank1", "alpha", "drift_ratio", "cos_first_last"):
+        assert figures[f"relex/{key}"] == pytest.approx(statistics[key], rel=REL), key
+    for key in ("line_error", "stop_error", "projected_line_error", "projected_stop_error"):
+        assert figures[f"relex/backtest_{key}"] == pytest.approx(report["backtest"][key], rel=REL), key
