@@ -39,28 +39,16 @@ import numpy as np
 import torch
 
 from relex import __version__
-from relex.engine import (
-    DEFAULT_BLOCK_BYTES,
-    OUTPUT_DTYPES,
-    ProgressCallback,
-    _check_targets,
-    _combine,
-    _extra_options,
-    _Job,
-    _model_pass,
-    _newest_value,
-    _output_plan,
-    _row_blocks,
-    _Series,
-    _targets,
-    _TensorState,
-    resolve_device,
-)
+from relex.engine import stream_models
 from relex.errors import RelexInputError
 from relex.io.discover import discover_series
-from relex.io.reader import DTYPES, DTYPE_NAMES, CheckpointReader
-from relex.io.writer import PlannedTensor, ShardedWriter, check_output_folder, staged_folder
+from relex.io.reader import DTYPE_NAMES, DTYPES, CheckpointReader
+from relex.io.writer import OutputTensor, aux_bytes, check_output_folder, require_free_space, staged_folder
 from relex.methods import TensorModel
+from relex.sinks import (CheckpointSink, TrajectorySink, basis_key, check_targets, factor_keys, parse_targets,
+                         run_record, target_folders, value_key)
+from relex.stream import (DEFAULT_BLOCK_BYTES, OUTPUT_DTYPES, ProgressCallback, Row, RunReaders, StreamPass,
+                          TensorState, check_dtype, resolve_device)
 from relex.trajectory import ModelSelector, ModelSpec
 
 FORMAT = "relex-trajectory"
@@ -68,17 +56,8 @@ FORMAT_VERSION = 1
 MANIFEST = "trajectory.json"
 STORAGE_DTYPES = ("float32", "auto")
 
-
-def basis_key(name: str, r: int) -> str:
-    return f"{name}@b{r}"
-
-
-def factor_keys(name: str, f: int) -> tuple[str, str]:
-    return f"{name}@u{f}", f"{name}@v{f}"
-
-
-def value_key(name: str) -> str:
-    return f"{name}@value"
+__all__ = ["FitResult", "MaterializeResult", "basis_key", "factor_keys", "fit_trajectory", "materialize",
+           "value_key"]
 
 
 @dataclass
@@ -129,8 +108,7 @@ def fit_trajectory(
     (``float32``, exact; ``auto``: each tensor's own dtype). Reads the run twice.
     """
     started = time.perf_counter()
-    if dtype != "auto" and dtype not in OUTPUT_DTYPES:
-        raise RelexInputError(f"unknown --dtype {dtype!r} (use auto, {', '.join(OUTPUT_DTYPES)})")
+    check_dtype(dtype)
     if storage_dtype not in STORAGE_DTYPES:
         raise RelexInputError(f"unknown --storage-dtype {storage_dtype!r} (use {' or '.join(STORAGE_DTYPES)})")
     out_dir = Path(out_dir)
@@ -139,105 +117,56 @@ def fit_trajectory(
     torch_device = resolve_device(device)
     spec = ModelSpec(method=method, rank=rank, regressor=regressor, scale=scale, auto_scope=auto_scope,
                      candidates=candidates, holdout=holdout, copy_norms=copy_norms, from_step=from_step)
-    planner = ModelSelector(spec, series.steps, run_pass=True)  # the storage layout needs every model first
-    readers = _Series(series, allow_pickle)
+    selector = ModelSelector(spec, series.steps, run_pass=True)  # the storage layout needs every model first
+    readers = RunReaders(series, allow_pickle)
     try:
-        outputs = _output_plan(readers, dtype)
-        models: dict[str, TensorModel | None] = {}
-        base_norms: dict[str, float] = {}
-        layout: list[PlannedTensor] = []
-        writer_box: dict = {}
-
-        def store_dtype(name: str) -> torch.dtype:
-            return torch.float32 if storage_dtype == "float32" else readers.output_dtype(name)
-
-        def on_model(state: _TensorState) -> None:
-            models[state.name] = state.model
-            base_norms[state.name] = state.data.base_norm
-            info = state.info
-            if state.model is None:
-                layout.append(PlannedTensor(value_key(state.name), info.shape, outputs[state.name].dtype))
-                return
-            for r in range(state.model.n_basis):
-                layout.append(PlannedTensor(basis_key(state.name, r), info.shape, store_dtype(state.name)))
-            for f, (u, v) in enumerate(state.model.factors):
-                ku, kv = factor_keys(state.name, f)
-                layout.append(PlannedTensor(ku, (len(u),), torch.float32))
-                layout.append(PlannedTensor(kv, (len(v),), torch.float32))
-
-        def on_block(state: _TensorState, job: _Job, w0: torch.Tensor, x: torch.Tensor) -> None:
-            writer = writer_box.get("writer")
-            if writer is None:
-                writer = writer_box["writer"] = ShardedWriter(writer_box["folder"], layout, max_shard_size)
-            model = state.model
-            if model is None:
-                piece = [_newest_value(w0, x, outputs[state.name].dtype).cpu()]
-            elif model.n_basis:
-                weights = torch.as_tensor(model.basis, dtype=torch.float32, device=torch_device)
-                basis = (weights @ x).cpu()
-                piece = [basis[r] for r in range(model.n_basis)]
-            else:
-                piece = []
-            state.pieces.append(piece)
-            if len(state.pieces) < job.n_blocks:
-                return
-            shape = state.info.shape
-            if model is None:
-                parts = [p[0] for p in state.pieces]
-                writer.write(value_key(state.name), (parts[0] if len(parts) == 1 else torch.cat(parts)).reshape(shape))
-            else:
-                for r in range(model.n_basis):
-                    parts = [p[r] for p in state.pieces]
-                    row = parts[0] if len(parts) == 1 else torch.cat(parts)
-                    writer.write(basis_key(state.name, r), row.reshape(shape).to(store_dtype(state.name)))
-                for f, (u, v) in enumerate(model.factors):
-                    ku, kv = factor_keys(state.name, f)
-                    writer.write(ku, torch.as_tensor(np.asarray(u, dtype=np.float32)))
-                    writer.write(kv, torch.as_tensor(np.asarray(v, dtype=np.float32)))
-            state.pieces = []
-
+        config_folders = readers.config_folders()
+        written_dtypes = {n: readers.output_dtype(n, dtype) for n in readers.names}
         with staged_folder(out_dir, overwrite) as staging:
-            writer_box["folder"] = staging
-            try:
-                tensors, bytes_read, (run_gram, verdict_check) = _model_pass(
-                    readers, planner, torch_device, block_bytes, on_block=on_block,
-                    targets=np.array([series.steps[-1]], dtype=np.float64), keep_grams=False, progress=progress,
-                    on_model=on_model)
-                writer = writer_box.get("writer") or ShardedWriter(staging, layout, max_shard_size)
-                writer_box["writer"] = writer
-                writer.finish()
-            finally:
-                if "writer" in writer_box:
-                    writer_box["writer"].close()
-            from relex.analysis.drift import diagnose
+            sinks: list[TrajectorySink] = []
 
-            diagnostics = verdict_check.apply(diagnose(run_gram, series.steps) if np.any(run_gram) else None)
-            results = {t.name: t for t in tensors}
+            def make_sink(models) -> TrajectorySink:
+                storage = {n: torch.float32 if storage_dtype == "float32" else readers.output_dtype(n)
+                           for n in readers.names}
+                infos = {n: readers.info(n) for n in readers.names}
+                sink = TrajectorySink(staging, models, infos, storage, written_dtypes, readers.names, max_shard_size)
+                sinks.append(sink)
+                # the layout is known once every model is: checked before the storing pass reads anything
+                require_free_space(out_dir, sink.output_bytes() + aux_bytes(config_folders) + 1024 * len(models))
+                return sink
+
+            try:
+                measured = stream_models(readers, selector, make_sink, torch_device, block_bytes=block_bytes,
+                                         targets=np.array([series.steps[-1]], dtype=np.float64), progress=progress)
+                sinks[0].finish()
+            finally:
+                for sink in sinks:
+                    sink.close()
+            writer = sinks[0].writer
+            diagnostics = measured.diagnostics(series.steps)
+            results = {r.name: r for r in measured.tensors}
             manifest = {
                 "format": FORMAT,
                 "format_version": FORMAT_VERSION,
-                "relex_version": __version__,
-                "method": method,
-                "options": {"rank": rank, "regressor": regressor, "scale": planner.scale, **_extra_options(spec)},
-                "base": str(series.base.path.resolve()),
-                "observed_steps": series.steps,
-                "observed_folders": [str(c.path) for c in series.observed],
+                **run_record(method=method, options={}, base=series.base.path.resolve(),
+                             observed_steps=series.steps, observed_folders=[c.path for c in series.observed]),
+                "options": spec.record(),
                 "sources": readers.describe(),
                 "storage": {"dtype": storage_dtype, "bytes": writer.bytes_written,
                             "model_bytes": readers.base.nbytes()},
-                "selection": planner.selection,
+                "selection": selector.selection,
                 "diagnostics": diagnostics.to_dict() if diagnostics else None,
                 "order": list(readers.names),
                 "tensors": {},
             }
             for name in readers.names:
-                model = models[name]
+                model = measured.models[name]
                 info = readers.info(name)
                 entry = {
                     "shape": list(info.shape),
                     "input_dtype": DTYPE_NAMES[info.dtype],
-                    "dtype": DTYPE_NAMES[outputs[name].dtype],
-                    "base_norm": base_norms[name] if info.is_float else None,
+                    "dtype": DTYPE_NAMES[written_dtypes[name]],
+                    "base_norm": measured.base_norms[name] if info.is_float else None,
                     "stats": _json_safe(results[name].stats),
                 }
                 if model is None:
@@ -247,11 +176,11 @@ def fit_trajectory(
                     entry["basis"] = [basis_key(name, r) for r in range(model.n_basis)]
                     entry["factors"] = [list(factor_keys(name, f)) for f in range(len(model.factors))]
                 manifest["tensors"][name] = entry
-            writer.copy_aux_files(readers.config_folders())
+            writer.copy_aux_files(config_folders)
             writer.write_json(MANIFEST, manifest)
     finally:
         readers.close()
-    return FitResult(out_dir, manifest, time.perf_counter() - started, bytes_read, writer.bytes_written)
+    return FitResult(out_dir, manifest, time.perf_counter() - started, measured.bytes_read, writer.bytes_written)
 
 
 def _json_safe(value):
@@ -274,6 +203,18 @@ class MaterializeResult:
     bytes_written: int
 
 
+class _StoredCheckpointSink(CheckpointSink):
+    """The checkpoint sink of :func:`materialize`: also checks each base tensor against the fitted one."""
+
+    def __init__(self, *args, entries: dict, base_dir: Path, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.entries, self.base_dir = entries, base_dir
+
+    def on_tensor_done(self, state: TensorState) -> None:
+        _check_norm(state.name, math.sqrt(max(state.norm_sq, 0.0)), self.entries[state.name].get("base_norm"),
+                    self.base_dir)
+
+
 def materialize(
     trajectory_dir: str | Path,
     *,
@@ -292,7 +233,8 @@ def materialize(
     """Write the checkpoint(s) of ``target_step`` from a stored trajectory and the base alone.
 
     ``scale`` overrides the stored scale (the multiplier of the update from the base); ``base`` the
-    stored base folder (its tensors must match: names, shapes and norms are checked).
+    stored base folder (its tensors must match: names, shapes and norms are checked). The checkpoints go
+    through the same sink as :func:`relex.engine.extrapolate`'s.
     """
     started = time.perf_counter()
     folder = Path(trajectory_dir)
@@ -306,10 +248,9 @@ def materialize(
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise RelexInputError(f"unsupported trajectory format {manifest.get('format')!r} "
                               f"version {manifest.get('format_version')!r}", manifest_path)
-    targets = _targets(target_step)
-    _check_targets(targets, manifest["observed_steps"][-1], allow_interpolation)
-    if dtype != "auto" and dtype not in OUTPUT_DTYPES:
-        raise RelexInputError(f"unknown --dtype {dtype!r} (use auto, {', '.join(OUTPUT_DTYPES)})")
+    targets = parse_targets(target_step)
+    check_targets(targets, manifest["observed_steps"][-1], allow_interpolation)
+    check_dtype(dtype)
     if scale is not None and not math.isfinite(float(scale)):
         raise RelexInputError(f"--scale must be finite, got {scale}")
     out_dir = Path(out_dir)
@@ -322,89 +263,48 @@ def materialize(
         entries = manifest["tensors"]
         order = manifest["order"]
         _check_base(base_reader, entries, order, base_dir)
-        plan = []
+        steps = np.asarray(manifest["observed_steps"], dtype=np.float64)
+        layout, states = [], []
         for name in order:
             entry = entries[name]
             out_dtype = DTYPES[entry["dtype"]]
             if dtype != "auto" and DTYPES[entry["input_dtype"]].is_floating_point:
                 out_dtype = OUTPUT_DTYPES[dtype]
-            plan.append(PlannedTensor(name, tuple(entry["shape"]), out_dtype))
-        planned = {p.name: p for p in plan}
-        target_array = np.array(targets, dtype=np.float64)
-        bytes_read = 0
+            layout.append(OutputTensor(name, tuple(entry["shape"]), out_dtype))
+            info = base_reader.tensors[name]
+            rows = [Row(base_reader, name, info.dtype, "base")]
+            model = None
+            if "value" in entry:
+                rows.append(Row(store, entry["value"], store.tensors[entry["value"]].dtype, "value"))
+            else:
+                rows += [Row(store, key, store.tensors[key].dtype, "basis") for key in entry["basis"]]
+                factors = [(store.read(ku).numpy(), store.read(kv).numpy()) for ku, kv in entry["factors"]]
+                model = TensorModel(entry["params"], np.zeros((len(entry["basis"]), 0)), factors)
+            states.append(TensorState(name, info, rows, steps, model=model, known=True))
         total = sum(base_reader.tensors[n].nbytes for n in order) + store.nbytes()
+        options = {**manifest["options"], **({"scale": float(scale)} if scale is not None else {})}
+        record = run_record(method=manifest["method"], options=options, base=base_dir,
+                            observed_steps=manifest["observed_steps"], observed_folders=manifest["observed_folders"],
+                            materialized_from=str(folder.resolve()), target_steps=targets,
+                            diagnostics=manifest.get("diagnostics"), selection=manifest.get("selection"))
         with staged_folder(out_dir, overwrite) as staging:
-            folders = {t: staging if len(targets) == 1 else staging / f"step-{t}" for t in targets}
-            writers = {t: ShardedWriter(folders[t], plan, max_shard_size) for t in targets}
+            sink = _StoredCheckpointSink(target_folders(staging, targets), layout, np.array(targets, dtype=np.float64),
+                                         torch_device, max_shard_size, scale, entries=entries, base_dir=base_dir)
             try:
-                for name in order:
-                    entry = entries[name]
-                    out = planned[name]
-                    if "value" in entry:
-                        value = store.read(entry["value"])
-                        bytes_read += value.numel() * value.element_size()
-                        for writer in writers.values():
-                            writer.write(name, value.to(out.dtype).reshape(out.shape))
-                        continue
-                    model = TensorModel(entry["params"], np.zeros((len(entry["basis"]), 0)))
-                    coefficients = model.coefficients(target_array, scale)
-                    factors = [(store.read(ku).to(torch_device), store.read(kv).to(torch_device))
-                               for ku, kv in entry["factors"]]
-                    info = base_reader.tensors[name]
-                    blocks = _row_blocks(info, len(entry["basis"]), block_bytes)
-                    pieces = []
-                    norm_sq = 0.0
-                    for start, stop in blocks:
-                        raw = base_reader.read(name, start, stop)
-                        bytes_read += raw.numel() * raw.element_size()
-                        w0 = raw.to(device=torch_device, dtype=torch.float32).reshape(-1)
-                        norm_sq += float(w0.double() @ w0.double())
-                        basis = None
-                        if entry["basis"]:
-                            rows = [store.read(key, start, stop) for key in entry["basis"]]
-                            bytes_read += sum(r.numel() * r.element_size() for r in rows)
-                            basis = torch.stack([r.reshape(-1).to(device=torch_device, dtype=torch.float32)
-                                                 for r in rows])
-                        factor_rows = [(u if start is None else u[start:stop], v) for u, v in factors]
-                        pieces.append([_combine(w0, row, basis, factor_rows).to(out.dtype).cpu()
-                                       for row in coefficients])
-                    _check_norm(name, math.sqrt(norm_sq), entry.get("base_norm"), base_dir)
-                    for i, writer in enumerate(writers.values()):
-                        parts = [p[i] for p in pieces]
-                        tensor = parts[0] if len(parts) == 1 else torch.cat(parts)
-                        writer.write(name, tensor.reshape(out.shape))
-                    if progress is not None:
-                        progress(name, bytes_read, total)
-                for writer in writers.values():
-                    writer.finish()
+                require_free_space(out_dir, sink.output_bytes([folder]))  # before reading anything
+                bytes_read = StreamPass(states, sink, torch_device, block_bytes=block_bytes, progress=progress,
+                                        total_bytes=total).run()
+                sink.finish()
             finally:
-                for writer in writers.values():
-                    writer.close()
-            for t, writer in writers.items():
-                writer.copy_aux_files([folder])
-                provenance = {
-                    "relex_version": __version__,
-                    "materialized_from": str(folder.resolve()),
-                    "method": manifest["method"],
-                    **manifest["options"],
-                    **({"scale": float(scale)} if scale is not None else {}),
-                    "base": str(base_dir),
-                    "observed_steps": manifest["observed_steps"],
-                    "observed_folders": manifest["observed_folders"],
-                    "target_step": t,
-                    "target_steps": targets,
-                    "diagnostics": manifest.get("diagnostics"),
-                    "selection": manifest.get("selection"),
-                    "shards_sha256": writer.shard_digests(),
-                }
-                writer.write_json("relex.json", provenance)
+                sink.close()
+            for t in targets:
+                sink.save(t, record, [folder])
     finally:
         base_reader.close()
         store.close()
     return MaterializeResult(
         out_dirs={t: (out_dir if len(targets) == 1 else out_dir / f"step-{t}") for t in targets},
-        seconds=time.perf_counter() - started, bytes_read=bytes_read,
-        bytes_written=sum(w.bytes_written for w in writers.values()))
+        seconds=time.perf_counter() - started, bytes_read=bytes_read, bytes_written=sink.bytes_written)
 
 
 def _check_base(reader: CheckpointReader, entries: dict, order: list[str], base_dir: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from pathlib import Path
 
 import torch
@@ -93,6 +94,7 @@ class CheckpointReader(Source):
         self._pickled = bool(self.files) and self.files[0].suffix == ".bin"
         self.kind = "pickle" if self._pickled else "safetensors"
         self._handles: dict[Path, int] = {}
+        self._lock = threading.Lock()  # reader threads open files on first use
         self.tensors: dict[str, TensorInfo] = {}
         if self._pickled:
             self._load_pickled()
@@ -170,11 +172,14 @@ class CheckpointReader(Source):
     def _descriptor(self, file: Path) -> int:
         fd = self._handles.get(file)
         if fd is None:
-            try:
-                fd = os.open(file, os.O_RDONLY)
-            except OSError as exc:
-                raise RelexInputError(f"cannot open file ({exc.strerror})", file) from None
-            self._handles[file] = fd
+            with self._lock:
+                fd = self._handles.get(file)
+                if fd is None:
+                    try:
+                        fd = os.open(file, os.O_RDONLY)
+                    except OSError as exc:
+                        raise RelexInputError(f"cannot open file ({exc.strerror})", file) from None
+                    self._handles[file] = fd
         return fd
 
     def read(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
@@ -196,6 +201,23 @@ class CheckpointReader(Source):
             nbytes = max(0, stop - start) * row_bytes
             shape[0] = max(0, stop - start)
         buffer = torch.empty(nbytes, dtype=torch.uint8)
+        self._pread(info, offset, buffer)
+        if info.dtype == torch.bool:
+            return buffer.view(torch.bool).reshape(shape)
+        return buffer.view(info.dtype).reshape(shape)
+
+    def read_range(self, name: str, first: int, count: int, out: torch.Tensor) -> None:
+        """Entries ``first .. first + count`` of the flattened tensor, ``pread`` straight into ``out`` (uint8)."""
+        if self._pickled:
+            super().read_range(name, first, count, out)
+            return
+        info = self.tensors[name]
+        size = info.nbytes // info.numel if info.numel else 0
+        self._pread(info, info.offset + first * size, out[: count * size])
+
+    def _pread(self, info: TensorInfo, offset: int, buffer: torch.Tensor) -> None:
+        """Fill the uint8 CPU tensor ``buffer`` with the file's bytes from ``offset`` (releases the GIL)."""
+        nbytes = buffer.numel()
         view = memoryview(buffer.numpy())
         fd = self._descriptor(info.file)
         done = 0
@@ -203,13 +225,10 @@ class CheckpointReader(Source):
             try:
                 n = os.preadv(fd, [view[done:]], offset + done)
             except OSError as exc:
-                raise RelexInputError(f"cannot read tensor {name!r} ({exc.strerror})", info.file) from None
+                raise RelexInputError(f"cannot read tensor {info.name!r} ({exc.strerror})", info.file) from None
             if n == 0:
-                raise RelexInputError(f"truncated file while reading tensor {name!r}", info.file)
+                raise RelexInputError(f"truncated file while reading tensor {info.name!r}", info.file)
             done += n
-        if info.dtype == torch.bool:
-            return buffer.view(torch.bool).reshape(shape)
-        return buffer.view(info.dtype).reshape(shape)
 
     def close(self) -> None:
         for fd in self._handles.values():

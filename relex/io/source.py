@@ -75,6 +75,29 @@ class Source(ABC):
         return None
 
     @property
+    def has_exact_delta(self) -> bool:
+        """Whether :meth:`delta` gives W − W_0 (sources defined over the base override it)."""
+        return type(self).delta is not Source.delta
+
+    def read_range(self, name: str, first: int, count: int, out: torch.Tensor) -> None:
+        """Entries ``first .. first + count`` of the flattened tensor ``name``, in its stored dtype, into
+        ``out`` (a CPU uint8 buffer of at least ``count`` × itemsize bytes, e.g. a reused streaming buffer).
+
+        This default reads the rows covering the range with :meth:`read`; a source that can read bytes
+        in place overrides it.
+        """
+        info = self.tensors[name]
+        nbytes = count * torch.empty((), dtype=info.dtype).element_size()
+        target = out[:nbytes].view(info.dtype)
+        if len(info.shape) == 0:
+            target.copy_(self.read(name).reshape(-1))
+            return
+        cols = info.numel // info.shape[0]
+        r0, r1 = first // cols, -(-(first + count) // cols)
+        rows = self.read(name, r0, r1).reshape(-1)
+        target.copy_(rows[first - r0 * cols: first - r0 * cols + count])
+
+    @property
     def config_folder(self) -> Path:
         """The folder holding this checkpoint's ``config.json`` and tokenizer files."""
         return self.folder

@@ -1,0 +1,405 @@
+"""Where a streaming pass sends each tensor once its model is known.
+
+* :class:`CheckpointSink` — a Hugging Face checkpoint per target step (``relex extrapolate``; ``relex
+  materialize`` writes through it too, from a stored trajectory);
+* :class:`AdapterSink` — a PEFT LoRA adapter per target step (``--output lora``);
+* :class:`TrajectorySink` — the trajectory store of ``relex fit``;
+* :class:`GramSink` — the Gram matrices alone (``collect_grams``, ``relex analyze``, the first pass of
+  run-level choices).
+
+Every output folder's ``relex.json`` starts from :func:`run_record`; each sink adds what it knows of its own
+target (digests, adapter figures) in ``save``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from relex import __version__
+from relex.errors import RelexInputError
+from relex.io.lora import LoraAdapterWriter, mix_factors
+from relex.io.writer import OutputTensor, ShardedWriter, aux_bytes, copy_aux_files
+from relex.stream import OUTPUT_DTYPES, Chunk, RunReaders, Sink, TensorState, combine
+from relex.subspace import GRAM_CHUNK
+
+
+def parse_targets(target_step) -> list[int]:
+    """The target steps, sorted and unique, from one step or several."""
+    single = isinstance(target_step, (int, np.integer))
+    targets = sorted({int(t) for t in ([target_step] if single else target_step)})
+    if not targets:
+        raise RelexInputError("give at least one --target-step")
+    return targets
+
+
+def check_targets(targets: list[int], last: int, allow_interpolation: bool) -> None:
+    early = [t for t in targets if t <= last]
+    if early and not allow_interpolation:
+        raise RelexInputError(
+            f"target step {early[0]} is not beyond the last observed step {last} "
+            "(pass --allow-interpolation to predict inside the observed window)"
+        )
+
+
+def target_folders(staging: Path, targets: Sequence[int]) -> dict[int, Path]:
+    """Where each target step's output goes: the folder itself for one target, ``step-N/`` for several."""
+    return {t: staging if len(targets) == 1 else staging / f"step-{t}" for t in targets}
+
+
+def run_record(*, method: str, options: dict, base, observed_steps: Sequence[int], observed_folders: Sequence,
+               **fields) -> dict:
+    """The provenance every ``relex.json`` (and ``trajectory.json``) starts with, then ``fields`` in order."""
+    return {"relex_version": __version__, "method": method, **options, "base": str(base),
+            "observed_steps": list(observed_steps), "observed_folders": [str(f) for f in observed_folders],
+            **fields}
+
+
+def checkpoint_layout(readers: RunReaders, dtype: str) -> list[OutputTensor]:
+    """The tensors of a checkpoint predicted from ``readers``' run, in the base's storage order."""
+    return [OutputTensor(n, readers.info(n).shape, readers.output_dtype(n, dtype)) for n in readers.names]
+
+
+class _Pieces:
+    """Reused output buffers (uint8, any dtype viewed on them), returned by the writer once written."""
+
+    def __init__(self):
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+
+    def get(self, count: int, dtype: torch.dtype) -> torch.Tensor:
+        nbytes = count * torch.empty((), dtype=dtype).element_size()
+        with self._lock:
+            for i, buffer in enumerate(self._free):
+                if buffer.numel() >= nbytes:
+                    del self._free[i]
+                    return buffer[:nbytes].view(dtype) if nbytes else torch.empty(0, dtype=dtype)
+        buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        return buffer[:nbytes].view(dtype) if nbytes else torch.empty(0, dtype=dtype)
+
+    def put(self, piece: torch.Tensor) -> None:
+        """Return a piece from :meth:`get` (the whole buffer under it goes back to the pool)."""
+        if piece.numel():
+            buffer = torch.empty(0, dtype=torch.uint8).set_(piece.untyped_storage())
+            with self._lock:
+                self._free.append(buffer)
+
+
+class _Buffers(threading.local):
+    """Per compute thread float32 chunk buffers of a sink (on the pass's device)."""
+
+    def get(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if not hasattr(self, "out"):
+            self.out = torch.empty(GRAM_CHUNK, dtype=torch.float32, device=device)
+            self.tmp = torch.empty(GRAM_CHUNK, dtype=torch.float32, device=device)
+        return self.out, self.tmp
+
+
+def _value_into(piece: torch.Tensor, value: torch.Tensor) -> None:
+    """An integer buffer's newest value (float64, from the deltas) or a stored value, cast as written."""
+    if value.dtype.is_floating_point and not piece.dtype.is_floating_point:
+        value = value.round()
+    piece.copy_(value)
+
+
+class _PredictionSink(Sink):
+    """The prediction w_0 + Σ a_r(t*) b_r (+ Σ a_f u_f v_fᵀ) of each target step, span by span."""
+
+    def __init__(self, targets: np.ndarray, device: torch.device, scale: float | None = None):
+        self.targets, self.device, self.scale = np.asarray(targets, dtype=np.float64), device, scale
+        self.pieces = _Pieces()
+        self.buffers = _Buffers()
+
+    def output_dtype(self, state: TensorState) -> torch.dtype:
+        raise NotImplementedError
+
+    def on_model(self, state: TensorState) -> None:
+        model = state.model
+        if model is None:
+            if state.is_float:  # pragma: no cover - every floating-point tensor gets a model
+                raise RuntimeError(f"no model for tensor {state.name!r}")
+            return
+        state.prepared["coefficients"] = model.coefficients(self.targets, self.scale)
+        state.prepared["factors"] = [(torch.as_tensor(np.asarray(u), dtype=torch.float32, device=self.device),
+                                      torch.as_tensor(np.asarray(v), dtype=torch.float32, device=self.device))
+                                     for u, v in model.factors]
+
+    def open_span(self, state: TensorState, first: int, count: int) -> list[torch.Tensor]:
+        return [self.pieces.get(count, self.output_dtype(state)) for _ in self.targets]
+
+    def fill(self, state: TensorState, span: list[torch.Tensor], lo: int, chunk: Chunk) -> None:
+        hi = lo + chunk.count
+        if chunk.value is not None:
+            for piece in span:
+                _value_into(piece[lo:hi], chunk.value)
+            return
+        out, tmp = self.buffers.get(self.device)
+        factors = state.prepared["factors"]
+        for piece, coefficients in zip(span, state.prepared["coefficients"]):
+            piece[lo:hi].copy_(combine(chunk.w0, coefficients, chunk.basis, factors, chunk.first, out, tmp))
+
+
+class CheckpointSink(_PredictionSink):
+    """A Hugging Face checkpoint per target step: shards, index, config and tokenizer files, ``relex.json``.
+
+    ``scale`` (materialize) overrides the scale of every stored model.
+    """
+
+    def __init__(self, folders: dict[int, Path], layout: Sequence[OutputTensor], targets, device: torch.device,
+                 max_shard_size: str | int, scale: float | None = None):
+        super().__init__(targets, device, scale)
+        self.folders = folders
+        self.dtypes = {t.name: t.dtype for t in layout}
+        self.writers = {t: ShardedWriter(folders[t], layout, max_shard_size) for t in folders}
+
+    def output_bytes(self, config_folders: Sequence[Path]) -> int:
+        """Bytes this sink will write: every shard, index, config and tokenizer file, and ``relex.json``."""
+        extra = aux_bytes(config_folders) + 64 * 1024 + 200 * len(self.dtypes)
+        return sum(w.total_bytes + extra for w in self.writers.values())
+
+    def output_dtype(self, state: TensorState) -> torch.dtype:
+        return self.dtypes[state.name]
+
+    def wants_chunks(self, state: TensorState) -> bool:
+        return True
+
+    def emit(self, state: TensorState, span: list[torch.Tensor]) -> None:
+        for writer, piece in zip(self.writers.values(), span):
+            writer.write_part(state.name, piece, done=lambda piece=piece: self.pieces.put(piece))
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(w.bytes_written for w in self.writers.values())
+
+    def finish(self) -> None:
+        for writer in self.writers.values():
+            writer.finish()
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+
+    def save(self, target: int, record: dict, config_folders: Sequence[Path]) -> None:
+        """Config and tokenizer files, and ``relex.json``: ``record`` with the target step and shard digests."""
+        writer = self.writers[target]
+        writer.copy_aux_files(config_folders)
+        writer.write_json("relex.json", {**record, "target_step": target, "shards_sha256": writer.shard_digests()})
+
+
+class AdapterSink(_PredictionSink):
+    """The prediction of a LoRA run as a PEFT adapter per target step.
+
+    The prediction of a target module is W_0 + Σ_i m_i ΔW_i with ΔW_i = P_i Q_i (P_i = s·B_i, Q_i = A_i), so it
+    is exactly one LoRA of rank Σ_i r_i: P = [m_1 P_1 | … | m_T P_T], Q = [Q_1; …; Q_T], optionally truncated
+    to ``lora_rank`` by an SVD of the small factors. Full tensors of the adapter (``modules_to_save``) are
+    predicted like any weight.
+    """
+
+    def __init__(self, readers: RunReaders, folders: dict[int, Path], targets, device: torch.device,
+                 lora_rank: int | None, dtype: str):
+        super().__init__(targets, device)
+        self.readers, self.folders = readers, folders
+        newest = readers.observed[-1]
+        exact = {name: sum(source.modules[name].rank for source in readers.observed) for name in newest.modules}
+        self.ranks = {n: r if lora_rank is None else min(lora_rank, r) for n, r in exact.items()}
+        self.exact = lora_rank is None or all(lora_rank >= r for r in exact.values())
+        self.factor_dtype = torch.float32 if dtype == "auto" else OUTPUT_DTYPES[dtype]
+        self.full_dtypes = {n: readers.output_dtype(n, dtype) for n in newest.saved}
+        full = {n: (readers.info(n).shape, d) for n, d in self.full_dtypes.items()}
+        self.writers = {t: LoraAdapterWriter(folders[t], newest, self.ranks, full, self.factor_dtype)
+                        for t in folders}
+        self.errors: dict[int, dict[str, float]] = {t: {} for t in folders}
+        self._parts: list[list[torch.Tensor]] = []
+
+    @staticmethod
+    def check(readers: RunReaders, method: str) -> None:
+        """``--output lora`` needs adapters and a model whose prediction mixes the observed updates."""
+        if any(source.kind != "lora" for source in readers.observed):
+            raise RelexInputError("--output lora needs a LoRA run (adapter checkpoints); this run holds full "
+                                  "weights", readers.observed[-1].folder)
+        if method == "matrix-rank1":
+            raise RelexInputError("--output lora needs a mode whose prediction mixes the observed updates "
+                                  "(relex, elementwise or last), not matrix-rank1")
+        modules = set(readers.observed[-1].modules)
+        for source in readers.observed[:-1]:
+            if set(source.modules) != modules:
+                raise RelexInputError("targets other modules than the newest adapter; --output lora needs one "
+                                      "set of LoRA modules", source.folder)
+
+    def output_dtype(self, state: TensorState) -> torch.dtype:
+        return self.full_dtypes[state.name]
+
+    def output_bytes(self, config_folders: Sequence[Path]) -> int:
+        """Bytes this sink will write (an upper bound): factors, full tensors, tokenizer files, ``relex.json``."""
+        size = torch.empty((), dtype=self.factor_dtype).element_size()
+        modules = sum(rank * sum(self.readers.info(n).shape[:2]) * size for n, rank in self.ranks.items())
+        full = sum(self.readers.info(n).numel * torch.empty((), dtype=d).element_size()
+                   for n, d in self.full_dtypes.items())
+        extra = aux_bytes(config_folders) + 64 * 1024 + 1024 * len(self.ranks)
+        return len(self.folders) * (modules + full + extra)
+
+    def wants_chunks(self, state: TensorState) -> bool:
+        return state.name in self.full_dtypes  # the base's own tensors are not part of an adapter
+
+    def on_model(self, state: TensorState) -> None:
+        super().on_model(state)
+        if state.name not in self.ranks:
+            return
+        model = state.model
+        n_obs = len(self.readers.observed)
+        pairs = [source.factors(self.readers.aliases[i].get(state.name, state.name))
+                 for i, source in enumerate(self.readers.observed)]
+        for k, target in enumerate(self.writers):
+            if model is None or model.n_basis == 0:
+                weights = np.zeros(n_obs)
+            else:
+                weights = np.asarray(state.prepared["coefficients"][k][:model.n_basis]) @ np.asarray(model.basis)
+            p, q, error = mix_factors(pairs, [float(w) for w in weights], self.ranks[state.name])
+            self.writers[target].write_module(state.name, p.to(self.factor_dtype), q.to(self.factor_dtype))
+            self.errors[target][state.name] = float(error)
+
+    def emit(self, state: TensorState, span: list[torch.Tensor]) -> None:
+        self._parts.append([piece.clone() for piece in span])
+        for piece in span:
+            self.pieces.put(piece)
+
+    def on_tensor_done(self, state: TensorState) -> None:
+        if not self._parts:
+            return
+        for k, writer in enumerate(self.writers.values()):
+            parts = [span[k] for span in self._parts]
+            whole = parts[0] if len(parts) == 1 else torch.cat(parts)
+            writer.write_full(state.name, whole.reshape(state.info.shape))
+        self._parts = []
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(_folder_bytes(folder) for folder in self.folders.values())
+
+    def finish(self) -> None:
+        for writer in self.writers.values():
+            writer.finish()
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+
+    def save(self, target: int, record: dict, config_folders: Sequence[Path]) -> None:
+        """Tokenizer files (an adapter folder has no model config of its own) and ``relex.json`` with the
+        adapter's rank, truncation errors and digests."""
+        folder = self.folders[target]
+        copy_aux_files(folder, config_folders, skip=("config.json", "generation_config.json"))
+        errors = self.errors[target]
+        record = {**record, "target_step": target,
+                  "lora": {"rank": max(self.ranks.values(), default=0), "exact": self.exact,
+                           "max_truncation_error": max(errors.values(), default=0.0), "truncation_error": errors},
+                  "adapter_sha256": self.writers[target].digests()}
+        (folder / "relex.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) if folder.is_dir() else 0
+
+
+def basis_key(name: str, r: int) -> str:
+    return f"{name}@b{r}"
+
+
+def factor_keys(name: str, f: int) -> tuple[str, str]:
+    return f"{name}@u{f}", f"{name}@v{f}"
+
+
+def value_key(name: str) -> str:
+    return f"{name}@value"
+
+
+class TrajectorySink(Sink):
+    """The store of ``relex fit``: per tensor its basis vectors b_r (``NAME@b0``, …), the newest singular
+    vectors of per-matrix models (``NAME@u0``, ``NAME@v0``) or, for an integer buffer, its value
+    (``NAME@value``). Models must be known before the pass (the layout depends on them)."""
+
+    def __init__(self, folder: Path, models: dict, infos: dict, storage_dtypes: dict[str, torch.dtype],
+                 value_dtypes: dict[str, torch.dtype], order: Sequence[str], max_shard_size: str | int):
+        self.layout: list[OutputTensor] = []
+        self.storage_dtypes = storage_dtypes
+        self.value_dtypes = value_dtypes
+        for name in order:
+            model, shape = models[name], infos[name].shape
+            if model is None:
+                self.layout.append(OutputTensor(value_key(name), shape, value_dtypes[name]))
+                continue
+            for r in range(model.n_basis):
+                self.layout.append(OutputTensor(basis_key(name, r), shape, storage_dtypes[name]))
+            for f, (u, v) in enumerate(model.factors):
+                ku, kv = factor_keys(name, f)
+                self.layout.append(OutputTensor(ku, (len(u),), torch.float32))
+                self.layout.append(OutputTensor(kv, (len(v),), torch.float32))
+        self.writer = ShardedWriter(folder, self.layout, max_shard_size, hashed=False)
+        self.pieces = _Pieces()
+
+    def output_bytes(self) -> int:
+        return self.writer.total_bytes
+
+    def wants_chunks(self, state: TensorState) -> bool:
+        return state.model is None or state.model.n_basis > 0
+
+    def open_span(self, state: TensorState, first: int, count: int):
+        if state.model is None:
+            return first, [self.pieces.get(count, self.value_dtypes[state.name])]
+        dtype = self.storage_dtypes[state.name]
+        return first, [self.pieces.get(count, dtype) for _ in range(state.model.n_basis)]
+
+    def fill(self, state: TensorState, span, lo: int, chunk: Chunk) -> None:
+        _, pieces = span
+        hi = lo + chunk.count
+        if chunk.value is not None:
+            _value_into(pieces[0][lo:hi], chunk.value)
+            return
+        for r, piece in enumerate(pieces):
+            piece[lo:hi].copy_(chunk.basis[r])
+
+    def emit(self, state: TensorState, span) -> None:
+        first, pieces = span
+        keys = [value_key(state.name)] if state.model is None else [basis_key(state.name, r)
+                                                                    for r in range(len(pieces))]
+        for key, piece in zip(keys, pieces):
+            self.writer.write_part(key, piece, offset=first * piece.element_size(),
+                                   done=lambda piece=piece: self.pieces.put(piece))
+
+    def on_tensor_done(self, state: TensorState) -> None:
+        if state.model is None:
+            return
+        for f, (u, v) in enumerate(state.model.factors):
+            ku, kv = factor_keys(state.name, f)
+            self.writer.write(ku, torch.as_tensor(np.asarray(u, dtype=np.float32)))
+            self.writer.write(kv, torch.as_tensor(np.asarray(v, dtype=np.float32)))
+
+    @property
+    def bytes_written(self) -> int:
+        return self.writer.bytes_written
+
+    def finish(self) -> None:
+        self.writer.finish()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class GramSink(Sink):
+    """Keeps each floating-point tensor's Gram matrix and base norm; writes nothing."""
+
+    def __init__(self):
+        self.grams: dict[str, np.ndarray] = {}
+        self.base_norms: dict[str, float] = {}
+        self.datas: dict = {}
+
+    def on_model(self, state: TensorState) -> None:
+        self.datas[state.name] = state.data
+        if state.is_float:
+            self.grams[state.name] = state.data.gram
+            self.base_norms[state.name] = state.data.base_norm

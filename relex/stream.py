@@ -1,0 +1,815 @@
+"""One streaming pass over a run: each tensor read once, in spans, through a fixed pool of reused buffers.
+
+For each tensor, in the base's storage order, a pass
+
+1. reads the base and the T observed checkpoints in *spans* — the same consecutive entries of each, in their
+   stored dtype (bf16 is half the bytes of float32) — into one *slot* of a pool of buffers allocated once;
+   several reader threads ``pread`` straight into the slots;
+2. accumulates the Gram matrix G = X Xᵀ of the float32 deltas x_i = w_i − w_0: entries are converted and
+   differenced in chunks of 65,536 into small reused buffers, and each chunk's float32 product is added to G
+   in float64, chunk after chunk. Compute threads share the chunks; each runs its BLAS on one thread, so the
+   numbers do not depend on how many there are;
+3. hands G — and, in per-matrix modes, the top singular triple of each 2-D delta — to ``decide``, which
+   returns the tensor's model (:class:`relex.methods.TensorModel`);
+4. mixes the same spans, still in their slots: w_0 and the basis vectors b_r = Σ_i B_ri x_i of each chunk go
+   to the :class:`Sink`, which makes its outputs from them (a checkpoint per target step, an adapter, a
+   trajectory store) and writes them in order.
+
+While a tensor is mixed, the readers fill the slots it frees with the next one; writers write and hash on
+their own threads. A tensor whose T + 1 stored copies do not fit the pool (``block_bytes``) is read twice:
+its Gram pass keeps its last spans, the mixing pass re-reads the others — only the checkpoints the model
+mixes. With models known before reading (the writing pass after run-level choices, ``relex materialize``),
+each span is mixed as soon as it is read.
+
+On CUDA the slots are pinned host memory, each span is copied to the device asynchronously, and the same
+chunk kernels run there; results come back before a slot or an output buffer is reused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import queue
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from relex.errors import RelexInputError
+from relex.io.discover import CheckpointSeries
+from relex.io.source import Source, TensorInfo
+from relex.io.sources import open_source
+from relex.methods import MatrixFactors, TensorData, TensorModel
+from relex.methods.matrix_rank1 import FactorAccumulator, matrix_shape
+from relex.subspace import GRAM_CHUNK
+
+DEFAULT_BLOCK_BYTES = 2 * 1024**3  # the pool of stored-dtype copies one pass holds at most
+OUTPUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+TIED_HEAD = "lm_head.weight"
+ROW_BYTES = 2 * 1024**2  # bytes of one checkpoint in one slot (fewer when T is large, see slot_row_bytes)
+READER_THREADS = 2
+
+ProgressCallback = Callable[[str, int, int], None]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RelexInputError(f"--device {device} requested but CUDA is not available")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise RelexInputError(f"unknown device {device!r} (use auto, cpu or cuda)") from None
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype != "auto" and dtype not in OUTPUT_DTYPES:
+        raise RelexInputError(f"unknown --dtype {dtype!r} (use auto, {', '.join(OUTPUT_DTYPES)})")
+
+
+# -- the inputs ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    """One input of a tensor: where its entries are read and how they enter the arithmetic.
+
+    ``kind``: ``base`` (w_0), ``weight`` (w_i; the delta is w_i − w_0 in float32), ``delta`` (the source gives
+    w_i − w_0 exactly, in float32: LoRA), ``basis`` (a stored basis vector b_r) or ``value`` (a stored value to
+    write as it is).
+    """
+
+    source: Source
+    key: str
+    dtype: torch.dtype
+    kind: str
+
+    @property
+    def itemsize(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    def read(self, first: int, count: int, out: torch.Tensor) -> int:
+        """Entries ``first .. first + count`` of the flattened tensor into the uint8 buffer ``out``; the bytes read."""
+        if count == 0:
+            return 0
+        if self.kind != "delta":
+            self.source.read_range(self.key, first, count, out)
+            return count * self.itemsize
+        info = self.source.tensors[self.key]
+        if not info.shape:
+            delta, cost = self.source.delta(self.key)
+            out[:4].view(torch.float32).copy_(delta.reshape(-1))
+            return cost
+        cols = info.numel // info.shape[0]
+        r0, r1 = first // cols, -(-(first + count) // cols)
+        delta, cost = self.source.delta(self.key, r0, r1)
+        flat = delta.reshape(-1)[first - r0 * cols: first - r0 * cols + count]
+        out[: 4 * count].view(torch.float32).copy_(flat)
+        return cost
+
+    def read_whole(self) -> torch.Tensor:
+        """The whole tensor: stored values, or float32 for a delta row."""
+        if self.kind == "delta":
+            return self.source.delta(self.key)[0]
+        return self.source.read(self.key)
+
+
+class RunReaders:
+    """The open sources of a run: the base and each observed checkpoint, with the tensor layout checked."""
+
+    def __init__(self, series: CheckpointSeries, allow_pickle: bool):
+        self.series = series
+        self.observed: list[Source] = []
+        self.base = open_source(series.base, allow_pickle=allow_pickle)
+        try:
+            for checkpoint in series.observed:
+                self.observed.append(open_source(checkpoint, base=self.base, allow_pickle=allow_pickle))
+            # Reading in storage order keeps the access to each file sequential.
+            self.names = self.base.order()
+            self.aliases = [self._check_layout(r) for r in self.observed]
+        except BaseException:
+            self.close()
+            raise
+
+    def describe(self) -> dict:
+        """How each checkpoint was read, for ``relex.json``."""
+        kinds = sorted({source.kind for source in self.observed})
+        return {"base": self.base.describe(), "observed_kind": kinds[0] if len(kinds) == 1 else kinds,
+                "observed": [source.describe() for source in self.observed]}
+
+    def run_bytes(self) -> int:
+        """Bytes one full read of the base and every observed checkpoint costs."""
+        return self.base.nbytes() + sum(source.nbytes() for source in self.observed)
+
+    def config_folders(self) -> list[Path]:
+        """Where config and tokenizer files are taken from: newest checkpoint first, the base last."""
+        return [self.observed[-1].config_folder, *[s.config_folder for s in reversed(self.observed[:-1])],
+                self.base.config_folder]
+
+    def info(self, name: str) -> TensorInfo:
+        return self.base.tensors[name]
+
+    def output_dtype(self, name: str, dtype: str = "auto") -> torch.dtype:
+        """The dtype ``name`` is written in: ``dtype`` for floating-point tensors, else the newest checkpoint's."""
+        if dtype != "auto" and self.info(name).is_float:
+            return OUTPUT_DTYPES[dtype]
+        newest = self.observed[-1]
+        return newest.tensors[self.aliases[-1].get(name, name)].dtype
+
+    def rows(self, name: str) -> list[Row]:
+        """The base, then each observed checkpoint (a ``delta`` row when its source knows W − W_0 exactly)."""
+        rows = [Row(self.base, name, self.base.tensors[name].dtype, "base")]
+        for source, aliases in zip(self.observed, self.aliases):
+            key = aliases.get(name, name)
+            if source.has_exact_delta:
+                rows.append(Row(source, key, torch.float32, "delta"))
+            else:
+                rows.append(Row(source, key, source.tensors[key].dtype, "weight"))
+        return rows
+
+    def close(self) -> None:
+        for reader in [self.base, *self.observed]:
+            reader.close()
+
+    def _tied_source(self, reader: Source) -> str | None:
+        for name in reader.tensors:
+            if name.endswith("embed_tokens.weight") or name.endswith("wte.weight"):
+                return name
+        return None
+
+    def _check_layout(self, reader: Source) -> dict[str, str]:
+        """Names, shapes must match the base; a missing tied lm_head reads the embedding instead."""
+        aliases = {}
+        mine, base = set(reader.tensors), set(self.base.tensors)
+        missing = base - mine
+        if missing == {TIED_HEAD} and _config_ties(reader.config_folder):
+            source = self._tied_source(reader)
+            if source is not None:
+                aliases[TIED_HEAD] = source
+                missing = set()
+        extra = mine - base - ({TIED_HEAD} if TIED_HEAD not in base else set())
+        if missing or extra:
+            what = []
+            if missing:
+                what.append(f"lacks {len(missing)} tensor(s) of the base, e.g. {sorted(missing)[0]!r}")
+            if extra:
+                what.append(f"has {len(extra)} tensor(s) the base lacks, e.g. {sorted(extra)[0]!r}")
+            raise RelexInputError("tensor names differ from the base: " + "; ".join(what), reader.folder)
+        for name in self.names:
+            info = reader.tensors[aliases.get(name, name)]
+            expected = self.base.tensors[name].shape
+            if info.shape != expected:
+                raise RelexInputError(
+                    f"tensor {name!r} has shape {list(info.shape)} but {list(expected)} in the base", info.file
+                )
+        return aliases
+
+
+def _config_ties(folder: Path) -> bool:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(config.get("tie_word_embeddings", True))
+
+
+# -- what a pass knows about one tensor ----------------------------------------------------------------------
+
+
+@dataclass
+class TensorState:
+    """One tensor of a pass: its inputs, then its Gram matrix, data and model as they become known.
+
+    ``rows[0]`` is the base; the others are the observed checkpoints (``weight``/``delta`` rows) or, when
+    the model is known beforehand, its stored basis vectors (``basis``) or value (``value``). Sinks keep
+    what they derive from the model (coefficients, weights on the device) in ``prepared``.
+    """
+
+    name: str
+    info: TensorInfo
+    rows: list[Row]
+    steps: np.ndarray
+    model: TensorModel | None = None
+    known: bool = False  # the model was decided before this pass
+    gram: np.ndarray | None = None
+    norm_sq: float = 0.0  # ‖w_0‖², summed over the chunks read
+    factors: MatrixFactors | None = None
+    data: TensorData | None = None
+    prepared: dict = field(default_factory=dict)
+    bytes_read: int = 0
+
+    @property
+    def numel(self) -> int:
+        return self.info.numel
+
+    @property
+    def is_float(self) -> bool:
+        return self.info.is_float
+
+    @property
+    def n_observed(self) -> int:
+        return len(self.rows) - 1
+
+    @property
+    def uniform(self) -> bool:
+        """Every observed input is a stored weight of one dtype (their conversion is one operation)."""
+        if "uniform" not in self.prepared:
+            rows = self.rows[1:]
+            self.prepared["uniform"] = bool(rows) and all(r.kind == "weight" and r.dtype == rows[0].dtype for r in rows)
+        return self.prepared["uniform"]
+
+    def mixed_rows(self) -> tuple[int, ...]:
+        """Indices (into ``rows``) of the inputs the mixing needs besides the base."""
+        kinds = {row.kind for row in self.rows[1:]}
+        if kinds <= {"basis", "value"}:
+            return tuple(range(1, len(self.rows)))
+        if not self.is_float or self.model is None:
+            return (len(self.rows) - 1,)  # an integer buffer keeps its newest value
+        return tuple(1 + int(i) for i in np.flatnonzero(np.any(self.model.basis != 0, axis=0)))
+
+
+@dataclass
+class Chunk:
+    """What the mixing of entries ``first .. first + count`` of a tensor gives a sink (on the device).
+
+    ``w0``: the base in float32; ``basis``: the basis vectors b_r (r, count) in float32, or None; ``value``:
+    the value to write for an integer buffer (or a stored value), else None.
+    """
+
+    first: int
+    count: int
+    w0: torch.Tensor
+    basis: torch.Tensor | None
+    value: torch.Tensor | None
+
+
+class Sink:
+    """Where a pass sends each tensor once its model is known.
+
+    The pass calls, per tensor: ``on_model(state)`` (main thread); if ``wants_chunks(state)``, for each span
+    ``open_span(state, first, count)`` → a span output, ``fill(state, span, lo, chunk)`` for each of its chunks
+    (compute threads; ``lo`` is the offset of the chunk in the span), then ``emit(state, span)`` in span order
+    (main thread); then ``on_tensor_done(state)``. ``finish`` at the end of a successful pass, ``close``
+    always.
+    """
+
+    def wants_chunks(self, state: TensorState) -> bool:
+        return False
+
+    def on_model(self, state: TensorState) -> None:
+        pass
+
+    def open_span(self, state: TensorState, first: int, count: int):
+        return None
+
+    def fill(self, state: TensorState, span, lo: int, chunk: Chunk) -> None:
+        pass
+
+    def emit(self, state: TensorState, span) -> None:
+        pass
+
+    def on_tensor_done(self, state: TensorState) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+# -- kernels -------------------------------------------------------------------------------------------------
+
+
+def combine(w0: torch.Tensor, coefficients: Sequence[float], basis: torch.Tensor | None,
+            factors: Sequence[tuple[torch.Tensor, torch.Tensor]], first: int, out: torch.Tensor,
+            scratch: torch.Tensor) -> torch.Tensor:
+    """w_0 + Σ a_r b_r + Σ a_f (u_f v_fᵀ) of entries ``first .. first + len(w0)`` in float32, into ``out``.
+
+    Separate multiply and add kernels (no fused multiply-add), so an entry's value does not depend on how
+    the tensor was cut into spans and chunks: ``relex materialize`` reproduces it bit for bit. ``factors``
+    are (u, v) of the 2-D view of the tensor; ``scratch`` has room for ``len(w0)`` entries.
+    """
+    count = w0.numel()
+    out = out[:count]
+    tmp = scratch[:count]
+    n_basis = 0 if basis is None else basis.shape[0]
+    terms = [basis[r] for r in range(n_basis)]
+    for u, v in factors:
+        cols = v.numel()
+        r0, r1 = first // cols, -(-(first + count) // cols)
+        terms.append(torch.outer(u[r0:r1], v).reshape(-1)[first - r0 * cols: first - r0 * cols + count])
+    if not terms:
+        return out.copy_(w0)
+    total = w0
+    for term, coefficient in zip(terms, coefficients):
+        torch.mul(term, float(coefficient), out=tmp)
+        torch.add(total, tmp, out=out)
+        total = out
+    return out
+
+
+def newest_value(w0: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The newest observed value of an integer buffer (or any tensor copied unchanged), in ``dtype``."""
+    value = delta.to(torch.float64) + w0.to(torch.float64)
+    return value.round().to(dtype) if not dtype.is_floating_point else value.to(dtype)
+
+
+class _Scratch:
+    """One compute thread's reused chunk buffers (float32, on the pass's device)."""
+
+    def __init__(self, n_rows: int, n_basis: int, device: torch.device):
+        c = GRAM_CHUNK
+        self.w0 = torch.empty(c, dtype=torch.float32, device=device)
+        self.x = torch.empty(max(1, n_rows) * c, dtype=torch.float32, device=device)
+        self.basis = torch.empty(max(1, n_basis) * c, dtype=torch.float32, device=device)
+        self.out = torch.empty(c, dtype=torch.float32, device=device)
+        self.tmp = torch.empty(c, dtype=torch.float32, device=device)
+        self.device = device
+
+    def ensure(self, n_rows: int, n_basis: int) -> None:
+        if self.x.numel() < n_rows * GRAM_CHUNK:
+            self.x = torch.empty(n_rows * GRAM_CHUNK, dtype=torch.float32, device=self.device)
+        if self.basis.numel() < n_basis * GRAM_CHUNK:
+            self.basis = torch.empty(n_basis * GRAM_CHUNK, dtype=torch.float32, device=self.device)
+
+
+def _row_view(slot: torch.Tensor, state: TensorState, i: int, lo: int, hi: int) -> torch.Tensor:
+    row = state.rows[i]
+    size = row.itemsize
+    return slot[i, lo * size: hi * size].view(row.dtype)
+
+
+def _deltas(slot: torch.Tensor, state: TensorState, lo: int, hi: int, scratch: _Scratch,
+            rows: Sequence[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w_0, X) of entries ``lo .. hi`` of a span in float32: X (T, hi − lo) with x_i = w_i − w_0 (or the exact
+    delta); the rows (indices into ``state.rows``) not in ``rows`` (None: all) were not read and are zero."""
+    c = hi - lo
+    t = state.n_observed
+    w0 = scratch.w0[:c]
+    w0.copy_(_row_view(slot, state, 0, lo, hi))
+    x = scratch.x[: t * c].view(t, c)
+    wanted = range(1, t + 1) if rows is None else rows
+    if len(wanted) < t:
+        x.zero_()
+    if len(wanted) == t and state.uniform:  # one conversion and one subtraction for every checkpoint
+        first = state.rows[1]
+        size = first.itemsize
+        x.copy_(slot[1: t + 1, lo * size: hi * size].view(first.dtype))
+        x.sub_(w0)
+        return w0, x
+    for i in wanted:
+        x[i - 1].copy_(_row_view(slot, state, i, lo, hi))
+        if state.rows[i].kind == "weight":
+            x[i - 1].sub_(w0)
+    return w0, x
+
+
+def _gram_span(slot: torch.Tensor, state: TensorState, count: int, scratch: _Scratch) -> tuple[np.ndarray, float]:
+    """Float32 Gram products of each 65,536-entry chunk of a span (n_chunks, T, T), and Σ w_0² of the span."""
+    t = state.n_observed
+    n_chunks = -(-count // GRAM_CHUNK)
+    products = torch.empty((n_chunks, t, t), dtype=torch.float32, device=scratch.device)
+    norm_sq = torch.zeros((), dtype=torch.float64, device=scratch.device)
+    for k in range(n_chunks):
+        lo, hi = k * GRAM_CHUNK, min(count, (k + 1) * GRAM_CHUNK)
+        w0, x = _deltas(slot, state, lo, hi, scratch, None)
+        torch.mm(x, x.T, out=products[k])
+        norm_sq += torch.dot(w0, w0)
+    return products.cpu().numpy(), float(norm_sq)
+
+
+def _mix_span(slot: torch.Tensor, state: TensorState, first: int, count: int, scratch: _Scratch, sink: Sink,
+              span, rows: Sequence[int] | None) -> float:
+    """Hand each chunk of a span to the sink: w_0, the basis vectors B X (or the stored ones), the value.
+
+    Returns Σ w_0² of the span when the tensor's inputs are stored basis vectors (its Gram stage, which
+    measures it otherwise, was skipped), else 0."""
+    model = state.model
+    stored = all(row.kind in ("basis", "value") for row in state.rows[1:])
+    weights = state.prepared.get("basis_weights") if not stored else None
+    n_basis = 0 if model is None else model.n_basis
+    scratch.ensure(len(state.rows), n_basis)
+    norm_sq = torch.zeros((), dtype=torch.float64, device=scratch.device)
+    for lo in range(0, count, GRAM_CHUNK):
+        hi = min(count, lo + GRAM_CHUNK)
+        c = hi - lo
+        basis = value = None
+        if stored:
+            w0 = scratch.w0[:c]
+            w0.copy_(_row_view(slot, state, 0, lo, hi))
+            norm_sq += torch.dot(w0, w0)
+            if len(state.rows) > 1 and state.rows[1].kind == "value":
+                value = _row_view(slot, state, 1, lo, hi)
+            elif n_basis:
+                basis = scratch.basis[: n_basis * c].view(n_basis, c)
+                for r in range(n_basis):
+                    basis[r].copy_(_row_view(slot, state, 1 + r, lo, hi))
+        else:
+            w0, x = _deltas(slot, state, lo, hi, scratch, rows)
+            if not state.is_float or model is None:  # an integer buffer keeps its newest value
+                value = x[-1].to(torch.float64) + w0.to(torch.float64)
+            elif n_basis:
+                basis = scratch.basis[: n_basis * c].view(n_basis, c)
+                torch.mm(weights, x, out=basis)
+        sink.fill(state, span, lo, Chunk(first + lo, c, w0, basis, value))
+    return float(norm_sq)
+
+
+# -- buffers and threads -------------------------------------------------------------------------------------
+
+
+def slot_row_bytes(tensors: Sequence[TensorState], block_bytes: int) -> int:
+    """Bytes of one input in one slot: 2 MiB, less for long series (a slot stays under 64 MiB) and for small
+    pools (at least eight slots in ``block_bytes``), but always a whole Gram chunk of the widest
+    floating-point input."""
+    n_rows = max([len(s.rows) for s in tensors] + [1])
+    widest = max([row.itemsize for s in tensors if s.is_float for row in s.rows] + [1])
+    chunk = GRAM_CHUNK * widest
+    wanted = min(ROW_BYTES, 64 * 1024**2 // n_rows, block_bytes // (8 * n_rows))
+    return max(chunk, wanted // chunk * chunk)
+
+
+class SlotPool:
+    """A fixed set of slots, each ``n_rows`` × ``row_bytes`` bytes, allocated once and reused."""
+
+    def __init__(self, n_slots: int, n_rows: int, row_bytes: int, pin: bool):
+        self.n_slots = n_slots
+        self.row_bytes = row_bytes
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(n_slots):
+            self._free.put(torch.empty((n_rows, row_bytes), dtype=torch.uint8, pin_memory=pin))
+
+    def acquire(self, stop: Callable[[], bool] = lambda: False) -> torch.Tensor | None:
+        """A free slot, waiting for one; None once ``stop()`` says the pass failed."""
+        while True:
+            try:
+                return self._free.get(timeout=0.1)
+            except queue.Empty:
+                if stop():
+                    return None
+
+    def release(self, slot: torch.Tensor) -> None:
+        self._free.put(slot)
+
+
+@dataclass
+class _Read:
+    """One span to read: which tensor, which entries, which rows, and whether its slot stays for mixing."""
+
+    tensor: int
+    span: int
+    first: int
+    count: int
+    rows: tuple[int, ...]
+    phase: str  # "gram" or "mix"
+
+
+class _Stop(Exception):
+    pass
+
+
+class StreamPass:
+    """One pass over ``tensors`` (see the module docstring); :meth:`run` returns the bytes read.
+
+    ``decide(state)`` returns the model of a tensor whose Gram matrix (and singular triples) are known;
+    ``factorised(state)`` says whether a tensor needs the singular triples of its 2-D deltas (``factor_p``:
+    the checkpoints a backtest of them fits on). Tensors whose ``known`` flag is set skip the Gram stage.
+    """
+
+    def __init__(self, tensors: list[TensorState], sink: Sink, device: torch.device, *,
+                 block_bytes: int = DEFAULT_BLOCK_BYTES, decide: Callable[[TensorState], TensorModel | None] | None = None,
+                 factorised: Callable[[TensorState], bool] = lambda state: False, factor_p: int | None = None,
+                 progress: ProgressCallback | None = None, bytes_before: int = 0, total_bytes: int = 0):
+        self.tensors, self.sink, self.device = tensors, sink, device
+        self.decide, self.factorised, self.factor_p = decide, factorised, factor_p
+        self.progress, self.bytes_read, self.total_bytes = progress, bytes_before, total_bytes
+        n_rows = max([len(s.rows) for s in tensors] + [1])
+        self.row_bytes = slot_row_bytes(tensors, block_bytes)
+        self.spans = [self._spans(s) for s in tensors]
+        slot_bytes = n_rows * self.row_bytes
+        need = max([len(sp) for s, sp in zip(tensors, self.spans) if not s.known] + [0])
+        self.workers = 1 if device.type == "cuda" else max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
+        stream_slots = self.workers + 1 + READER_THREADS
+        cap = max(stream_slots + 1, block_bytes // slot_bytes)
+        self.n_slots = max(stream_slots + 1, min(cap, need + max(stream_slots, math.ceil(0.1 * need))))
+        self.resident = self.n_slots - stream_slots  # spans of one tensor that may stay for its mixing
+        self.pin = device.type == "cuda"
+        self._models: dict[int, threading.Event] = {}
+
+    def _spans(self, state: TensorState) -> list[tuple[int, int]]:
+        """Entry ranges read together; for a floating-point tensor whole Gram chunks (the Gram matrix is
+        summed chunk by chunk from the tensor's start, whatever the spans)."""
+        span = self.row_bytes // max(row.itemsize for row in state.rows)
+        if state.is_float:
+            span = span // GRAM_CHUNK * GRAM_CHUNK
+        n = state.numel
+        if n == 0:
+            return [(0, 0)]
+        return [(a, min(n, a + span)) for a in range(0, n, span)]
+
+    def _kept(self, index: int) -> int:
+        """How many of a tensor's last spans stay in their slots from the Gram stage to the mixing."""
+        n = len(self.spans[index])
+        return n if n <= self.resident else max(0, self.resident - READER_THREADS)
+
+    def _schedule(self) -> Iterator[_Read]:
+        for k, state in enumerate(self.tensors):
+            spans = self.spans[k]
+            all_rows = tuple(range(len(state.rows)))
+            if not state.known:
+                for s, (a, b) in enumerate(spans):
+                    yield _Read(k, s, a, b - a, all_rows, "gram")
+                kept = self._kept(k)
+                if kept == len(spans):
+                    continue
+                self._models[k].wait()
+                if self._failed:
+                    return
+                if not self.sink.wants_chunks(state):
+                    continue
+                rows = (0, *state.mixed_rows())
+                for s, (a, b) in enumerate(spans[: len(spans) - kept]):
+                    yield _Read(k, s, a, b - a, rows, "mix")
+            elif self.sink.wants_chunks(state):
+                rows = (0, *state.mixed_rows())
+                for s, (a, b) in enumerate(spans):
+                    yield _Read(k, s, a, b - a, rows, "mix")
+
+    def _read(self, item: _Read, slot: torch.Tensor) -> int:
+        state = self.tensors[item.tensor]
+        return sum(state.rows[i].read(item.first, item.count, slot[i]) for i in item.rows)
+
+    def _prefetch(self, out: queue.Queue, pool: SlotPool, readers: ThreadPoolExecutor) -> None:
+        try:
+            for item in self._schedule():
+                slot = pool.acquire(lambda: self._failed)
+                if slot is None:
+                    break
+                if self._failed:
+                    pool.release(slot)
+                    break
+                out.put((item, slot, readers.submit(self._read, item, slot)))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            out.put(exc)
+            return
+        out.put(None)
+
+    def run(self) -> int:
+        self._failed = False
+        for k, state in enumerate(self.tensors):
+            if not state.known and len(self.spans[k]) > self._kept(k):
+                self._models[k] = threading.Event()
+        pool = SlotPool(self.n_slots, max(len(s.rows) for s in self.tensors) if self.tensors else 1,
+                        self.row_bytes, self.pin)
+        threads = torch.get_num_threads()
+        scratch = threading.local()
+
+        def init_worker() -> None:
+            torch.set_num_threads(1)  # one BLAS thread per compute thread: results independent of their number
+
+        items: queue.Queue = queue.Queue()
+        readers = ThreadPoolExecutor(READER_THREADS, thread_name_prefix="relex-read")
+        compute = ThreadPoolExecutor(self.workers, thread_name_prefix="relex-compute", initializer=init_worker)
+        prefetcher = threading.Thread(target=self._prefetch, args=(items, pool, readers), name="relex-prefetch",
+                                      daemon=True)
+        self._pool, self._items, self._compute, self._scratch = pool, items, compute, scratch
+        prefetcher.start()
+        try:
+            for k, state in enumerate(self.tensors):
+                self._tensor(k, state)
+        except BaseException:
+            self._failed = True
+            for event in self._models.values():
+                event.set()
+            self._drain(prefetcher)
+            raise
+        finally:
+            compute.shutdown(wait=True)
+            readers.shutdown(wait=True)
+            torch.set_num_threads(threads)
+        prefetcher.join()
+        return self.bytes_read
+
+    def _drain(self, prefetcher: threading.Thread) -> None:
+        """After a failure: let the prefetcher finish (it stops at its next slot) and free what it read."""
+        while prefetcher.is_alive() or not self._items.empty():
+            try:
+                entry = self._items.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            if isinstance(entry, tuple):
+                entry[2].exception()
+                self._pool.release(entry[1])
+
+    def _next(self, k: int, phase: str) -> tuple[_Read, torch.Tensor, Future]:
+        entry = self._items.get()
+        if isinstance(entry, BaseException):
+            raise entry
+        item, slot, future = entry
+        if item is None or item.tensor != k or item.phase != phase:  # pragma: no cover - a scheduling bug
+            raise RuntimeError(f"stream out of step: expected tensor {k} {phase}, got {item}")
+        return item, slot, future
+
+    def _scratch_for(self, state: TensorState) -> _Scratch:
+        local = self._scratch
+        n_basis = 0 if state.model is None else state.model.n_basis
+        if not hasattr(local, "buffers"):
+            local.buffers = _Scratch(len(state.rows), n_basis, self.device)
+        local.buffers.ensure(len(state.rows), n_basis)
+        return local.buffers
+
+    def _on_device(self, slot: torch.Tensor, item: _Read, state: TensorState) -> torch.Tensor:
+        if self.device.type == "cpu":
+            return slot
+        width = max(state.rows[i].itemsize for i in item.rows) * item.count
+        return slot[:, :width].to(self.device, non_blocking=True)
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _account(self, state: TensorState, nbytes: int) -> None:
+        self.bytes_read += nbytes
+        state.bytes_read += nbytes
+        if self.progress is not None:
+            self.progress(state.name, self.bytes_read, max(self.total_bytes, self.bytes_read))
+
+    # -- one tensor ------------------------------------------------------------------------------------------
+
+    def _tensor(self, k: int, state: TensorState) -> None:
+        spans = self.spans[k]
+        kept: dict[int, tuple[torch.Tensor, _Read]] = {}
+        if not state.known:
+            kept = self._gram_stage(k, state)
+            if self.factorised(state) and state.is_float:
+                state.factors = self._factors(state, kept, spans)
+            t = state.n_observed
+            gram = state.gram if state.gram is not None else np.zeros((t, t))
+            state.data = TensorData(state.name, state.info.shape, state.steps, gram, state.is_float,
+                                    math.sqrt(max(state.norm_sq, 0.0)), state.factors)
+            state.model = self.decide(state) if (self.decide is not None and state.is_float) else None
+            if k in self._models:
+                self._models[k].set()
+        self.sink.on_model(state)
+        if not self.sink.wants_chunks(state):
+            for slot, _ in kept.values():
+                self._pool.release(slot)
+            self.sink.on_tensor_done(state)
+            return
+        if state.model is not None and state.model.n_basis and state.rows[1].kind in ("weight", "delta"):
+            state.prepared["basis_weights"] = torch.as_tensor(state.model.basis, dtype=torch.float32,
+                                                              device=self.device)
+        pending: list[tuple[Future, object]] = []
+        for s, (a, b) in enumerate(spans):
+            if s in kept:
+                slot, item = kept.pop(s)
+                rows = None  # every input of this span is in memory since the Gram stage
+            else:
+                item, slot, read = self._next(k, "mix")
+                self._account(state, read.result())
+                rows = state.mixed_rows()
+            span = self.sink.open_span(state, a, b - a)
+            pending.append((self._compute.submit(self._mix_task, slot, item, state, span, rows), span))
+            while len(pending) > self.workers:
+                self._emit(state, pending.pop(0))
+        while pending:
+            self._emit(state, pending.pop(0))
+        self.sink.on_tensor_done(state)
+
+    def _emit(self, state: TensorState, entry) -> None:
+        future, span = entry
+        state.norm_sq += future.result()
+        self.sink.emit(state, span)
+
+    def _mix_task(self, slot: torch.Tensor, item: _Read, state: TensorState, span, rows) -> float:
+        try:
+            device_slot = self._on_device(slot, item, state)
+            return _mix_span(device_slot, state, item.first, item.count, self._scratch_for(state), self.sink, span,
+                             rows)
+        finally:
+            self._synchronize()  # the slot may be refilled only once its copy to the device is done
+            self._pool.release(slot)
+
+    def _gram_stage(self, k: int, state: TensorState) -> dict[int, tuple[torch.Tensor, _Read]]:
+        spans = self.spans[k]
+        keep_from = len(spans) - self._kept(k)
+        results: list[Future | None] = []
+        kept: dict[int, tuple[torch.Tensor, _Read]] = {}
+        for s in range(len(spans)):
+            item, slot, read = self._next(k, "gram")
+            self._account(state, read.result())
+            if s >= keep_from:
+                kept[s] = (slot, item)
+            if state.is_float:
+                results.append(self._compute.submit(self._gram_task, slot, item, state, s < keep_from))
+            elif s < keep_from:
+                self._pool.release(slot)
+        t = state.n_observed
+        if state.is_float:
+            gram = np.zeros((t, t))
+            norm_sq = 0.0
+            for future in results:
+                products, span_norm = future.result()
+                for p in products:
+                    gram += p
+                norm_sq += span_norm
+            state.gram, state.norm_sq = gram, norm_sq
+            if not (np.isfinite(gram).all() and math.isfinite(norm_sq)):
+                for slot, _ in kept.values():
+                    self._pool.release(slot)
+                _raise_non_finite(state)
+        return kept
+
+    def _gram_task(self, slot: torch.Tensor, item: _Read, state: TensorState, release: bool):
+        try:
+            device_slot = self._on_device(slot, item, state)
+            return _gram_span(device_slot, state, item.count, self._scratch_for(state))
+        finally:
+            self._synchronize()
+            if release:
+                self._pool.release(slot)
+
+    def _factors(self, state: TensorState, kept: dict, spans) -> MatrixFactors:
+        """Top singular triples of each 2-D delta: whole deltas, one checkpoint at a time."""
+        rows_, cols = matrix_shape(state.info.shape)
+        accumulator = FactorAccumulator(state.n_observed, self.factor_p)
+        if len(kept) == len(spans):  # every span is in memory
+            x = torch.empty(state.numel, dtype=torch.float32)
+            for i in range(1, len(state.rows)):
+                for s, (a, b) in enumerate(spans):
+                    slot = kept[s][0]
+                    part = x[a:b]
+                    part.copy_(_row_view(slot, state, i, 0, b - a))
+                    if state.rows[i].kind == "weight":
+                        part.sub_(_row_view(slot, state, 0, 0, b - a).to(torch.float32))
+                accumulator.add(x.reshape(rows_, cols))
+            return accumulator.result()
+        w0 = state.rows[0].read_whole().to(torch.float32).reshape(-1)
+        self._account(state, w0.numel() * state.rows[0].itemsize)
+        for row in state.rows[1:]:
+            raw = row.read_whole()
+            self._account(state, raw.numel() * raw.element_size())
+            x = raw.to(torch.float32).reshape(-1)
+            del raw
+            if row.kind == "weight":
+                x.sub_(w0)
+            accumulator.add(x.reshape(rows_, cols))
+            del x
+        return accumulator.result()
+
+
+def _raise_non_finite(state: TensorState) -> None:
+    """NaN or Inf shows up in G; only then are the inputs scanned to name the file (scanning every tensor
+    up front would cost a full extra pass)."""
+    for row in state.rows:
+        tensor = row.read_whole()
+        if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+            raise RelexInputError(f"tensor {row.key!r} contains NaN or Inf", row.source.tensors[row.key].file)
+    raise RelexInputError(f"tensor {state.name!r} overflows float32 arithmetic", state.info.file)
