@@ -118,7 +118,7 @@ def top_singular_triple(matrix, dtype=np.float32) -> SingularTriple:
         sigma = float(np.linalg.norm(flat))
         u, v = (np.ones(1), flat / sigma) if m == 1 else (flat / sigma, np.ones(1))
         return _signed(u, sigma, v, 0.0, dtype)
-    from scipy.sparse.linalg import ArpackNoConvergence, svds
+    from scipy.sparse.linalg import ArpackNoConvergence, svds  # only for matrix-rank1 (start-up of the others)
 
     last_error = None
     for attempt, (work_dtype, ncv) in enumerate([(dtype, None), (np.float64, min(min(m, n), 40))]):

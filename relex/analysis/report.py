@@ -24,6 +24,7 @@ from relex.analysis.drift import DriftDiagnostics, diagnose
 from relex.analysis.verdict import run_verdict
 from relex.analysis.nulls import expected_null, explained_ranks, random_walk_null
 from relex.analysis.tables import parse_name, rows_to_csv
+from relex.engine import collect_grams
 from relex.subspace import temporal_svd
 
 TENSOR_COLUMNS = [
@@ -305,8 +306,6 @@ def analyze(
 
     The run is read once, one tensor at a time; only T×T Gram matrices are kept.
     """
-    from relex.engine import collect_grams
-
     started = time.perf_counter()
     if rank < 1:
         from relex.errors import RelexInputError
