@@ -1,7 +1,8 @@
-"""Tiny Hugging Face models built offline, for tests, benchmarks and examples.
+"""Tiny Hugging Face models built offline, for tests, benchmarks and examples, and a checkpoint loader.
 
 Nothing here downloads anything: the tokenizer is a byte-level BPE with the 256 ByteLevel symbols and no
-merges, and the model is a randomly initialised Llama or Qwen2 of hidden size 64.
+merges, and the model is a randomly initialised Llama or Qwen2 of hidden size 64. The independent naive
+implementations the tests compare the engine with live beside the tests (``tests/naive.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ CHAT_TEMPLATE = (
 
 def byte_level_tokenizer(chat_template: bool = True):
     """A ``PreTrainedTokenizerFast`` over raw bytes (256 symbols + 3 special tokens), built offline."""
+    # transformers and tokenizers load in seconds: only when a tiny model is built (start-up of the rest)
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -41,7 +43,7 @@ def byte_level_tokenizer(chat_template: bool = True):
 
 def tiny_config(arch: str = "llama", hidden: int = 64, layers: int = 2, tie: bool = False, vocab: int = 259):
     """A ``LlamaConfig`` or ``Qwen2Config`` small enough to run anywhere."""
-    from transformers import LlamaConfig, Qwen2Config
+    from transformers import LlamaConfig, Qwen2Config  # start-up: see byte_level_tokenizer
 
     cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
     return cls(
@@ -62,7 +64,7 @@ def tiny_config(arch: str = "llama", hidden: int = 64, layers: int = 2, tie: boo
 def save_tiny_model(path: str | Path, arch: str = "llama", seed: int = 0, tie: bool = False,
                     chat_template: bool = True, hidden: int = 64, layers: int = 2):
     """Write a randomly initialised tiny causal LM with its tokenizer to ``path``; return the model."""
-    import torch
+    import torch  # start-up: see byte_level_tokenizer
     from transformers import AutoModelForCausalLM
 
     tokenizer = byte_level_tokenizer(chat_template=chat_template)
@@ -76,41 +78,9 @@ def save_tiny_model(path: str | Path, arch: str = "llama", seed: int = 0, tie: b
     return model
 
 
-def naive_relex(base, checkpoints, steps, targets, rank: int = 1, scale: float = 1.0):
-    """Reference RELEX on whole tensors in float64 with ``numpy.linalg.svd`` (an independent oracle).
-
-    ``base`` maps names to tensors, ``checkpoints`` is a list of such maps (one per step). Returns a list
-    (one per target) of maps name -> float64 numpy array. Holds every checkpoint in memory.
-    """
-    import numpy as np
-
-    steps = np.asarray(steps, dtype=np.float64)
-    outputs = [dict() for _ in targets]
-    for name, w0_tensor in base.items():
-        w0 = w0_tensor.double().numpy().reshape(-1)
-        x = np.stack([c[name].double().numpy().reshape(-1) - w0 for c in checkpoints])
-        if not np.any(x):
-            for out in outputs:
-                out[name] = w0.reshape(w0_tensor.shape)
-            continue
-        u, s, vt = np.linalg.svd(x, full_matrices=False)
-        keep = [j for j in range(min(rank, len(s))) if s[j] > 1e-6 * s[0]]
-        update = np.zeros_like(w0)
-        for k, target in enumerate(targets):
-            update = np.zeros_like(w0)
-            for j in keep:
-                c = x @ vt[j]  # coefficients ⟨x_i, v_j⟩
-                slope, intercept = np.polyfit(steps, c, 1)
-                update += (intercept + slope * target) * vt[j]
-            outputs[k][name] = (w0 + scale * update).reshape(w0_tensor.shape)
-    return outputs
-
-
 def load_state(folder):
-    """All tensors of a checkpoint folder (single file or shards) as a dict — tests only."""
-    from pathlib import Path
-
-    from safetensors.torch import load_file
+    """All tensors of a checkpoint folder (single file or shards) as a dict."""
+    from safetensors.torch import load_file  # start-up: safetensors.torch imports torch
 
     state = {}
     for file in sorted(Path(folder).glob("*.safetensors")):

@@ -10,7 +10,8 @@ import torch
 
 import relex
 from relex.synthetic import DEFAULT_SHAPES, make_run
-from relex.testing import load_state, naive_relex
+from naive import naive_relex
+from relex.testing import load_state
 
 UNEVEN_STEPS = [3, 7, 8, 15, 22, 40]
 

@@ -608,7 +608,7 @@ def test_refuses_missing_or_corrupt_config(runs, tmp_path):
 # -- end to end: relex extrapolate on an adapter run -------------------------------------------------
 def naive_merged_relex(base_dir: Path, run: Path, target: int) -> tuple[dict, dict]:
     """RELEX (rank 1, linear) on checkpoints merged by PEFT in float64 first: ``(base, prediction)``."""
-    from relex.testing import naive_relex
+    from naive import naive_relex
 
     base = {k: v.double() for k, v in load_state(base_dir).items()}
     merged = [peft_merge_float64(base_dir, run / f"checkpoint-{s}") for s in STEPS]

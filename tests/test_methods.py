@@ -1,4 +1,4 @@
-"""Every mode and predictor of the engine against an independent naive implementation (relex.testing_naive)."""
+"""Every mode and predictor of the engine against an independent naive implementation (tests/naive.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from relex.trajectory import ModelSelector, ModelSpec
 from relex.subspace import top_singular_triple
 from relex.synthetic import DEFAULT_SHAPES, make_run, write_checkpoint
 from relex.testing import load_state
-from relex.testing_naive import naive_elementwise, naive_matrix_rank1, naive_temporal
+from naive import naive_elementwise, naive_matrix_rank1, naive_temporal
 
 STEPS = [3, 7, 8, 15, 22, 40]
 TOLERANCE = 1e-3

@@ -1,4 +1,4 @@
-"""Independent naive implementations of every mode, for tests: whole tensors, float64, full SVDs.
+"""Independent naive implementations of every mode, the tests' oracles: whole tensors, float64, full SVDs.
 
 Nothing here shares code with the engine: each function holds every checkpoint of the run in memory,
 forms the deltas in float64, takes full ``numpy.linalg.svd`` decompositions and fits the predictors with
@@ -151,4 +151,32 @@ def naive_matrix_rank1(base, checkpoints, steps, targets, *, predictor: str = "l
             else:
                 update = fit(target) * direction
             outputs[k][name] = w0 + scale * update.reshape(w0.shape)
+    return outputs
+
+
+def naive_relex(base, checkpoints, steps, targets, rank: int = 1, scale: float = 1.0):
+    """Reference RELEX on whole tensors in float64 with ``numpy.linalg.svd`` (an independent oracle).
+
+    ``base`` maps names to tensors, ``checkpoints`` is a list of such maps (one per step). Returns a list
+    (one per target) of maps name -> float64 numpy array. Holds every checkpoint in memory.
+    """
+    steps = np.asarray(steps, dtype=np.float64)
+    outputs = [dict() for _ in targets]
+    for name, w0_tensor in base.items():
+        w0 = w0_tensor.double().numpy().reshape(-1)
+        x = np.stack([c[name].double().numpy().reshape(-1) - w0 for c in checkpoints])
+        if not np.any(x):
+            for out in outputs:
+                out[name] = w0.reshape(w0_tensor.shape)
+            continue
+        u, s, vt = np.linalg.svd(x, full_matrices=False)
+        keep = [j for j in range(min(rank, len(s))) if s[j] > 1e-6 * s[0]]
+        update = np.zeros_like(w0)
+        for k, target in enumerate(targets):
+            update = np.zeros_like(w0)
+            for j in keep:
+                c = x @ vt[j]  # coefficients ⟨x_i, v_j⟩
+                slope, intercept = np.polyfit(steps, c, 1)
+                update += (intercept + slope * target) * vt[j]
+            outputs[k][name] = (w0 + scale * update).reshape(w0_tensor.shape)
     return outputs
