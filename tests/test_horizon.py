@@ -52,11 +52,11 @@ def test_horizon_without_a_backtest_and_inside_the_window():
 
 
 def test_messages_keep_the_evidence_of_a_verdict_that_passes():
-    d = _verdict(100, line=0.16)
+    d = _verdict(100, line=0.10)
     assert d.verdict == DRIFT
     assert d.message == ("drift-dominated: extrapolation along the trajectory is plausible (the target is 5× the "
                          "observed window (step 100 from steps 5..20); on the observed window a line fitted up to "
-                         "step 10 predicted step 20 with weight error 0.16, stopping 0.49; carried to step 100: "
-                         "0.64 against 0.78)")
+                         "step 10 predicted step 20 with weight error 0.10, stopping 0.49; carried to step 100: "
+                         "0.40 against 0.78)")
     assert d.backtest["horizon"]["max_target_step"] == 220 and d.backtest["line_beats_stop"]
     assert _verdict(None).message.endswith("weight error 0.01, stopping 0.49)")

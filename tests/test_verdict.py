@@ -14,9 +14,13 @@ STEPS = [5, 10, 15, 20]
 def test_backtest_projected_to_the_target_overrules_a_drift_share():
     # Figures of the toy demo (SGD) and of its Adam twin at a 20% prefix, predicting step 100.
     smooth = apply_backtest(diagnose(pure_drift_gram(STEPS), STEPS), [5, 10], [15, 20], 0.16, 0.49, 100)
-    assert smooth.verdict == DRIFT
     assert np.isclose(smooth.backtest["projected_line_error"], 0.16 * 4)  # h: 2 in the backtest, 5 at the target
     assert np.isclose(smooth.backtest["projected_stop_error"], 0.49 * 0.8 / 0.5)
+    # 0.64 against 0.78: the line wins by less than the margin retraining moves it (docs/verdict_calibration.md)
+    assert smooth.verdict != DRIFT and smooth.message.startswith("too close to call")
+    assert smooth.backtest["line_beats_stop"] and smooth.backtest["within_margin"]
+    clear = apply_backtest(diagnose(pure_drift_gram(STEPS), STEPS), [5, 10], [15, 20], 0.10, 0.49, 100)
+    assert clear.verdict == DRIFT  # 0.40 against 0.78
     noisy = apply_backtest(diagnose(pure_drift_gram(STEPS), STEPS), [5, 10], [15, 20], 0.45, 0.51, 100)
     assert noisy.verdict != DRIFT
     assert "will likely hurt" in noisy.message and "carried to step 100: 1.80 against 0.82" in noisy.message

@@ -256,6 +256,7 @@ class DriftDiagnostics:
     message: str
     coherent: CoherentFit | None = None  # the rank-2 fit (its cos and alpha describe the path's shape)
     backtest: dict | None = None  # line vs stopping on the observed window (see apply_backtest)
+    calibration: dict | None = None  # balanced drift share and pace ratio (relex.analysis.verdict.run_verdict)
 
     def expected_errors(self, target: float) -> dict:
         """Expected relative weight error ‖pred − true‖/‖true − w_0‖ at ``target`` under the fitted
@@ -280,6 +281,7 @@ class DriftDiagnostics:
                 "band": self.coherent.band,
             },
             "backtest": self.backtest,
+            "calibration": self.calibration,
             "line_fit": {"drift_per_step_sq": getattr(self, "_a2", float("nan")),
                          "noise_per_step": getattr(self, "_b2", float("nan"))},
         }
@@ -306,6 +308,10 @@ def expected_errors(a2: float, b2: float, last_step: float, target: float) -> di
     stop = a2 * (target - last_step) ** 2 + b2 * (target - last_step)
     return {"extrapolate": math.sqrt(max(extrapolate, 0) / true_sq), "last_checkpoint": math.sqrt(max(stop, 0) / true_sq)}
 
+
+# A carried backtest in which the line beats stopping by less than this fraction of stopping's error does
+# not make a run plausible (see apply_backtest and docs/verdict_calibration.md).
+BACKTEST_MARGIN = 0.2
 
 # Verdict thresholds on the drift share s (see _verdict).
 DRIFT_THRESHOLD = 0.8
@@ -471,7 +477,8 @@ def horizon(steps, target_step, fit_steps=None, held_out_steps=None) -> tuple[di
 
 
 def apply_backtest(diagnostics: DriftDiagnostics, fit_steps, held_out_steps, line_error: float,
-                   stop_error: float, target_step: float | None = None) -> DriftDiagnostics:
+                   stop_error: float, target_step: float | None = None,
+                   margin: float | None = None) -> DriftDiagnostics:
     """Let a backtest on the observed window overrule the drift share when the two disagree.
 
     ``line_error`` is the relative weight-space error at the farthest held-out step of RELEX (rank 1,
@@ -488,7 +495,11 @@ def apply_backtest(diagnostics: DriftDiagnostics, fit_steps, held_out_steps, lin
 
     The record (``diagnostics.backtest``) holds the errors, ``line_beats_stop`` and, with a target,
     ``horizon`` (see :func:`horizon`).
+
+    A drift-dominated run whose line beats stopping by less than ``margin`` (a fraction of stopping's
+    error; default :data:`BACKTEST_MARGIN`) is called mixed: too close to call.
     """
+    margin = BACKTEST_MARGIN if margin is None else float(margin)
     fit_steps, held_out_steps = [int(s) for s in fit_steps], [int(s) for s in held_out_steps]
     record = {"fit_steps": fit_steps, "held_out_steps": held_out_steps,
               "line_error": float(line_error), "stop_error": float(stop_error)}
@@ -526,6 +537,14 @@ def apply_backtest(diagnostics: DriftDiagnostics, fit_steps, held_out_steps, lin
     elif beyond and diagnostics.verdict == DRIFT:
         diagnostics.verdict = MIXED
         diagnostics.message = f"extrapolation this far cannot be vouched for: {evidence}"
+    elif line > (1.0 - margin) * stop and diagnostics.verdict == DRIFT:
+        # the line wins, but by less than the same run retrained on another CPU or thread count can move
+        # the figures (docs/verdict_calibration.md): too close to call
+        record["within_margin"] = True
+        diagnostics.verdict = MIXED
+        diagnostics.message = (f"too close to call: the line beats stopping by less than the "
+                               f"{margin:.0%} margin that rerunning the same training can move the "
+                               f"backtest ({evidence})")
     else:
         diagnostics.message = f"{diagnostics.message} ({evidence})"
     return diagnostics
@@ -536,3 +555,48 @@ def _error_text(error: float) -> str:
     if not math.isfinite(error):
         return "∞"
     return f"{error:.2f}" if error < 1e4 else f"{error:.2g}"
+
+
+# ------------------------------------------------------------------ calibration checks (run level)
+
+# A run is called drift-dominated only when these hold too (see docs/verdict_calibration.md):
+# the balanced drift share (each weight matrix counted once, whatever its norm) is at least DRIFT_THRESHOLD,
+# and the pace of the second half of the window is at least MIN_PACE_RATIO times that of the first.
+MIN_PACE_RATIO = 0.75
+
+
+def balanced_gram(grams, ndims=None) -> np.ndarray | None:
+    """Σ_k G_k / ‖x_T‖²_k over the tensors that moved: each counts once, so no single tensor (an embedding
+    that moves far more than the rest) carries the whole-model figure. Matrices only (vectors such as norm
+    scales are few-dimensional and noisy) unless no matrix moved. ``None`` when nothing moved."""
+    moving = {n: np.asarray(g, dtype=np.float64) for n, g in grams.items()
+              if np.all(np.isfinite(g)) and np.asarray(g)[-1, -1] > 0}
+    matrices = {n: g for n, g in moving.items() if ndims is None or ndims.get(n, 2) >= 2}
+    chosen = matrices or moving
+    if not chosen:
+        return None
+    return sum(g / g[-1, -1] for g in chosen.values())
+
+
+def pace_ratio(gram: np.ndarray, steps) -> float:
+    """Pace of the second half of the window over that of the first, along the direction of the last delta.
+
+    p_i = ⟨x_i, x_T⟩ / ‖x_T‖ is linear in t_i for a line through the base and, on average, for a random walk
+    too (E⟨x_i, x_T⟩ ∝ min(t_i, t_T) = t_i), so noise leaves the ratio near 1 while a path that slows down
+    inside the window gives less (√t over steps 5..20: 0.38) and one that speeds up more. The first-half pace
+    is the slope through the base fitted to the first half; the second-half pace is (p_T − p_mid)/(t_T −
+    t_mid). ``nan`` for fewer than 4 checkpoints.
+    """
+    g = np.asarray(gram, dtype=np.float64)
+    t = np.asarray(steps, dtype=np.float64)
+    n = len(t)
+    if n < 4 or g[-1, -1] <= 0:
+        return float("nan")
+    p = g[:, -1] / math.sqrt(g[-1, -1])
+    mid = n // 2 - 1
+    first = t[: mid + 1]
+    s1 = float(p[: mid + 1] @ first / (first @ first))
+    s2 = float((p[-1] - p[mid]) / (t[-1] - t[mid]))
+    if s1 <= 0:
+        return float("nan")
+    return s2 / s1

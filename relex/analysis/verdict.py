@@ -5,15 +5,29 @@ One place computes it, from the per-tensor Gram matrices of the deltas, for ever
 matrix (:func:`relex.analysis.drift.diagnose`), then a backtest on the observed window — a line fitted on
 the first half of the window must predict its second half, and carried to the target, better than
 stopping (:func:`relex.analysis.drift.apply_backtest`).
+
+Two checks calibrated on toy runs (docs/verdict_calibration.md) keep a run from being called
+drift-dominated on the strength of part of it:
+
+- *balance*: the drift share is also computed with each weight matrix counted once
+  (:func:`relex.analysis.drift.balanced_gram`) and must clear the same threshold, so one tensor that moves
+  far more than the rest (the embedding) cannot carry the whole-model figure alone;
+- *pace*: a run whose second half of the window moved at less than
+  :data:`~relex.analysis.drift.MIN_PACE_RATIO` of the pace of its first half
+  (:func:`relex.analysis.drift.pace_ratio`) is decelerating, and a line would overshoot it;
+- *margin*: a line that beats stopping in the carried backtest by less than
+  :data:`~relex.analysis.drift.BACKTEST_MARGIN` is too close to call.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import numpy as np
 
-from relex.analysis.drift import DriftDiagnostics, apply_backtest, diagnose, verdict_holdout
+from relex.analysis.drift import (DRIFT, MIXED, DriftDiagnostics, apply_backtest, balanced_gram, coherent_share,
+                                  diagnose, pace_ratio, verdict_holdout, MIN_PACE_RATIO, DRIFT_THRESHOLD)
 from relex.backtest import gram_errors
 from relex.methods import get_method
 
@@ -25,10 +39,15 @@ class VerdictBacktest:
     drift diagnostics.
     """
 
-    def __init__(self, steps):
+    def __init__(self, steps, balanced: bool = True):
+        self.balanced = balanced
         self.steps = np.asarray(steps, dtype=np.float64)
         self.holdout = verdict_holdout(len(self.steps))
         self.sums = np.zeros(3)  # line error², stop error², true norm² at the farthest held-out step
+        self.relative = np.zeros(2)  # Σ over matrices of (line error² / true norm², stop error² / true norm²)
+        self.matrices = 0
+        self.vectors = np.zeros(2)  # the same over the other tensors (used when no matrix moved)
+        self.others = 0
         if self.holdout is not None:
             self.line, self.stop = get_method("relex"), get_method("last")
 
@@ -38,6 +57,22 @@ class VerdictBacktest:
         line, true_sq = gram_errors(gram, self.steps, self.line, self.holdout, tensor=name, ndim=ndim)
         stop, _ = gram_errors(gram, self.steps, self.stop, self.holdout, tensor=name, ndim=ndim)
         self.sums += (line[-1], stop[-1], true_sq[-1])
+        if true_sq[-1] > 0:
+            ratios = np.array([line[-1], stop[-1]]) / true_sq[-1]
+            if ndim >= 2:
+                self.relative += ratios
+                self.matrices += 1
+            else:
+                self.vectors += ratios
+                self.others += 1
+
+    def balanced_errors(self) -> tuple[float, float]:
+        """Root-mean-square relative errors (line, stop) with each matrix counted once."""
+        if self.matrices:
+            return tuple(np.sqrt(self.relative / self.matrices))
+        if self.others:
+            return tuple(np.sqrt(self.vectors / self.others))
+        return float("nan"), float("nan")
 
     def apply(self, diagnostics: DriftDiagnostics | None, target_step: float | None = None) -> DriftDiagnostics | None:
         """``diagnostics`` with the backtest's figures and, when it fails, a downgraded verdict."""
@@ -45,19 +80,52 @@ class VerdictBacktest:
             return diagnostics
         p = len(self.steps) - self.holdout
         line, stop = np.sqrt(self.sums[:2] / self.sums[2])
-        return apply_backtest(diagnostics, self.steps[:p], self.steps[p:], line, stop, target_step)
+        b_line, b_stop = self.balanced_errors()
+        result = apply_backtest(diagnostics, self.steps[:p], self.steps[p:], line, stop, target_step,
+                                margin=None if self.balanced else 0.0)
+        if result.backtest is not None:  # for information: the same errors with each matrix counted once
+            result.backtest["balanced"] = {"line_error": float(b_line), "stop_error": float(b_stop)}
+        return result
 
 
 def run_verdict(grams: Mapping[str, np.ndarray], ndims: Mapping[str, int], steps,
-                target_step: float | None = None) -> DriftDiagnostics | None:
+                target_step: float | None = None, *, calibrated: bool = True) -> DriftDiagnostics | None:
     """The verdict of a run from its per-tensor Gram matrices (``None`` when nothing moved).
 
     ``ndims`` gives each tensor's number of dimensions; ``target_step`` is the step to extrapolate to
-    (the window backtest is carried there).
+    (the window backtest is carried there). ``calibrated=False`` gives the verdict without the balance and
+    pace checks (whole-model figures only), as relex gave it before its calibration, for comparison.
     """
     n = len(steps)
     run_gram = sum(grams.values()) if grams else np.zeros((n, n))
-    check = VerdictBacktest(steps)
+    check = VerdictBacktest(steps, balanced=calibrated)
     for name, gram in grams.items():
         check.add(name, gram, ndims[name])
-    return check.apply(diagnose(run_gram, list(steps)) if np.any(run_gram) else None, target_step)
+    diagnostics = diagnose(run_gram, list(steps)) if np.any(run_gram) else None
+    if diagnostics is not None and calibrated:
+        _calibration_checks(diagnostics, grams, ndims, steps)
+    return check.apply(diagnostics, target_step)
+
+
+def _calibration_checks(diagnostics: DriftDiagnostics, grams, ndims, steps) -> None:
+    """Balanced drift share and pace ratio: recorded in ``diagnostics.calibration``; either can turn a
+    drift-dominated verdict into a mixed one."""
+    balanced = balanced_gram(grams, ndims)
+    share = coherent_share(balanced, steps, factors=1).share if balanced is not None else float("nan")
+    pace = pace_ratio(balanced, steps) if balanced is not None else float("nan")
+    whole_pace = pace_ratio(sum(grams.values()), steps)
+    diagnostics.calibration = {"balanced_drift_share": share, "pace_ratio": pace, "whole_model_pace_ratio": whole_pace,
+                               "min_pace_ratio": MIN_PACE_RATIO}
+    if diagnostics.verdict != DRIFT:
+        return
+    if math.isfinite(share) and share < DRIFT_THRESHOLD:
+        diagnostics.verdict = MIXED
+        diagnostics.message = (f"drift carried by a few tensors: the whole-model drift share is "
+                               f"{diagnostics.drift_share:.2f}, but {share:.2f} with each weight matrix counted "
+                               "once; extrapolate only a short horizon and check the backtest")
+        return
+    slowest = min((x for x in (pace, whole_pace) if math.isfinite(x)), default=float("nan"))
+    if math.isfinite(slowest) and slowest < MIN_PACE_RATIO:
+        diagnostics.verdict = MIXED
+        diagnostics.message = (f"decelerating inside the window: the second half moved at {slowest:.2f} of the "
+                               "pace of the first, so a line through the base will overshoot")

@@ -1,0 +1,270 @@
+"""Calibrate the verdict: is a run called plausible exactly when extrapolating it helps?
+
+For each toy setting (those of ``benchmarks/toy_regime.py`` plus the ``demo`` and ``noisy`` presets) and seed:
+train the run to a temporary folder, then from each prefix (10%, 20%, 30% of the RL steps) do what a user
+would do with the library:
+
+- the verdict, as ``relex check`` computes it: :func:`relex.engine.collect_grams` on the observed prefix and
+  :func:`relex.analysis.verdict.run_verdict` with the target = the run's last step; "plausible" is the gate's
+  ``plausible`` outcome (:func:`relex.gate.judge`);
+- the outcome: :func:`relex.engine.extrapolate` (RELEX, the defaults) from the same prefix to the last step,
+  and the held-out greedy accuracy (300 problems) of that checkpoint against the last observed one, with a
+  paired bootstrap 95% interval over problems (:func:`relex.evaluate.stats.paired_bootstrap`): ``helped``
+  when the interval is above 0, ``hurt`` when below, ``n.s.`` otherwise.
+
+One JSON line per (run, prefix) is appended to ``--out`` as soon as it is measured, with the per-tensor Gram
+matrices of the prefix, so a change of the verdict can be re-scored without retraining (``--rescore``).
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/calibrate_verdict.py --out calibration.jsonl \\
+        [--only demo,noisy,...] [--seeds 0,1,2] [--threads 1]
+    python benchmarks/calibrate_verdict.py --out calibration.jsonl --rescore   # table with the current verdict
+
+Runs already in ``--out`` (same setting, seed and threads) are skipped, so an interrupted sweep resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+PREFIXES = (0.1, 0.2, 0.3)
+
+# The most informative runs first: the presets, then the settings docs/toy_regime.md called drift-dominated
+# that failed, then those that worked, then the rest.
+# mode-sgd-lr001-ck5 is the demo preset, and mode-sgd-lr001-s1 / -s2 are mode-sgd-lr001 at seeds 1 and 2, so
+# they are left out of the default list (--seeds covers them); --only still runs them.
+ORDER = ["demo", "noisy", "mode-exact-lr001", "mode-sgd-lr002", "mode-sgd-lr001-b64", "mode-momentum",
+         "modeLS-sgd-lr003", "mode-exact-lr003", "mode-sgd-lr001", "mode-sgd-lr003", "mode-sgd-lr01",
+         "mode-sgd-b32", "mode-sgd-lr001-200", "mode-sgd-lr001-b256", "mode-adam", "noisy-adam",
+         "sharp-sgd-lr01", "mode-sgd-kl", "mode-sgd-h64"]
+
+
+def settings() -> dict:
+    """name -> ToyConfig keyword arguments (seed 0)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from toy_regime import SETTINGS  # noqa: E402
+
+    from relex.toy import ToyConfig
+
+    out = {name: dict(overrides) for name, _, overrides in SETTINGS}
+    for preset in ("demo", "noisy"):
+        config = getattr(ToyConfig, preset)().to_dict()
+        config.pop("name")
+        out[preset] = config
+    return out
+
+
+def per_problem_greedy(folder) -> np.ndarray:
+    """0/1 greedy correctness on the held-out problems of the checkpoint in ``folder``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from relex.toy import task
+    from relex.toy.evaluate import answer_ids, generate, prompt_ids, rewards
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    problems = task.heldout_problems()
+    with torch.no_grad():
+        out = generate(model, prompt_ids(problems))
+        return rewards(out, answer_ids(problems)).double().numpy()
+
+
+def outcome_of(interval: dict) -> str:
+    if interval["ci_low"] > 0:
+        return "helped"
+    if interval["ci_high"] < 0:
+        return "hurt"
+    return "n.s."
+
+
+def verdict_of(grams: dict, ndims: dict, steps, target, calibrated: bool = True) -> dict:
+    """The verdict and the gate's decision from per-tensor Gram matrices (as ``relex check``);
+    ``calibrated=False``: the verdict before its calibration (whole-model figures only)."""
+    from relex.analysis.verdict import run_verdict
+    from relex.gate import judge
+
+    d = run_verdict(grams, ndims, steps, target, calibrated=calibrated)
+    decision = judge(d, False, target)
+    return {"calibration": None if d is None else d.calibration,"verdict": None if d is None else d.verdict, "message": None if d is None else d.message,
+            "drift_share": None if d is None else d.drift_share,
+            "backtest": None if d is None else d.backtest, "gate": decision.outcome,
+            "plausible": decision.outcome == "plausible"}
+
+
+def measure_run(name: str, kwargs: dict, seed: int, threads: int, bases: dict, out: Path, log=print) -> None:
+    import torch
+
+    from relex.engine import collect_grams, extrapolate
+    from relex.errors import RelexInputError
+    from relex.evaluate.stats import paired_bootstrap
+    from relex.toy import ToyConfig, train_run, warmup_model
+
+    # a setting's own seed (mode-sgd-lr001-s1: seed 1) is an offset to the requested one
+    seed = seed + int(kwargs.get("seed", 0))
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("name", "seed", "num_threads")}
+    config = ToyConfig(name=name, seed=seed, num_threads=threads, **kwargs)
+    torch.set_num_threads(threads)
+    key = config.warmup_key()
+    t0 = time.perf_counter()
+    if key not in bases:
+        bases[key] = warmup_model(config)
+    work = Path(tempfile.mkdtemp(prefix="relex-calib-"))
+    try:
+        summary = train_run(work / "run", config, base=bases[key], evaluate=False)
+        train_seconds = time.perf_counter() - t0
+        steps = [c["step"] for c in summary["checkpoints"]]
+        target = steps[-1]
+        scores = {0: per_problem_greedy(work / "run" / "checkpoint-0"),
+                  target: per_problem_greedy(work / "run" / f"checkpoint-{target}")}
+        for fraction in PREFIXES:
+            t1 = time.perf_counter()
+            max_step = int(round(fraction * config.steps))
+            try:
+                grams = collect_grams(work / "run", max_step=max_step, device="cpu")
+            except RelexInputError as error:  # too few checkpoints in a short prefix
+                log(f"  {name} s{seed} {int(fraction * 100)}%: skipped ({error})", flush=True)
+                continue
+            observed = [int(s) for s in grams.steps]
+            ndims = {n: len(grams.shapes[n]) for n in grams.grams}
+            verdict = verdict_of(grams.grams, ndims, observed, target)
+            last = observed[-1]
+            if last not in scores:
+                scores[last] = per_problem_greedy(work / "run" / f"checkpoint-{last}")
+            pred_dir = work / f"pred-{max_step}"
+            result = extrapolate(work / "run", target_step=target, max_step=max_step, out_dir=pred_dir,
+                                 device="cpu", overwrite=True)
+            predicted = per_problem_greedy(result.out_dirs[target])
+            shutil.rmtree(pred_dir, ignore_errors=True)
+            interval = paired_bootstrap(scores[last], predicted, n_boot=10_000, seed=0)
+            base_acc, final_acc = float(scores[0].mean()), float(scores[target].mean())
+            gain = final_acc - base_acc
+            row = {"setting": name, "seed": seed, "threads": threads, "prefix": fraction, "max_step": max_step,
+                   "target": target, "steps": observed, "config": config.to_dict(),
+                   "base_greedy": base_acc, "final_greedy": final_acc, "last_greedy": float(scores[last].mean()),
+                   "pred_greedy": float(predicted.mean()),
+                   "frac_gain": (float(predicted.mean()) - base_acc) / gain if abs(gain) > 1e-9 else None,
+                   "diff": interval["diff"], "ci_low": interval["ci_low"], "ci_high": interval["ci_high"],
+                   "outcome": outcome_of(interval), **verdict,
+                   "ndims": ndims, "params": {n: int(math.prod(grams.shapes[n])) for n in grams.grams},
+                   "base_norms": grams.base_norms,
+                   "grams": {n: np.asarray(g, dtype=np.float64).tolist() for n, g in grams.grams.items()},
+                   "train_seconds": round(train_seconds, 1), "seconds": round(time.perf_counter() - t1, 1)}
+            with out.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+            log(f"  {name} s{seed} {int(fraction * 100)}%: {row['verdict']} (gate {row['gate']}, share "
+                f"{row['drift_share'] if row['drift_share'] is None else round(row['drift_share'], 2)}) | "
+                f"last {row['last_greedy']:.3f} pred {row['pred_greedy']:.3f} final {final_acc:.3f} -> "
+                f"{row['outcome']} [{interval['ci_low']:+.3f}, {interval['ci_high']:+.3f}]", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def load_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def rescore(rows: list[dict], calibrated: bool = True) -> list[dict]:
+    """The rows with the verdict recomputed by the current code from their stored Gram matrices."""
+    out = []
+    for row in rows:
+        grams = {n: np.asarray(g) for n, g in row["grams"].items()}
+        out.append({**row, **verdict_of(grams, row["ndims"], row["steps"], row["target"], calibrated)})
+    return out
+
+
+def confusion(rows: list[dict]) -> str:
+    counts = {(p, o): 0 for p in (True, False) for o in ("helped", "n.s.", "hurt")}
+    for row in rows:
+        counts[(bool(row["plausible"]), row["outcome"])] += 1
+    lines = ["| verdict \\ outcome | helped | n.s. | hurt | total |", "|---|---|---|---|---|"]
+    for plausible, label in ((True, "plausible"), (False, "not plausible")):
+        cells = [counts[(plausible, o)] for o in ("helped", "n.s.", "hurt")]
+        lines.append(f"| {label} | " + " | ".join(map(str, cells)) + f" | {sum(cells)} |")
+    called = sum(counts[(True, o)] for o in ("helped", "n.s.", "hurt"))
+    helped = counts[(True, "helped")] + counts[(False, "helped")]
+    precision = counts[(True, "helped")] / called if called else float("nan")
+    recall = counts[(True, "helped")] / helped if helped else float("nan")
+    lines.append("")
+    lines.append(f"precision (helped among plausible) {counts[(True, 'helped')]}/{called} = {precision:.2f}; "
+                 f"plausible where it hurt: {counts[(True, 'hurt')]}; recall (plausible among helped) "
+                 f"{counts[(True, 'helped')]}/{helped} = {recall:.2f}")
+    return "\n".join(lines)
+
+
+def _figure(value, digits=2) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def listing(rows: list[dict], old: list[dict] | None = None) -> str:
+    lines = ["| run | prefix | drift share (balanced) | pace ratio | backtest line / stop (carried) | gate before "
+             "| gate now | last → pred (final) | diff [95% CI] | outcome |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(rows):
+        cal = r.get("calibration") or {}
+        bt = r.get("backtest") or {}
+        share = f"{_figure(r['drift_share'])} ({_figure(cal.get('balanced_drift_share'))})"
+        pace = _figure(cal.get("pace_ratio"))
+        carried = (f"{_figure(bt.get('projected_line_error'))} / {_figure(bt.get('projected_stop_error'))}"
+                   if bt else "-")
+        before = old[i]["gate"] if old is not None else "-"
+        lines.append(f"| {r['setting']} s{r['seed']} t{r['threads']} | {int(round(r['prefix'] * 100))}% | {share} | "
+                     f"{pace} | {carried} | {before} | {r['gate']} | {r['last_greedy']:.3f} → {r['pred_greedy']:.3f} ({r['final_greedy']:.3f}) | "
+                     f"{r['diff']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] | {r['outcome']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="calibration.jsonl", help="JSON lines (with --rescore: comma-separated files)")
+    parser.add_argument("--only", default="", help="comma-separated settings (default: all, most informative first)")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds (the full calibration: 0,1,2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for training and evaluation")
+    parser.add_argument("--rescore", action="store_true", help="only re-score the rows in --out with the current verdict")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if args.rescore:
+        rows = [r for path in args.out.split(",") for r in load_rows(Path(path))]
+        old, new = rescore(rows, calibrated=False), rescore(rows)
+        print("## before calibration (whole-model figures only)\n\n" + confusion(old)
+              + "\n\n## calibrated verdict\n\n" + confusion(new))
+        print("\n" + listing(new, old))
+        return 0
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    table = settings()
+    wanted = [s for s in args.only.split(",") if s] or [n for n in ORDER if n in table]
+    unknown = [s for s in wanted if s not in table]
+    if unknown:
+        parser.error(f"unknown settings: {', '.join(unknown)}")
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    done = {(r["setting"], r["seed"], r["threads"]) for r in load_rows(out) if r["prefix"] == PREFIXES[-1]}
+    bases: dict = {}
+    for seed in seeds:
+        for name in wanted:
+            if (name, seed + int(table[name].get("seed", 0)), args.threads) in done:
+                continue
+            print(f"[{time.strftime('%H:%M:%S')}] {name} seed {seed} ({args.threads} thread(s))", flush=True)
+            measure_run(name, table[name], seed, args.threads, bases, out)
+    rows = load_rows(out)
+    print(confusion(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
