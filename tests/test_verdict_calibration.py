@@ -62,3 +62,10 @@ def test_a_run_that_slows_inside_the_window_is_not_called_drift_dominated():
     verdict = run_verdict(grams, ndims, STEPS, 40)
     assert verdict.verdict != DRIFT
     assert verdict.calibration["pace_ratio"] < MIN_PACE_RATIO
+
+
+def test_a_run_that_speeds_up_inside_the_window_is_not_called_drift_dominated():
+    rng = np.random.default_rng(3)
+    grams = {f"w{i}": _gram(_line(rng, 2000, 1.0, np.square) + _walk(rng, 2000, 0.001)) for i in range(3)}
+    verdict = run_verdict(grams, dict.fromkeys(grams, 2), STEPS, 40)
+    assert verdict.verdict != DRIFT and verdict.message.startswith("accelerating")

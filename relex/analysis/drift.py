@@ -563,6 +563,7 @@ def _error_text(error: float) -> str:
 # the balanced drift share (each weight matrix counted once, whatever its norm) is at least DRIFT_THRESHOLD,
 # and the pace of the second half of the window is at least MIN_PACE_RATIO times that of the first.
 MIN_PACE_RATIO = 0.75
+MAX_PACE_RATIO = 1.5  # above: accelerating (a momentum optimizer's start): the pace is not settled
 
 
 def balanced_gram(grams, ndims=None) -> np.ndarray | None:

@@ -14,7 +14,8 @@ drift-dominated on the strength of part of it:
   far more than the rest (the embedding) cannot carry the whole-model figure alone;
 - *pace*: a run whose second half of the window moved at less than
   :data:`~relex.analysis.drift.MIN_PACE_RATIO` of the pace of its first half
-  (:func:`relex.analysis.drift.pace_ratio`) is decelerating, and a line would overshoot it;
+  (:func:`relex.analysis.drift.pace_ratio`) is decelerating, and a line would overshoot it; one above
+  :data:`~relex.analysis.drift.MAX_PACE_RATIO` is accelerating, and its pace is not settled;
 - *margin*: a line that beats stopping in the carried backtest by less than
   :data:`~relex.analysis.drift.BACKTEST_MARGIN` is too close to call.
 """
@@ -27,7 +28,8 @@ from typing import Mapping
 import numpy as np
 
 from relex.analysis.drift import (DRIFT, MIXED, DriftDiagnostics, apply_backtest, balanced_gram, coherent_share,
-                                  diagnose, pace_ratio, verdict_holdout, MIN_PACE_RATIO, DRIFT_THRESHOLD)
+                                  diagnose, pace_ratio, verdict_holdout, MAX_PACE_RATIO, MIN_PACE_RATIO,
+                                  DRIFT_THRESHOLD)
 from relex.backtest import gram_errors
 from relex.methods import get_method
 
@@ -115,7 +117,7 @@ def _calibration_checks(diagnostics: DriftDiagnostics, grams, ndims, steps) -> N
     pace = pace_ratio(balanced, steps) if balanced is not None else float("nan")
     whole_pace = pace_ratio(sum(grams.values()), steps)
     diagnostics.calibration = {"balanced_drift_share": share, "pace_ratio": pace, "whole_model_pace_ratio": whole_pace,
-                               "min_pace_ratio": MIN_PACE_RATIO}
+                               "min_pace_ratio": MIN_PACE_RATIO, "max_pace_ratio": MAX_PACE_RATIO}
     if diagnostics.verdict != DRIFT:
         return
     if math.isfinite(share) and share < DRIFT_THRESHOLD:
@@ -129,3 +131,9 @@ def _calibration_checks(diagnostics: DriftDiagnostics, grams, ndims, steps) -> N
         diagnostics.verdict = MIXED
         diagnostics.message = (f"decelerating inside the window: the second half moved at {slowest:.2f} of the "
                                "pace of the first, so a line through the base will overshoot")
+        return
+    fastest = max((x for x in (pace, whole_pace) if math.isfinite(x)), default=float("nan"))
+    if math.isfinite(fastest) and fastest > MAX_PACE_RATIO:
+        diagnostics.verdict = MIXED
+        diagnostics.message = (f"accelerating inside the window: the second half moved at {fastest:.2f} times the "
+                               "pace of the first, so the pace a line would follow is not settled")
