@@ -73,7 +73,7 @@ class _Pieces:
         self._lock = threading.Lock()
 
     def get(self, count: int, dtype: torch.dtype) -> torch.Tensor:
-        nbytes = count * torch.empty((), dtype=dtype).element_size()
+        nbytes = count * dtype.itemsize
         with self._lock:
             for i, buffer in enumerate(self._free):
                 if buffer.numel() >= nbytes:
@@ -236,9 +236,9 @@ class AdapterSink(_PredictionSink):
 
     def output_bytes(self, config_folders: Sequence[Path]) -> int:
         """Bytes this sink will write (an upper bound): factors, full tensors, tokenizer files, ``relex.json``."""
-        size = torch.empty((), dtype=self.factor_dtype).element_size()
+        size = self.factor_dtype.itemsize
         modules = sum(rank * sum(self.readers.info(n).shape[:2]) * size for n, rank in self.ranks.items())
-        full = sum(self.readers.info(n).numel * torch.empty((), dtype=d).element_size()
+        full = sum(self.readers.info(n).numel * d.itemsize
                    for n, d in self.full_dtypes.items())
         extra = aux_bytes(config_folders) + 64 * 1024 + 1024 * len(self.ranks)
         return len(self.folders) * (modules + full + extra)

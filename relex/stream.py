@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import queue
 import threading
@@ -52,6 +53,10 @@ DEFAULT_BLOCK_BYTES = 2 * 1024**3  # the pool of stored-dtype copies one pass ho
 OUTPUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 TIED_HEAD = "lm_head.weight"
 ROW_BYTES = 2 * 1024**2  # bytes of one checkpoint in one slot (fewer when T is large, see slot_row_bytes)
+# Entries mixed at a time. The mixing's arithmetic is entry by entry (unlike the Gram matrix, summed over
+# GRAM_CHUNK entries), so any size gives the same numbers; smaller chunks fit the core's cache better but
+# cost more Python dispatch per entry, and on two cores the Gram chunk's size is the better balance.
+MIX_CHUNK = GRAM_CHUNK
 READER_THREADS = 2
 
 ProgressCallback = Callable[[str, int, int], None]
@@ -92,7 +97,7 @@ class Row:
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     def read(self, first: int, count: int, out: torch.Tensor) -> int:
         """Entries ``first .. first + count`` of the flattened tensor into the uint8 buffer ``out``; the bytes read."""
@@ -264,6 +269,11 @@ class TensorState:
             self.prepared["uniform"] = bool(rows) and all(r.kind == "weight" and r.dtype == rows[0].dtype for r in rows)
         return self.prepared["uniform"]
 
+    @property
+    def uniform_with_base(self) -> bool:
+        """... and the base has that dtype too (the base and every checkpoint convert in one operation)."""
+        return self.uniform and self.rows[0].dtype == self.rows[1].dtype
+
     def mixed_rows(self) -> tuple[int, ...]:
         """Indices (into ``rows``) of the inputs the mixing needs besides the base."""
         kinds = {row.kind for row in self.rows[1:]}
@@ -355,29 +365,41 @@ def combine(w0: torch.Tensor, coefficients: Sequence[float], basis: torch.Tensor
     return out
 
 
-def newest_value(w0: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The newest observed value of an integer buffer (or any tensor copied unchanged), in ``dtype``."""
-    value = delta.to(torch.float64) + w0.to(torch.float64)
-    return value.round().to(dtype) if not dtype.is_floating_point else value.to(dtype)
-
-
 class _Scratch:
     """One compute thread's reused chunk buffers (float32, on the pass's device)."""
 
     def __init__(self, n_rows: int, n_basis: int, device: torch.device):
         c = GRAM_CHUNK
         self.w0 = torch.empty(c, dtype=torch.float32, device=device)
-        self.x = torch.empty(max(1, n_rows) * c, dtype=torch.float32, device=device)
+        self.x = torch.empty(max(1, n_rows) * c, dtype=torch.float32, device=device)  # w_0 and X of one chunk
         self.basis = torch.empty(max(1, n_basis) * c, dtype=torch.float32, device=device)
-        self.out = torch.empty(c, dtype=torch.float32, device=device)
-        self.tmp = torch.empty(c, dtype=torch.float32, device=device)
         self.device = device
+        self._views: dict = {}
 
     def ensure(self, n_rows: int, n_basis: int) -> None:
         if self.x.numel() < n_rows * GRAM_CHUNK:
             self.x = torch.empty(n_rows * GRAM_CHUNK, dtype=torch.float32, device=self.device)
+            self._views.clear()
         if self.basis.numel() < n_basis * GRAM_CHUNK:
             self.basis = torch.empty(n_basis * GRAM_CHUNK, dtype=torch.float32, device=self.device)
+            self._views.clear()
+
+    def chunk(self, n_rows: int, c: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Views (both, w_0, X) of ``n_rows`` × ``c`` float32 entries: w_0 then X, made once per shape (the
+        views cost more Python time than a whole chunk of arithmetic on small tensors)."""
+        key = ("x", n_rows, c)
+        views = self._views.get(key)
+        if views is None:
+            both = self.x[: n_rows * c].view(n_rows, c)
+            views = self._views[key] = (both, both[0], both[1:])
+        return views
+
+    def basis_view(self, n_basis: int, c: int) -> torch.Tensor:
+        key = ("b", n_basis, c)
+        view = self._views.get(key)
+        if view is None:
+            view = self._views[key] = self.basis[: n_basis * c].view(n_basis, c)
+        return view
 
 
 def _row_view(slot: torch.Tensor, state: TensorState, i: int, lo: int, hi: int) -> torch.Tensor:
@@ -392,16 +414,19 @@ def _deltas(slot: torch.Tensor, state: TensorState, lo: int, hi: int, scratch: _
     delta); the rows (indices into ``state.rows``) not in ``rows`` (None: all) were not read and are zero."""
     c = hi - lo
     t = state.n_observed
-    w0 = scratch.w0[:c]
-    w0.copy_(_row_view(slot, state, 0, lo, hi))
-    x = scratch.x[: t * c].view(t, c)
+    both, w0, x = scratch.chunk(t + 1, c)
     wanted = range(1, t + 1) if rows is None else rows
+    if len(wanted) == t and state.uniform_with_base:  # one conversion, one subtraction, every checkpoint
+        size = state.rows[0].itemsize
+        both.copy_(slot[: t + 1, lo * size: hi * size].view(state.rows[0].dtype))
+        x.sub_(w0)
+        return w0, x
+    w0.copy_(_row_view(slot, state, 0, lo, hi))
     if len(wanted) < t:
         x.zero_()
-    if len(wanted) == t and state.uniform:  # one conversion and one subtraction for every checkpoint
-        first = state.rows[1]
-        size = first.itemsize
-        x.copy_(slot[1: t + 1, lo * size: hi * size].view(first.dtype))
+    if len(wanted) == t and state.uniform:
+        size = state.rows[1].itemsize
+        x.copy_(slot[1: t + 1, lo * size: hi * size].view(state.rows[1].dtype))
         x.sub_(w0)
         return w0, x
     for i in wanted:
@@ -416,13 +441,13 @@ def _gram_span(slot: torch.Tensor, state: TensorState, count: int, scratch: _Scr
     t = state.n_observed
     n_chunks = -(-count // GRAM_CHUNK)
     products = torch.empty((n_chunks, t, t), dtype=torch.float32, device=scratch.device)
-    norm_sq = torch.zeros((), dtype=torch.float64, device=scratch.device)
+    norms = torch.empty(n_chunks, dtype=torch.float32, device=scratch.device)
     for k in range(n_chunks):
         lo, hi = k * GRAM_CHUNK, min(count, (k + 1) * GRAM_CHUNK)
         w0, x = _deltas(slot, state, lo, hi, scratch, None)
         torch.mm(x, x.T, out=products[k])
-        norm_sq += torch.dot(w0, w0)
-    return products.cpu().numpy(), float(norm_sq)
+        torch.dot(w0, w0, out=norms[k])
+    return products.cpu().numpy(), float(norms.double().sum())
 
 
 def _mix_span(slot: torch.Tensor, state: TensorState, first: int, count: int, scratch: _Scratch, sink: Sink,
@@ -437,8 +462,8 @@ def _mix_span(slot: torch.Tensor, state: TensorState, first: int, count: int, sc
     n_basis = 0 if model is None else model.n_basis
     scratch.ensure(len(state.rows), n_basis)
     norm_sq = torch.zeros((), dtype=torch.float64, device=scratch.device)
-    for lo in range(0, count, GRAM_CHUNK):
-        hi = min(count, lo + GRAM_CHUNK)
+    for lo in range(0, count, MIX_CHUNK):
+        hi = min(count, lo + MIX_CHUNK)
         c = hi - lo
         basis = value = None
         if stored:
@@ -448,7 +473,7 @@ def _mix_span(slot: torch.Tensor, state: TensorState, first: int, count: int, sc
             if len(state.rows) > 1 and state.rows[1].kind == "value":
                 value = _row_view(slot, state, 1, lo, hi)
             elif n_basis:
-                basis = scratch.basis[: n_basis * c].view(n_basis, c)
+                basis = scratch.basis_view(n_basis, c)
                 for r in range(n_basis):
                     basis[r].copy_(_row_view(slot, state, 1 + r, lo, hi))
         else:
@@ -456,7 +481,7 @@ def _mix_span(slot: torch.Tensor, state: TensorState, first: int, count: int, sc
             if not state.is_float or model is None:  # an integer buffer keeps its newest value
                 value = x[-1].to(torch.float64) + w0.to(torch.float64)
             elif n_basis:
-                basis = scratch.basis[: n_basis * c].view(n_basis, c)
+                basis = scratch.basis_view(n_basis, c)
                 torch.mm(weights, x, out=basis)
         sink.fill(state, span, lo, Chunk(first + lo, c, w0, basis, value))
     return float(norm_sq)
@@ -476,6 +501,20 @@ def slot_row_bytes(tensors: Sequence[TensorState], block_bytes: int) -> int:
     return max(chunk, wanted // chunk * chunk)
 
 
+def _anonymous(nbytes: int) -> torch.Tensor:
+    """``nbytes`` of zeroed memory, mapped with transparent huge pages where the system allows them: a pass
+    touches every page of its pool, and 2 MiB pages save most of the page faults and TLB misses."""
+    if nbytes == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            region.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass
+    return torch.frombuffer(region, dtype=torch.uint8)
+
+
 class SlotPool:
     """A fixed set of slots, each ``n_rows`` × ``row_bytes`` bytes, allocated once and reused."""
 
@@ -483,8 +522,12 @@ class SlotPool:
         self.n_slots = n_slots
         self.row_bytes = row_bytes
         self._free: queue.SimpleQueue = queue.SimpleQueue()
-        for _ in range(n_slots):
-            self._free.put(torch.empty((n_rows, row_bytes), dtype=torch.uint8, pin_memory=pin))
+        if pin:  # page-locked host memory, for asynchronous copies to the GPU
+            slots = [torch.empty((n_rows, row_bytes), dtype=torch.uint8, pin_memory=True) for _ in range(n_slots)]
+        else:
+            slots = list(_anonymous(n_slots * n_rows * row_bytes).view(n_slots, n_rows, row_bytes))
+        for slot in slots:
+            self._free.put(slot)
 
     def acquire(self, stop: Callable[[], bool] = lambda: False) -> torch.Tensor | None:
         """A free slot, waiting for one; None once ``stop()`` says the pass failed."""
@@ -511,10 +554,6 @@ class _Read:
     phase: str  # "gram" or "mix"
 
 
-class _Stop(Exception):
-    pass
-
-
 class StreamPass:
     """One pass over ``tensors`` (see the module docstring); :meth:`run` returns the bytes read.
 
@@ -536,10 +575,11 @@ class StreamPass:
         slot_bytes = n_rows * self.row_bytes
         need = max([len(sp) for s, sp in zip(tensors, self.spans) if not s.known] + [0])
         self.workers = 1 if device.type == "cuda" else max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
-        stream_slots = self.workers + 1 + READER_THREADS
-        cap = max(stream_slots + 1, block_bytes // slot_bytes)
-        self.n_slots = max(stream_slots + 1, min(cap, need + max(stream_slots, math.ceil(0.1 * need))))
-        self.resident = self.n_slots - stream_slots  # spans of one tensor that may stay for its mixing
+        self.streaming = READER_THREADS + self.workers + 2  # slots in flight when spans are mixed as they come
+        cap = max(self.streaming, block_bytes // slot_bytes)
+        # the largest tensor whole, and room for the readers to go on with the next one
+        self.n_slots = max(self.streaming, min(cap, need + READER_THREADS + 1))
+        self.resident = self.n_slots - READER_THREADS - 1  # spans of one tensor that may stay for its mixing
         self.pin = device.type == "cuda"
         self._models: dict[int, threading.Event] = {}
 
@@ -557,7 +597,7 @@ class StreamPass:
     def _kept(self, index: int) -> int:
         """How many of a tensor's last spans stay in their slots from the Gram stage to the mixing."""
         n = len(self.spans[index])
-        return n if n <= self.resident else max(0, self.resident - READER_THREADS)
+        return n if n <= self.resident else max(0, self.n_slots - self.streaming)
 
     def _schedule(self) -> Iterator[_Read]:
         for k, state in enumerate(self.tensors):
@@ -582,9 +622,19 @@ class StreamPass:
                 for s, (a, b) in enumerate(spans):
                     yield _Read(k, s, a, b - a, rows, "mix")
 
-    def _read(self, item: _Read, slot: torch.Tensor) -> int:
+    def _read(self, item: _Read, slot: torch.Tensor) -> tuple[int, np.ndarray | None, float]:
+        """Read one span into its slot; in the Gram stage also its Gram products while the bytes are hot in the
+        cache: (bytes read, products (n_chunks, T, T) or None, Σ w_0²)."""
         state = self.tensors[item.tensor]
-        return sum(state.rows[i].read(item.first, item.count, slot[i]) for i in item.rows)
+        nbytes = sum(state.rows[i].read(item.first, item.count, slot[i]) for i in item.rows)
+        if item.phase != "gram" or not state.is_float:
+            return nbytes, None, 0.0
+        try:
+            products, norm_sq = _gram_span(self._on_device(slot, item, state), state, item.count,
+                                           self._scratch_for(state))
+        finally:
+            self._synchronize()
+        return nbytes, products, norm_sq
 
     def _prefetch(self, out: queue.Queue, pool: SlotPool, readers: ThreadPoolExecutor) -> None:
         try:
@@ -615,7 +665,7 @@ class StreamPass:
             torch.set_num_threads(1)  # one BLAS thread per compute thread: results independent of their number
 
         items: queue.Queue = queue.Queue()
-        readers = ThreadPoolExecutor(READER_THREADS, thread_name_prefix="relex-read")
+        readers = ThreadPoolExecutor(READER_THREADS, thread_name_prefix="relex-read", initializer=init_worker)
         compute = ThreadPoolExecutor(self.workers, thread_name_prefix="relex-compute", initializer=init_worker)
         prefetcher = threading.Thread(target=self._prefetch, args=(items, pool, readers), name="relex-prefetch",
                                       daemon=True)
@@ -713,7 +763,7 @@ class StreamPass:
                 rows = None  # every input of this span is in memory since the Gram stage
             else:
                 item, slot, read = self._next(k, "mix")
-                self._account(state, read.result())
+                self._account(state, read.result()[0])
                 rows = state.mixed_rows()
             span = self.sink.open_span(state, a, b - a)
             pending.append((self._compute.submit(self._mix_task, slot, item, state, span, rows), span))
@@ -740,41 +790,29 @@ class StreamPass:
     def _gram_stage(self, k: int, state: TensorState) -> dict[int, tuple[torch.Tensor, _Read]]:
         spans = self.spans[k]
         keep_from = len(spans) - self._kept(k)
-        results: list[Future | None] = []
         kept: dict[int, tuple[torch.Tensor, _Read]] = {}
+        t = state.n_observed
+        gram = np.zeros((t, t))
+        norm_sq = 0.0
         for s in range(len(spans)):
             item, slot, read = self._next(k, "gram")
-            self._account(state, read.result())
+            nbytes, products, span_norm = read.result()
+            self._account(state, nbytes)
             if s >= keep_from:
                 kept[s] = (slot, item)
-            if state.is_float:
-                results.append(self._compute.submit(self._gram_task, slot, item, state, s < keep_from))
-            elif s < keep_from:
+            else:
                 self._pool.release(slot)
-        t = state.n_observed
-        if state.is_float:
-            gram = np.zeros((t, t))
-            norm_sq = 0.0
-            for future in results:
-                products, span_norm = future.result()
-                for p in products:
+            if products is not None:
+                for p in products:  # chunk after chunk, from the tensor's first entry: the sum's order is fixed
                     gram += p
                 norm_sq += span_norm
+        if state.is_float:
             state.gram, state.norm_sq = gram, norm_sq
             if not (np.isfinite(gram).all() and math.isfinite(norm_sq)):
                 for slot, _ in kept.values():
                     self._pool.release(slot)
                 _raise_non_finite(state)
         return kept
-
-    def _gram_task(self, slot: torch.Tensor, item: _Read, state: TensorState, release: bool):
-        try:
-            device_slot = self._on_device(slot, item, state)
-            return _gram_span(device_slot, state, item.count, self._scratch_for(state))
-        finally:
-            self._synchronize()
-            if release:
-                self._pool.release(slot)
 
     def _factors(self, state: TensorState, kept: dict, spans) -> MatrixFactors:
         """Top singular triples of each 2-D delta: whole deltas, one checkpoint at a time."""

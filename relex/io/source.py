@@ -87,7 +87,7 @@ class Source(ABC):
         in place overrides it.
         """
         info = self.tensors[name]
-        nbytes = count * torch.empty((), dtype=info.dtype).element_size()
+        nbytes = count * info.dtype.itemsize
         target = out[:nbytes].view(info.dtype)
         if len(info.shape) == 0:
             target.copy_(self.read(name).reshape(-1))

@@ -34,7 +34,7 @@ from relex.io.reader import DTYPE_NAMES
 
 log = logging.getLogger("relex")
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
-PENDING_PIECES = 8  # pieces queued for the writer thread before the producer waits
+PENDING_PIECES = 4  # pieces queued for the writer thread before the producer waits
 
 
 def parse_size(size: str | int) -> int:
@@ -58,7 +58,7 @@ class OutputTensor:
 
     @property
     def nbytes(self) -> int:
-        n = torch.empty((), dtype=self.dtype).element_size()
+        n = self.dtype.itemsize
         for s in self.shape:
             n *= s
         return n
