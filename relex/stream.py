@@ -5,18 +5,19 @@ For each tensor, in the base's storage order, a pass
 1. reads the base and the T observed checkpoints in *spans* — the same consecutive entries of each, in their
    stored dtype (bf16 is half the bytes of float32) — into one *slot* of a pool of buffers allocated once;
    several reader threads ``pread`` straight into the slots;
-2. accumulates the Gram matrix G = X Xᵀ of the float32 deltas x_i = w_i − w_0: entries are converted and
-   differenced in chunks of 65,536 into small reused buffers, and each chunk's float32 product is added to G
-   in float64, chunk after chunk. Compute threads share the chunks; each runs its BLAS on one thread, so the
-   numbers do not depend on how many there are;
+2. accumulates the Gram matrix G = X Xᵀ of the float32 deltas x_i = w_i − w_0: right after reading a span,
+   its reader thread converts and differences it in chunks of 65,536 entries into small reused buffers and
+   takes each chunk's float32 product; the products are added to G in float64, chunk after chunk from the
+   tensor's first entry. Every thread runs its BLAS on one core, so the numbers depend neither on the number
+   of threads nor on how the tensor is cut into spans;
 3. hands G — and, in per-matrix modes, the top singular triple of each 2-D delta — to ``decide``, which
    returns the tensor's model (:class:`relex.methods.TensorModel`);
-4. mixes the same spans, still in their slots: w_0 and the basis vectors b_r = Σ_i B_ri x_i of each chunk go
-   to the :class:`Sink`, which makes its outputs from them (a checkpoint per target step, an adapter, a
-   trajectory store) and writes them in order.
+4. mixes the same spans, still in their slots, on compute threads: w_0 and the basis vectors
+   b_r = Σ_i B_ri x_i of each chunk go to the :class:`Sink`, which makes its outputs from them (a checkpoint
+   per target step, an adapter, a trajectory store) and writes them in order.
 
-While a tensor is mixed, the readers fill the slots it frees with the next one; writers write and hash on
-their own threads. A tensor whose T + 1 stored copies do not fit the pool (``block_bytes``) is read twice:
+While a tensor is mixed, the readers fill the slots it frees with the next one (and take its Gram products);
+writers write and hash on their own threads. A tensor whose T + 1 stored copies do not fit the pool (``block_bytes``) is read twice:
 its Gram pass keeps its last spans, the mixing pass re-reads the others — only the checkpoints the model
 mixes. With models known before reading (the writing pass after run-level choices, ``relex materialize``),
 each span is mixed as soon as it is read.
@@ -491,13 +492,15 @@ def _mix_span(slot: torch.Tensor, state: TensorState, first: int, count: int, sc
 
 
 def slot_row_bytes(tensors: Sequence[TensorState], block_bytes: int) -> int:
-    """Bytes of one input in one slot: 2 MiB, less for long series (a slot stays under 64 MiB) and for small
-    pools (at least eight slots in ``block_bytes``), but always a whole Gram chunk of the widest
-    floating-point input."""
+    """Bytes of one input in one slot: 2 MiB, less for long series (a slot stays under 64 MiB), for small
+    pools (at least eight slots in ``block_bytes``) and for small models (the largest tensor in at least 16
+    spans, so that rounding it up to whole slots costs little memory), but always a whole Gram chunk of the
+    widest floating-point input."""
     n_rows = max([len(s.rows) for s in tensors] + [1])
     widest = max([row.itemsize for s in tensors if s.is_float for row in s.rows] + [1])
+    largest = max([s.numel * max(row.itemsize for row in s.rows) for s in tensors if not s.known] + [0])
     chunk = GRAM_CHUNK * widest
-    wanted = min(ROW_BYTES, 64 * 1024**2 // n_rows, block_bytes // (8 * n_rows))
+    wanted = min(ROW_BYTES, 64 * 1024**2 // n_rows, block_bytes // (8 * n_rows), max(1, largest // 16))
     return max(chunk, wanted // chunk * chunk)
 
 
@@ -544,7 +547,8 @@ class SlotPool:
 
 @dataclass
 class _Read:
-    """One span to read: which tensor, which entries, which rows, and whether its slot stays for mixing."""
+    """One span to read: which tensor, which entries, which rows (indices into its ``rows``), and for which
+    stage (``gram``: every input, its Gram products taken on reading; ``mix``: the inputs the model mixes)."""
 
     tensor: int
     span: int
@@ -577,9 +581,10 @@ class StreamPass:
         self.workers = 1 if device.type == "cuda" else max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
         self.streaming = READER_THREADS + self.workers + 2  # slots in flight when spans are mixed as they come
         cap = max(self.streaming, block_bytes // slot_bytes)
-        # the largest tensor whole, and room for the readers to go on with the next one
-        self.n_slots = max(self.streaming, min(cap, need + READER_THREADS + 1))
-        self.resident = self.n_slots - READER_THREADS - 1  # spans of one tensor that may stay for its mixing
+        # the largest tensor whole, and a slot for the readers to go on with the next one (they get more as
+        # its mixing frees them)
+        self.n_slots = max(self.streaming, min(cap, need + 1))
+        self.resident = self.n_slots - 1  # spans of one tensor that may stay for its mixing
         self.pin = device.type == "cuda"
         self._models: dict[int, threading.Event] = {}
 
