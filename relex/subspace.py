@@ -149,3 +149,32 @@ def _signed(u, sigma, v, residual, dtype) -> SingularTriple:
     if v[np.argmax(np.abs(v))] < 0:
         u, v = -u, -v
     return SingularTriple(np.asarray(u, dtype=dtype), sigma, np.asarray(v, dtype=dtype), residual)
+
+
+def fit_drift_noise(gram: np.ndarray, steps) -> tuple[float, float]:
+    """Non-negative (a², b²) with G ≈ a²·t tᵀ + b²·min(t, t'), least squares over the entries.
+
+    The Gram matrix of a line drifting a per step, plus a random walk of b² variance per step, observed at
+    ``steps``. With two unknowns the non-negative least-squares solution is the unconstrained one when both
+    are ≥ 0, and otherwise the better of the two one-column fits (each clipped at 0): the Karush-Kuhn-Tucker
+    conditions leave no other candidate.
+    """
+    t = np.asarray(steps, dtype=np.float64)
+    design = np.stack([np.outer(t, t).ravel(), np.minimum.outer(t, t).ravel()], axis=1)
+    target = np.asarray(gram, dtype=np.float64).ravel()
+    scale = np.abs(design).max(axis=0)
+    scale[scale == 0] = 1.0
+    design = design / scale
+    candidates = []
+    solution = np.linalg.lstsq(design, target, rcond=None)[0]
+    if (solution >= 0).all():
+        candidates.append(solution)
+    for j in range(2):
+        column = design[:, j]
+        norm_sq = float(column @ column)
+        single = np.zeros(2)
+        single[j] = max(0.0, float(column @ target) / norm_sq) if norm_sq > 0 else 0.0
+        candidates.append(single)
+    coef = min(candidates, key=lambda c: float(np.sum((design @ c - target) ** 2)))
+    a2, b2 = coef / scale
+    return float(a2), float(b2)

@@ -272,7 +272,7 @@ def test_free_space_check_refuses_with_one_line(run, cache, online, tmp_path, ca
     def no_download(*args, **kwargs):
         raise AssertionError("downloaded despite too little space")
 
-    monkeypatch.setattr(hub, "hf_hub_download", no_download)
+    monkeypatch.setattr(hub, "download_file", no_download)
     code, lines = invoke(capsys, "extrapolate", "hf://org/traj", "--steps", "2,4", "--target-step", 40,
                          "--out", tmp_path / "out")
     assert code == 2 and len(lines) == 1, lines
@@ -299,7 +299,7 @@ def test_online_downloads_only_weights_config_and_tokenizer(run, cache, online, 
         downloaded.append((step, filename))
         return str(target)
 
-    monkeypatch.setattr(hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr(hub, "download_file", fake_download)
     reports = []
     resolved = hub.resolve_hub_run("hf://org/traj", "2,4", progress=lambda *a: reports.append(a))
     assert [s for s, _ in resolved] == [0, 2, 4]

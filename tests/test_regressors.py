@@ -7,7 +7,8 @@ import pytest
 
 from relex.errors import RelexInputError
 from relex.regressors import get_regressor, load_fit, parse_regressor
-from relex.regressors.anchored import backtest_shrink, drift_shrink, fit_drift_noise
+from relex.regressors.anchored import backtest_shrink, drift_shrink
+from relex.subspace import fit_drift_noise
 
 T = np.array([2.0, 5, 6, 11, 17, 25, 30])
 FUTURE = np.array([45.0, 90.0])
@@ -80,6 +81,27 @@ def test_bad_regressor_names(text):
 def test_too_few_points_is_an_input_error():
     with pytest.raises(RelexInputError, match="at least 4"):
         get_regressor("poly3").fit(T[:3], T[:3, None])
+
+
+def test_drift_noise_fit_is_scipys_nonnegative_least_squares():
+    """The closed-form two-unknown fit against scipy's active-set NNLS, on Gram matrices of every kind: drift,
+    noise, both, and ones whose unconstrained fit has a negative drift or a negative noise term."""
+    from scipy.optimize import nnls
+
+    rng = np.random.default_rng(0)
+    cases = 0
+    for trial in range(300):
+        t = np.sort(rng.choice(np.arange(1, 200), size=rng.integers(3, 12), replace=False)).astype(float)
+        x = rng.normal(size=(len(t), 50)) * rng.uniform(0, 2) + np.outer(t, rng.normal(size=50)) * rng.uniform(-1, 1)
+        gram = x @ x.T if trial % 3 else -(x @ x.T)  # a negated one forces the zero solution
+        design = np.stack([np.outer(t, t).ravel(), np.minimum.outer(t, t).ravel()], axis=1)
+        scale = np.abs(design).max(axis=0)
+        expected = nnls(design / scale, gram.ravel())[0] / scale
+        got = np.array(fit_drift_noise(gram, t))
+        assert np.allclose(got, expected, rtol=1e-7, atol=1e-12 * np.abs(gram).max() / scale.min()), (trial, got,
+                                                                                                       expected)
+        cases += (expected == 0).any()
+    assert cases > 50  # the constrained branches were exercised
 
 
 def test_drift_noise_fit_and_shrinkage():

@@ -38,7 +38,8 @@ from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 
 import numpy as np
-from scipy.optimize import nnls
+
+from relex.subspace import fit_drift_noise
 
 DRIFT = "drift-dominated"
 MIXED = "mixed"
@@ -285,17 +286,6 @@ class DriftDiagnostics:
             "line_fit": {"drift_per_step_sq": getattr(self, "_a2", float("nan")),
                          "noise_per_step": getattr(self, "_b2", float("nan"))},
         }
-
-
-def fit_drift_noise(gram: np.ndarray, steps) -> tuple[float, float]:
-    """Non-negative (a², b²) with G ≈ a²·t tᵀ + b²·min(t, t'), least squares over the entries."""
-    design = np.stack([pure_drift_gram(steps).ravel(), random_walk_gram(steps).ravel()], axis=1)
-    target = np.asarray(gram, dtype=np.float64).ravel()
-    scale = np.abs(design).max(axis=0)
-    scale[scale == 0] = 1.0
-    coef, _ = nnls(design / scale, target)
-    a2, b2 = coef / scale
-    return float(a2), float(b2)
 
 
 def expected_errors(a2: float, b2: float, last_step: float, target: float) -> dict:

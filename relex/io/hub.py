@@ -17,6 +17,7 @@ nothing touches the network: steps are listed from the cache's documented layout
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import posixpath
@@ -27,16 +28,6 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
-
-from huggingface_hub import HfApi, constants, hf_hub_download
-from huggingface_hub.utils import (
-    GatedRepoError,
-    HfHubHTTPError,
-    LocalEntryNotFoundError,
-    OfflineModeIsEnabled,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
 
 from relex.errors import RelexInputError
 from relex.io.files import AUX_FILES
@@ -59,6 +50,16 @@ _PICKLE_HINT = ("relex downloads safetensors only; convert the checkpoints to sa
                 "yourself and pass the local run folder with --allow-pickle")
 
 
+def _hf():
+    """The ``huggingface_hub`` module, imported on first use."""
+    # start-up: huggingface_hub (and its HTTP client) take about 0.3 s to import, and most runs are local folders
+    import huggingface_hub
+    import huggingface_hub.utils
+
+    return huggingface_hub
+
+
+@functools.lru_cache(maxsize=1)
 def _network_errors() -> tuple[type[BaseException], ...]:
     """Connection errors: the built-in ones and those of the HTTP client huggingface_hub uses (by version)."""
     errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
@@ -68,9 +69,6 @@ def _network_errors() -> tuple[type[BaseException], ...]:
         except (ImportError, AttributeError):
             pass
     return tuple(errors)
-
-
-_NETWORK_ERRORS = _network_errors()
 
 
 # --------------------------------------------------------------------------------------------- specs
@@ -99,12 +97,12 @@ def parse_hub_run(text: str) -> tuple[str, str | None] | None:
 def _offline() -> bool:
     # huggingface_hub reads HF_HUB_OFFLINE once, at import; honour it also when set later (notebooks, tests).
     flag = os.environ.get("HF_HUB_OFFLINE", "")
-    return bool(constants.HF_HUB_OFFLINE) or flag.strip().upper() in {"1", "ON", "YES", "TRUE"}
+    return bool(_hf().constants.HF_HUB_OFFLINE) or flag.strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
 def _cache_dir() -> Path:
     """The Hugging Face cache, read at call time (so a changed ``constants.HF_HUB_CACHE`` is honoured)."""
-    return Path(constants.HF_HUB_CACHE).expanduser()
+    return Path(_hf().constants.HF_HUB_CACHE).expanduser()
 
 
 def _storage(cache_dir: Path, repo_id: str) -> Path:
@@ -220,18 +218,19 @@ class _HubErrors:
         if error is None or isinstance(error, RelexInputError) or not isinstance(error, Exception):
             return False
         detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-        if isinstance(error, GatedRepoError):
+        errors = _hf().utils
+        if isinstance(error, errors.GatedRepoError):
             problem = ("gated repository: accept its conditions on huggingface.co and log in (hf auth login "
                        "or HF_TOKEN)")
-        elif isinstance(error, RepositoryNotFoundError):
+        elif isinstance(error, errors.RepositoryNotFoundError):
             problem = "no such model repository on the Hub (or it is private: log in with hf auth login or HF_TOKEN)"
-        elif isinstance(error, RevisionNotFoundError):
+        elif isinstance(error, errors.RevisionNotFoundError):
             problem = "no such revision on the Hub"
-        elif isinstance(error, (OfflineModeIsEnabled, LocalEntryNotFoundError)):
+        elif isinstance(error, (errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError)):
             problem = f"not in the local cache and HF_HUB_OFFLINE is set ({detail})"
-        elif isinstance(error, HfHubHTTPError):
+        elif isinstance(error, errors.HfHubHTTPError):
             problem = f"Hub request failed ({detail})"
-        elif isinstance(error, _NETWORK_ERRORS):
+        elif isinstance(error, _network_errors()):
             problem = (f"cannot reach the Hub ({type(error).__name__}: {detail}); with HF_HUB_OFFLINE=1 relex "
                        "reads the local cache only")
         elif isinstance(error, OSError):  # e.g. the disk filled up while writing into the cache
@@ -243,13 +242,13 @@ class _HubErrors:
 
 def _remote_refs(repo_id: str) -> dict[str, str]:
     """Branches and tags of a repository on the Hub: name → commit id."""
-    refs = HfApi().list_repo_refs(repo_id)
+    refs = _hf().HfApi().list_repo_refs(repo_id)
     return {ref.name: ref.target_commit for ref in [*refs.branches, *refs.tags]}
 
 
 def _remote_files(repo_id: str, revision: str) -> tuple[str, list[_RemoteFile]]:
     """The commit id of ``revision`` on the Hub and every file of it, with sizes and blob ids."""
-    info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+    info = _hf().HfApi().model_info(repo_id, revision=revision, files_metadata=True)
     files = []
     for sibling in info.siblings or []:
         lfs = sibling.lfs
@@ -340,6 +339,11 @@ def _write_ref(storage: Path, revision: str, commit: str) -> None:
     os.replace(handle.name, ref)
 
 
+def download_file(repo_id: str, filename: str, **options) -> str:
+    """One file of a repository into the cache: ``huggingface_hub.hf_hub_download``; its local path."""
+    return _hf().hf_hub_download(repo_id, filename, **options)
+
+
 def _download(repo_id: str, checkpoints: Sequence[_Checkpoint], cache_dir: Path, where: str,
               progress: ProgressCallback | None) -> None:
     """Download the listed files into the cache after the free-space check, reporting bytes to ``progress``."""
@@ -347,7 +351,7 @@ def _download(repo_id: str, checkpoints: Sequence[_Checkpoint], cache_dir: Path,
     total = sum(f.size or 0 for _, f in pending)
     _check_space(where, cache_dir, total)
     # Older huggingface_hub versions take no tqdm_class in hf_hub_download: then progress moves per file.
-    per_byte = "tqdm_class" in inspect.signature(hf_hub_download).parameters
+    per_byte = "tqdm_class" in inspect.signature(_hf().hf_hub_download).parameters
     done = 0
     for checkpoint, file in pending:
         counted = 0
@@ -361,7 +365,7 @@ def _download(repo_id: str, checkpoints: Sequence[_Checkpoint], cache_dir: Path,
         options = {"tqdm_class": _silent_tqdm(report)} if per_byte else {}
         with _HubErrors(f"{checkpoint.label}: {posixpath.basename(file.path)}"):
             # Pinned to the listed commit, so every file of a checkpoint comes from the same commit.
-            hf_hub_download(repo_id, file.path, revision=checkpoint.commit, cache_dir=cache_dir, **options)
+            download_file(repo_id, file.path, revision=checkpoint.commit, cache_dir=cache_dir, **options)
         done += file.size or 0
         if progress is not None:
             progress(file.path, done, total)

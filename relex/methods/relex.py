@@ -13,8 +13,8 @@ import numpy as np
 from relex.errors import RelexInputError
 from relex.methods.base import TemporalMethod, TensorData, TensorModel, register, unit_rows
 from relex.regressors import RegressorSpec, as_array, load_fit, parse_regressor
-from relex.regressors.anchored import drift_shrink, fit_drift_noise
-from relex.subspace import temporal_svd
+from relex.regressors.anchored import drift_shrink
+from relex.subspace import fit_drift_noise, temporal_svd
 
 
 def resolve_spec(regressor) -> RegressorSpec | None:

@@ -12,7 +12,7 @@ command line as ``anchored`` (linear predictor), ``anchored-NAME`` (any predicto
 ``anchored@0.5`` / ``anchored-NAME@0.5``; without ``@λ`` it is estimated per tensor:
 
 * temporal modes (``relex``): from the drift + random-walk fit of the tensor's Gram matrix,
-  G ≈ a²·t tᵀ + b²·min(t, t') (:func:`fit_drift_noise`, the model of the drift diagnostics). Writing the predicted
+  G ≈ a²·t tᵀ + b²·min(t, t') (:func:`relex.subspace.fit_drift_noise`, the model of the drift diagnostics). Writing the predicted
   increment as a mix B of the deltas, the λ that minimises the expected error E‖x_T + λ·B X − x(t*)‖²
   under that model is
 
@@ -26,18 +26,6 @@ command line as ``anchored`` (linear predictor), ``anchored-NAME`` (any predicto
 from __future__ import annotations
 
 import numpy as np
-from scipy.optimize import nnls
-
-
-def fit_drift_noise(gram: np.ndarray, steps) -> tuple[float, float]:
-    """Non-negative (a², b²) with G ≈ a²·t tᵀ + b²·min(t, t'), least squares over the entries."""
-    t = np.asarray(steps, dtype=np.float64)
-    design = np.stack([np.outer(t, t).ravel(), np.minimum.outer(t, t).ravel()], axis=1)
-    scale = np.abs(design).max(axis=0)
-    scale[scale == 0] = 1.0
-    coef, _ = nnls(design / scale, np.asarray(gram, dtype=np.float64).ravel())
-    a2, b2 = coef / scale
-    return float(a2), float(b2)
 
 
 def drift_shrink(increment: np.ndarray, mix: np.ndarray, steps, a2: float, b2: float, targets) -> np.ndarray:

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import minimize_scalar
 
 from relex.errors import RelexInputError
 from relex.regressors.base import as_array, loader, r_squared, register
@@ -55,6 +54,9 @@ def fit_shape(basis, values: np.ndarray, lo: float, hi: float, grid: int = 121) 
     i = int(np.argmin(losses))
     left, right = thetas[max(i - 1, 0)], thetas[min(i + 1, grid - 1)]
     if right > left:
+        # start-up: scipy.optimize takes 0.3 s to import, and few runs fit a power law
+        from scipy.optimize import minimize_scalar
+
         best = minimize_scalar(lambda th: loss(th)[0], bounds=(left, right), method="bounded",
                                options={"xatol": 1e-10})
         theta = float(best.x) if best.fun <= losses[i] else float(thetas[i])
