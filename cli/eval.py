@@ -190,10 +190,13 @@ def eval_command(
     decoders = [parse_logits(text) for text in logits_extrapolate or []] + [
         parse_selective(text) for text in selective or []]
     from relex.evaluate import evaluate
+    from relex.evaluate.gate import check_gate_options, judge
 
     from relex_cli.console import check_output_files
 
     check_output_files(summary_path)
+    if fail_if_worse:
+        check_gate_options(len(checkpoints) + len(decoders), margin)
     with _ProgressView(disable=quiet) as view:
         results = evaluate(
             checkpoints, tasks=tasks, data_dir=data_dir, samples=samples, temperature=temperature, top_p=top_p,
@@ -211,8 +214,6 @@ def eval_command(
         console.print(f"wrote results → [bold]{out}[/bold]")
     gate = None
     if fail_if_worse:
-        from relex.evaluate.gate import judge
-
         gate = judge(results, margin)
         _print_gate(gate)
     from relex.gate import eval_markdown, write_summary

@@ -338,3 +338,13 @@ def test_eval_fail_if_worse_exit_code_and_summary(tmp_path, capsys, monkeypatch)
     assert _run(["eval", "last=a", "relex=bad", "--tasks", "toy"], capsys)[0] == 0
     assert _run(["eval", "last=a", "relex=bad", "--tasks", "toy", "--fail-if-worse", "--margin", "-1"],
                 capsys)[0] == 2
+
+
+def test_eval_fail_if_worse_refuses_one_checkpoint_before_scoring(tmp_path, capsys, monkeypatch):
+    import relex.evaluate
+
+    scored = []
+    monkeypatch.setattr(relex.evaluate, "evaluate", lambda checkpoints, **_: scored.append(checkpoints))
+    code, out, err = _run(["eval", "last=a", "--tasks", "toy", "--fail-if-worse"], capsys)
+    assert code == 2 and scored == [], (out, err)
+    assert "give at least two" in err and len(err.strip().splitlines()) == 1

@@ -62,14 +62,20 @@ class EvalGate:
                 "checkpoints": [c.to_dict() for c in self.checkpoints]}
 
 
+def check_gate_options(n_columns: int, margin_points: float) -> None:
+    """Refuse, before anything is scored, a gate that cannot be judged: fewer than two columns (checkpoints and
+    decoders) to compare, or a margin that is not a number of points ≥ 0."""
+    if not math.isfinite(margin_points) or margin_points < 0:
+        raise RelexInputError(f"--margin must be a number of accuracy points ≥ 0, got {margin_points}")
+    if n_columns < 2:
+        raise RelexInputError("--fail-if-worse compares checkpoints with the first one: give at least two")
+
+
 def judge(results, margin_points: float = 0.0) -> EvalGate:
     """Judge every checkpoint of ``results`` (an :class:`~relex.evaluate.results.EvalResults` with its
     comparison) against the first; ``margin_points`` in accuracy points (1.0 = one percentage point)."""
-    if not math.isfinite(margin_points) or margin_points < 0:
-        raise RelexInputError(f"--margin must be a number of accuracy points ≥ 0, got {margin_points}")
     labels = results.labels
-    if len(labels) < 2:
-        raise RelexInputError("--fail-if-worse compares checkpoints with the first one: give at least two")
+    check_gate_options(len(labels), margin_points)
     judged = "mean" if len(results.tasks) > 1 else results.tasks[0]
     margin = margin_points / 100.0
     gate = EvalGate(baseline=labels[0], judged=judged, margin=margin)
