@@ -31,6 +31,7 @@ from typing import Iterable, Sequence
 
 from relex.analysis.drift import DRIFT, DRIFT_THRESHOLD, MAX_CARRY, NOISE, NOISE_THRESHOLD, horizon, step_text
 from relex.errors import RelexInputError
+from relex.io.steps import MAX_STEP
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -38,7 +39,6 @@ EXIT_INPUT = 2
 EXIT_GATE = 3
 
 # The largest step relex accepts: a training step is an int64 in every trainer.
-MAX_STEP = 2**63 - 1
 
 # Outcomes of the gate, in the order they are checked.
 HURT = "will likely hurt"

@@ -24,6 +24,7 @@ import torch
 from relex import __version__
 from relex.errors import RelexInputError
 from relex.io.lora import LoraAdapterWriter, mix_factors
+from relex.io.steps import MAX_STEP
 from relex.io.writer import OutputTensor, ShardedWriter, aux_bytes, copy_aux_files
 from relex.stream import OUTPUT_DTYPES, Chunk, RunReaders, Sink, TensorState, combine
 from relex.subspace import GRAM_CHUNK
@@ -35,6 +36,10 @@ def parse_targets(target_step) -> list[int]:
     targets = sorted({int(t) for t in ([target_step] if single else target_step)})
     if not targets:
         raise RelexInputError("give at least one --target-step")
+    wrong = [t for t in targets if not 0 <= t <= MAX_STEP]
+    if wrong:
+        shown = str(wrong[0]) if len(str(wrong[0])) <= 30 else f"a {len(str(abs(wrong[0])))}-digit number"
+        raise RelexInputError(f"target step {shown} is not a training step: steps run from 0 to 2^63 − 1")
     return targets
 
 

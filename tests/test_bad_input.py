@@ -67,6 +67,18 @@ def test_target_inside_window_needs_flag(run, tmp_path, capsys):
     assert code == 0 and (tmp_path / "inside" / "model.safetensors.index.json").is_file()
 
 
+@pytest.mark.parametrize("target", [10**400, 2**63, -5])
+def test_library_refuses_a_step_no_run_can_have(run, tmp_path, target):
+    """The library call refuses what the command line refuses, with the same kind of error (no OverflowError
+    from float arithmetic, nothing written)."""
+    import relex
+    from relex.errors import RelexInputError
+
+    with pytest.raises(RelexInputError, match="is not a training step"):
+        relex.extrapolate(run, target_step=[30, target], out_dir=tmp_path / "out")
+    assert list(tmp_path.iterdir()) == [run]
+
+
 def test_shape_differs(run, tmp_path, capsys):
     state = load_state(run / "checkpoint-10")
     state["model.norm.weight"] = torch.zeros(33)

@@ -7,6 +7,9 @@ from typing import Sequence
 
 from relex.errors import RelexInputError
 
+# The largest step a training run can count to (a signed 64-bit counter, as in PyTorch and every trainer).
+MAX_STEP = 2**63 - 1
+
 _RANGE = re.compile(r"^(\d+)-(\d+)(?::(\d+))?$")
 
 
