@@ -255,6 +255,7 @@ def main() -> None:
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--skip-cold", action="store_true")
     parser.add_argument("--whole-process", action="store_true", help="also time whole processes on a second run")
+    parser.add_argument("--whole-process-only", action="store_true", help="time only the whole processes")
     parser.add_argument("--model-params", type=float, default=150e6)
     parser.add_argument("--whole-observed", type=int, default=4)
     parser.add_argument("--clean", action="store_true", help="remove the benchmark data at the end")
@@ -267,6 +268,9 @@ def main() -> None:
         return
     args.work.mkdir(parents=True, exist_ok=True)
     run, out = args.work / "run", args.work / "out"
+    if args.whole_process_only:
+        whole_processes(args, out)
+        return
     t0 = time.perf_counter()
     shapes = make_series(run, args.size_gb, args.observed, args.tensors)
     rows, cols = next(iter(shapes.values()))
@@ -305,25 +309,30 @@ def main() -> None:
               f"(relex, warm, is {naive['seconds'] / statistics.median([r['seconds'] for r in relexes]):.1f}x faster; "
               f"best run {naive['seconds'] / best:.1f}x)")
     if args.whole_process:
-        model = args.work / "model-run"
-        shapes = model_shapes(args.model_params)
-        _write_run(model, shapes, args.whole_observed)
-        params = sum(math.prod(s) for s in shapes.values())
-        whole_process("read", model, out, args.whole_observed)  # fill the page cache
-        times: dict[str, list[float]] = {"safetensors": [], "read": [], "relex": []}
-        for _ in range(args.repeat):
-            for kind in times:
-                times[kind].append(whole_process(kind, model, out, args.whole_observed))
-        print(f"[whole processes, {args.repeat}x, load {os.getloadavg()[0]:.1f}] {params / 1e6:.0f}M-parameter bf16 run, "
-              f"base + {args.whole_observed} checkpoints of {params * 2 / 1e6:.0f} MB:")
-        print(f"  safetensors opens every input and writes one checkpoint: {spread(times['safetensors'])} s")
-        print(f"  the same, reading every input byte first:               {spread(times['read'])} s")
-        print(f"  relex extrapolate:                                      {spread(times['relex'])} s; "
-              f"ratio {spread([r / s for r, s in zip(times['relex'], times['safetensors'])])} and "
-              f"{spread([r / s for r, s in zip(times['relex'], times['read'])])}")
+        whole_processes(args, out)
     shutil.rmtree(out, ignore_errors=True)
     if args.clean:
         shutil.rmtree(args.work, ignore_errors=True)
+
+
+def whole_processes(args, out: Path) -> None:
+    """Whole ``relex extrapolate`` processes against processes that read the inputs and write one checkpoint."""
+    model = args.work / "model-run"
+    shapes = model_shapes(args.model_params)
+    _write_run(model, shapes, args.whole_observed)
+    params = sum(math.prod(s) for s in shapes.values())
+    whole_process("read", model, out, args.whole_observed)  # fill the page cache
+    times: dict[str, list[float]] = {"safetensors": [], "read": [], "relex": []}
+    for _ in range(args.repeat):
+        for kind in times:
+            times[kind].append(whole_process(kind, model, out, args.whole_observed))
+    print(f"[whole processes, {args.repeat}x, load {os.getloadavg()[0]:.1f}] {params / 1e6:.0f}M-parameter bf16 run, "
+          f"base + {args.whole_observed} checkpoints of {params * 2 / 1e6:.0f} MB:")
+    print(f"  safetensors opens every input and writes one checkpoint: {spread(times['safetensors'])} s")
+    print(f"  the same, reading every input byte first:               {spread(times['read'])} s")
+    print(f"  relex extrapolate:                                      {spread(times['relex'])} s; "
+          f"ratio {spread([r / s for r, s in zip(times['relex'], times['safetensors'])])} and "
+          f"{spread([r / s for r, s in zip(times['relex'], times['read'])])}")
 
 
 if __name__ == "__main__":
