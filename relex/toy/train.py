@@ -26,6 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from relex.integrations.leap import Leaper, LeapOptions
 from relex.toy import task as _task
 from relex.toy.evaluate import (answer_ids, answer_logprob, answer_probabilities, generate, greedy_accuracy,
                                 prompt_ids, rewards)
@@ -225,7 +226,8 @@ def _eval(model) -> dict:
 def train_run(out_dir: str | Path | None, config: ToyConfig | None = None,
               progress: Callable[[dict], None] | None = None, base=None,
               on_checkpoint: Callable[[int, torch.nn.Module], None] | None = None,
-              evaluate: bool = True) -> dict:
+              evaluate: bool = True, leap: LeapOptions | Leaper | None = None,
+              on_step: Callable[[int, int, torch.nn.Module], None] | None = None) -> dict:
     """Warm up (unless ``base`` is given), run RL, and write the checkpoint series into ``out_dir``.
 
     ``out_dir`` gets ``checkpoint-0`` (the base) and ``checkpoint-N`` every ``config.checkpoint_every`` RL
@@ -235,6 +237,13 @@ def train_run(out_dir: str | Path | None, config: ToyConfig | None = None,
     each checkpoint either way. ``base`` may be a warmed-up model (copied, not modified) to skip the warm-up.
     ``progress(event)`` receives dicts with ``phase`` ("warmup", "rl", "done"), ``step`` and ``total``.
     Returns a summary: timings, base and final held-out accuracy (if ``evaluate``), checkpoint steps/paths.
+
+    With ``leap`` (:class:`relex.integrations.leap.LeapOptions`, or a ``Leaper`` whose ``decisions`` the
+    caller reads) the run leaps: every ``leap.every`` real
+    steps it fits the segment since the last decision and, when the verdict allows, jumps ``leap.leap``
+    steps ahead. Steps are then virtual: ``config.steps`` is the run's virtual length, checkpoints carry
+    virtual steps, and the summary adds ``real_steps`` and ``leaps`` (every decision). ``on_step(real_step,
+    step, model)`` is called after each real step (and its decision).
     """
     config = config or ToyConfig.demo()
     _set_threads(config)
@@ -272,8 +281,14 @@ def train_run(out_dir: str | Path | None, config: ToyConfig | None = None,
     params = [p for p in model.parameters() if p.requires_grad]
     B, G = config.prompts_per_step, config.samples_per_prompt
     history = []
+    leaper = leap if isinstance(leap, Leaper) or leap is None else Leaper(leap)
+    if leaper is not None:
+        leaper.begin(model, 0)
     t1 = time.perf_counter()
-    for step in range(1, config.steps + 1):
+    step = real_step = 0
+    while step < config.steps:
+        step += 1
+        real_step += 1
         idx = torch.from_numpy(rng.choice(len(train), B, replace=False))
         prompts, answers = all_prompts[idx], all_answers[idx]
         info: dict = {"phase": "rl", "step": step, "total": config.steps}
@@ -316,13 +331,23 @@ def train_run(out_dir: str | Path | None, config: ToyConfig | None = None,
                         torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
                     opt.step()
         history.append({k: v for k, v in info.items() if k not in ("phase", "total")})
+        if leaper is not None:
+            history[-1]["real_step"] = real_step
+            decision = leaper.after_step(model, opt, real_step, step, max_step=config.steps)
+            if decision is not None:
+                history[-1]["leap"] = decision.to_dict()
+                step = decision.to_step
         if progress is not None:
             progress(info)
         if step % config.checkpoint_every == 0 or step == config.steps:
             checkpoint(step)
+        if on_step is not None:
+            on_step(real_step, step, model)
     t_rl = time.perf_counter() - t1
-    summary.update({"rl_seconds": round(t_rl, 3), "seconds_per_step": round(t_rl / config.steps, 4),
+    summary.update({"rl_seconds": round(t_rl, 3), "seconds_per_step": round(t_rl / real_step, 4),
                     "history": history})
+    if leaper is not None:
+        summary.update(real_steps=real_step, leaps=[d.to_dict() for d in leaper.decisions])
     if evaluate:
         summary["final"] = _eval(model)
     summary["total_seconds"] = round(time.perf_counter() - t0, 3)

@@ -1,0 +1,562 @@
+"""Train less: every M real steps, jump N steps ahead along the fitted trajectory, guarded by the verdict.
+
+The loop of "periodic re-grounding" (train M steps, jump to step M + N along the line the weights follow,
+train on from there, repeat), as a component:
+
+* :class:`Leaper` — the loop's state for any training loop (the toy trainer uses it): snapshots of the
+  trainable parameters, kept on the CPU in their own dtype, at every ``snapshot_every`` steps of the segment
+  since the last decision; at the segment's end the fit, the verdict, and — when the verdict says a jump of N
+  steps is plausible — the predicted weights written into the live model;
+* :class:`LeapCallback` — the same for the Hugging Face ``Trainer`` and TRL's trainers (``GRPOTrainer``).
+
+The fit is relex's own engine, in memory: each snapshot is a :class:`SnapshotSource` (the
+:class:`relex.io.source.Source` interface over tensors), streamed through :func:`relex.engine.stream_models`
+with the same trajectory models and predictors as ``relex extrapolate`` — the jump writes exactly the weights
+``relex extrapolate`` would write from the same snapshots saved as checkpoints (the segment's first weights
+as the base, steps counted from the segment's start). The verdict is :func:`relex.analysis.verdict.run_verdict`
+on the same Gram matrices, carried to the jump's target, as ``relex check`` gives it.
+
+Steps are *virtual*: a jump of N steps adds N to the step counter (the trainer's ``global_step``), so a
+checkpoint saved after a jump carries the step its weights stand for, and the run's checkpoints stay one
+trajectory in step numbers that ``relex extrapolate`` can read later. Training stops at ``max_steps``
+*virtual* steps (a jump is cut short there): that is how it trains less.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+
+from relex.analysis.verdict import run_verdict
+from relex.engine import stream_models
+from relex.integrations.assess import PREFIX, figures_of, is_plausible
+from relex.integrations.trainer import calling_trainer, log_through, one_line
+from relex.io.discover import Checkpoint, CheckpointSeries
+from relex.io.source import Source, TensorInfo
+from relex.stream import RunReaders, Sink, TensorState, combine, resolve_device
+from relex.subspace import GRAM_CHUNK
+from relex.trajectory import ModelSelector, ModelSpec
+
+logger = logging.getLogger(__name__)
+
+LEAP = "leap/"  # prefix of the figures of each decision
+OPTIMIZER_STATES = ("keep", "reset")
+REQUIREMENTS = ("plausible", "always")
+MEMORY = Path("<memory>")  # names the in-memory snapshots in messages and records
+
+
+# -- the engine over snapshots in memory --------------------------------------------------------------------
+
+
+class SnapshotSource(Source):
+    """One snapshot of a model's trainable parameters (CPU tensors in their own dtype) as a checkpoint."""
+
+    kind = "memory"
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], step: int):
+        self.folder = MEMORY / f"step-{step}"
+        self.data = dict(tensors)
+        self.tensors = {name: TensorInfo(name, tuple(t.shape), t.dtype, self.folder, i)
+                        for i, (name, t) in enumerate(self.data.items())}
+
+    def read(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        tensor = self.data[name]
+        return tensor if start is None and stop is None else tensor[start:stop]
+
+
+class SnapshotReaders(RunReaders):
+    """:class:`relex.stream.RunReaders` over sources already open in memory (nothing to open or close)."""
+
+    def __init__(self, base: SnapshotSource, observed: Sequence[tuple[int, SnapshotSource]]):
+        # Not RunReaders.__init__: it opens each checkpoint's files; these sources are the tensors themselves.
+        self.series = CheckpointSeries(Checkpoint(0, base.folder, "memory"),
+                                       [Checkpoint(step, source.folder, "memory") for step, source in observed])
+        self.base = base
+        self.observed = [source for _, source in observed]
+        self.names = base.order()
+        for source in self.observed:
+            if {n: i.shape for n, i in source.tensors.items()} != {n: i.shape for n, i in base.tensors.items()}:
+                raise ValueError(f"snapshot {source.folder} does not hold the tensors of the segment's base")
+        self.aliases = [{} for _ in self.observed]
+
+
+class _ChunkBuffers(threading.local):
+    """Per compute thread float32 buffers for :func:`relex.stream.combine`."""
+
+    def get(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not hasattr(self, "out"):
+            self.out = torch.empty(GRAM_CHUNK, dtype=torch.float32)
+            self.tmp = torch.empty(GRAM_CHUNK, dtype=torch.float32)
+        return self.out, self.tmp
+
+
+class PredictionTensors(Sink):
+    """The prediction of one target step, tensor by tensor, into CPU tensors of the newest snapshot's dtype.
+
+    The arithmetic is the checkpoint writer's (:func:`relex.stream.combine` on each chunk, then one cast to
+    the stored dtype), so the values are those ``relex extrapolate`` writes into its safetensors.
+    """
+
+    def __init__(self, target: int, dtypes: Mapping[str, torch.dtype]):
+        self.targets = np.array([float(target)])
+        self.dtypes = dtypes
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.buffers = _ChunkBuffers()
+
+    def wants_chunks(self, state: TensorState) -> bool:
+        return True
+
+    def on_model(self, state: TensorState) -> None:
+        self.tensors[state.name] = torch.empty(state.info.numel, dtype=self.dtypes[state.name])
+        if state.model is None:
+            return
+        state.prepared["coefficients"] = state.model.coefficients(self.targets)
+        state.prepared["factors"] = [(torch.as_tensor(np.asarray(u), dtype=torch.float32),
+                                      torch.as_tensor(np.asarray(v), dtype=torch.float32))
+                                     for u, v in state.model.factors]
+
+    def fill(self, state: TensorState, span, lo: int, chunk) -> None:
+        piece = self.tensors[state.name][chunk.first: chunk.first + chunk.count]
+        if chunk.value is not None:
+            piece.copy_(chunk.value)
+            return
+        out, tmp = self.buffers.get()
+        piece.copy_(combine(chunk.w0, state.prepared["coefficients"][0], chunk.basis, state.prepared["factors"],
+                            chunk.first, out, tmp))
+
+    def on_tensor_done(self, state: TensorState) -> None:
+        self.tensors[state.name] = self.tensors[state.name].view(state.info.shape)
+
+
+@dataclass
+class SegmentFit:
+    """The fit of one segment: the prediction of the target and the verdict on the way there."""
+
+    steps: list[int]  # the snapshots' steps, counted from the segment's start
+    target: int  # likewise
+    prediction: dict[str, torch.Tensor]
+    diagnostics: object  # relex.analysis.drift.DriftDiagnostics, or None when nothing moved
+    verdict: str | None
+    message: str
+    plausible: bool
+    figures: dict[str, float]
+    seconds: float
+
+
+def fit_segment(base: Mapping[str, torch.Tensor], snapshots: Sequence[tuple[int, Mapping[str, torch.Tensor]]],
+                target: int, engine_options: Mapping | None = None, device: str = "cpu") -> SegmentFit:
+    """Fit the trajectory of ``snapshots`` (``(step, tensors)``, steps from the segment's start, base at 0)
+    and predict ``target``, with relex's engine (``engine_options``: ``method``, ``rank``, ``regressor``,
+    ``scale``, ``auto_scope``, ``candidates``, ``holdout``, ``block_bytes``) and give the verdict."""
+    started = time.perf_counter()
+    options = dict(engine_options or {})
+    block_bytes = options.pop("block_bytes", None)
+    steps = [int(s) for s, _ in snapshots]
+    readers = SnapshotReaders(SnapshotSource(base, 0), [(s, SnapshotSource(t, s)) for s, t in snapshots])
+    selector = ModelSelector(ModelSpec(**options), steps)
+    sink = PredictionTensors(target, {name: info.dtype for name, info in readers.observed[-1].tensors.items()})
+    extra = {} if block_bytes is None else {"block_bytes": block_bytes}
+    measured = stream_models(readers, selector, lambda models: sink, resolve_device(device),
+                             targets=np.array([float(target)]), keep_grams=True, **extra)
+    grams = {t.name: t.gram for t in measured.tensors if t.gram is not None and readers.info(t.name).is_float}
+    ndims = {name: len(readers.info(name).shape) for name in grams}
+    diagnostics = run_verdict(grams, ndims, steps, target)
+    verdict = diagnostics.verdict if diagnostics is not None else None
+    message = diagnostics.message if diagnostics is not None else "no tensor moved in the segment"
+    plausible = is_plausible(verdict)
+    return SegmentFit(steps, target, sink.tensors, diagnostics, verdict, message, plausible,
+                      figures_of(diagnostics, steps, plausible), time.perf_counter() - started)
+
+
+# -- options and records ------------------------------------------------------------------------------------
+
+
+@dataclass
+class LeapOptions:
+    """How a run leaps.
+
+    Every ``every`` real steps (M) the trajectory of the segment since the last decision is fitted and, when
+    the verdict allows, the weights jump ``leap`` steps (N) ahead: to the prediction of step M + N of the
+    segment. Steps are virtual (a jump adds N to the step counter); a jump is cut short at the run's last
+    step.
+    """
+
+    every: int  # M: real steps per segment
+    leap: int  # N: steps jumped at the end of a segment
+    # Snapshot the trainable parameters every this many steps of a segment (its first weights are the base).
+    # Default: every // 4 (4 snapshots, the fewest with which the verdict backtests the window).
+    snapshot_every: int | None = None
+    # "plausible": jump only when the verdict on the segment, carried to the target, is drift-dominated;
+    # "always": jump whatever the verdict says (the figures are still recorded).
+    require: str = "plausible"
+    # The optimizer's state at a jump: "keep" its moments as they are (never extrapolated), or "reset" them
+    # (torch optimizers: the per-parameter state is cleared, so Adam restarts its bias correction).
+    optimizer_state: str = "keep"
+    # Step the learning-rate scheduler N times at a jump, so the rate follows the virtual step.
+    advance_scheduler: bool = True
+    # An optional check of a jump: called as check(model) before and after it (higher is better, e.g. the
+    # reward on a small validation set); a jump that lowers it by more than check_tolerance is reverted.
+    check: Callable[[torch.nn.Module], float] | None = field(default=None, compare=False)
+    check_tolerance: float = 0.0
+    # Options of relex's engine for the fit (method, rank, regressor, scale, auto_scope, candidates, holdout,
+    # block_bytes), as relex extrapolate takes them.
+    engine: dict = field(default_factory=dict)
+    device: str = "cpu"  # where the fit computes
+
+    def __post_init__(self):
+        if not isinstance(self.every, int) or self.every < 2:
+            raise ValueError(f"every (M) must be an integer of at least 2 real steps, not {self.every!r}")
+        if not isinstance(self.leap, int) or self.leap < 1:
+            raise ValueError(f"leap (N) must be a positive integer number of steps, not {self.leap!r}")
+        if self.snapshot_every is None:
+            self.snapshot_every = max(1, self.every // 4)
+        if not isinstance(self.snapshot_every, int) or self.snapshot_every < 1 or self.every % self.snapshot_every:
+            raise ValueError(f"snapshot_every must be a positive divisor of every={self.every}, "
+                             f"not {self.snapshot_every!r}")
+        if self.every // self.snapshot_every < 2:
+            raise ValueError(f"a segment needs at least 2 snapshots to fit a line: every={self.every} with "
+                             f"snapshot_every={self.snapshot_every} gives {self.every // self.snapshot_every}")
+        if self.require not in REQUIREMENTS:
+            raise ValueError(f"require must be one of {', '.join(REQUIREMENTS)}, not {self.require!r}")
+        if self.optimizer_state not in OPTIMIZER_STATES:
+            raise ValueError(f"optimizer_state must be one of {', '.join(OPTIMIZER_STATES)}, "
+                             f"not {self.optimizer_state!r}")
+        if self.check is not None and not callable(self.check):
+            raise ValueError("check must be a callable check(model) -> float")
+        if not (isinstance(self.check_tolerance, (int, float)) and self.check_tolerance >= 0):
+            raise ValueError(f"check_tolerance must be a number >= 0, not {self.check_tolerance!r}")
+        known = {"method", "rank", "regressor", "scale", "auto_scope", "candidates", "holdout", "block_bytes"}
+        unknown = sorted(set(self.engine) - known)
+        if unknown:
+            raise ValueError(f"unknown engine option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+
+    @property
+    def snapshots(self) -> int:
+        """Snapshots per segment, besides its base."""
+        return self.every // self.snapshot_every
+
+
+@dataclass
+class LeapDecision:
+    """What happened at the end of one segment."""
+
+    real_step: int  # real training steps done when deciding
+    from_step: int  # the (virtual) step when deciding
+    to_step: int  # the step after the decision (from_step + length when it jumped, else from_step)
+    length: int  # the jump asked for, cut at the run's last step
+    segment_start: int  # the (virtual) step the segment started at
+    jumped: bool
+    reason: str  # "jumped", "refused" (verdict), "reverted" (check), "failed" (error)
+    verdict: str | None
+    message: str
+    figures: dict[str, float] = field(default_factory=dict)  # relex/... verdict figures
+    check_before: float | None = None
+    check_after: float | None = None
+    seconds: float = 0.0
+
+    def log_figures(self) -> dict[str, float]:
+        """The numbers logged for this decision (``leap/...`` and the verdict's ``relex/...``)."""
+        figures = {LEAP + "real_step": self.real_step, LEAP + "from_step": self.from_step,
+                   LEAP + "to_step": self.to_step, LEAP + "length": self.length,
+                   LEAP + "segment_start": self.segment_start, LEAP + "jumped": 1.0 if self.jumped else 0.0,
+                   LEAP + "horizon": (self.from_step - self.segment_start + self.length)
+                   / max(1, self.from_step - self.segment_start),
+                   LEAP + "seconds": self.seconds}
+        if self.check_before is not None:
+            figures[LEAP + "check_before"] = self.check_before
+        if self.check_after is not None:
+            figures[LEAP + "check_after"] = self.check_after
+        figures = {k: float(v) for k, v in figures.items()}
+        figures.update({k: v for k, v in self.figures.items() if k != PREFIX + "step"})
+        figures[LEAP + "reverted"] = 1.0 if self.reason == "reverted" else 0.0
+        return {k: v for k, v in figures.items() if math.isfinite(v)}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def decisions_from_log(log_history: Iterable[Mapping]) -> list[dict]:
+    """The decisions a run logged (its ``trainer_state.json`` ``log_history``), oldest first."""
+    return [dict(entry) for entry in log_history if LEAP + "from_step" in entry]
+
+
+# -- the loop -----------------------------------------------------------------------------------------------
+
+
+def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The parameters training moves (``requires_grad``), by name; for a PEFT model its adapter's."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def snapshot(parameters: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A CPU copy of each tensor in its own dtype."""
+    return {name: p.detach().to("cpu", copy=True) for name, p in parameters.items()}
+
+
+def inner_optimizer(optimizer):
+    """The torch optimizer under a wrapper (accelerate's ``AcceleratedOptimizer`` holds it as ``.optimizer``)."""
+    while hasattr(optimizer, "optimizer") and not isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+class Leaper:
+    """The leap loop's state, for any training loop: call :meth:`begin` once, then :meth:`after_step` after
+    every optimizer step; it returns a :class:`LeapDecision` at the end of each segment (else None).
+
+    Memory: the segment's base and ``options.snapshots`` copies of the trainable parameters on the CPU, plus
+    one prediction while deciding.
+    """
+
+    def __init__(self, options: LeapOptions):
+        self.options = options
+        self.decisions: list[LeapDecision] = []
+        self.segment_start = 0
+        self.base: dict[str, torch.Tensor] | None = None
+        self.snapshots: list[tuple[int, dict[str, torch.Tensor]]] = []
+
+    def begin(self, model: torch.nn.Module, step: int) -> None:
+        """Start a segment at (virtual) ``step`` from the model's weights now."""
+        self.segment_start = int(step)
+        self.base = snapshot(trainable_parameters(model))
+        self.snapshots = []
+
+    def resume(self, model: torch.nn.Module, step: int, segment_start: int,
+               saved: Mapping[int, Mapping[str, torch.Tensor]]) -> bool:
+        """Continue the segment that started at ``segment_start`` from a checkpoint of ``step``, with the
+        segment's earlier weights from ``saved`` (step → trainable tensors). Returns False (and starts a new
+        segment at ``step``) when one is missing."""
+        live = snapshot(trainable_parameters(model))
+        every = self.options.snapshot_every
+        wanted = [s for s in range(segment_start, step, every)]
+        if (step - segment_start) % every or step - segment_start >= self.options.every or any(
+                s not in saved or set(saved[s]) != set(live) for s in wanted):
+            self.begin(model, step)
+            return False
+        self.segment_start = segment_start
+        self.base = {n: saved[segment_start][n].to(live[n].dtype) for n in live} if wanted else live
+        self.snapshots = [(s - segment_start, {n: saved[s][n].to(live[n].dtype) for n in live})
+                          for s in wanted[1:]]
+        if step > segment_start:
+            self.snapshots.append((step - segment_start, live))
+        return True
+
+    def after_step(self, model: torch.nn.Module, optimizer, real_step: int, step: int, *, max_step: int | None = None,
+                   scheduler=None) -> LeapDecision | None:
+        """Record the weights after (virtual) ``step``; at the segment's end decide, and jump when allowed."""
+        if self.base is None:
+            raise RuntimeError("Leaper.begin must be called before the first step")
+        offset = step - self.segment_start
+        if offset % self.options.snapshot_every:
+            return None
+        parameters = trainable_parameters(model)
+        self.snapshots.append((offset, snapshot(parameters)))
+        if offset < self.options.every:
+            return None
+        length = self.options.leap if max_step is None else min(self.options.leap, max_step - step)
+        if length < 1:  # the run ends here: nothing to jump over
+            self._restart(step)
+            return None
+        decision = self._decide(model, parameters, optimizer, scheduler, real_step, step, length)
+        self.decisions.append(decision)
+        return decision
+
+    # -- internals ----------------------------------------------------------------------------------
+
+    def _restart(self, step: int, base: dict[str, torch.Tensor] | None = None) -> None:
+        self.segment_start = step
+        self.base = base if base is not None else self.snapshots[-1][1]
+        self.snapshots = []
+
+    def _decide(self, model, parameters, optimizer, scheduler, real_step: int, step: int,
+                length: int) -> LeapDecision:
+        options = self.options
+        started = time.perf_counter()
+        offset = step - self.segment_start
+        record = dict(real_step=real_step, from_step=step, to_step=step, length=length,
+                      segment_start=self.segment_start, jumped=False)
+        current = self.snapshots[-1][1]
+        try:
+            fit = fit_segment(self.base, self.snapshots, offset + length, options.engine, options.device)
+        except Exception as exc:  # noqa: BLE001 — a failed fit leaves training as it was
+            logger.warning("relex leap at step %d: no jump, the fit failed: %s", step, one_line(exc))
+            self._restart(step)
+            return LeapDecision(**record, reason="failed", verdict=None, message=one_line(exc),
+                                seconds=time.perf_counter() - started)
+        record.update(verdict=fit.verdict, message=fit.message, figures=fit.figures)
+        if options.require == "plausible" and not fit.plausible:
+            logger.info("relex leap at step %d: no jump (%s)", step, fit.message)
+            self._restart(step)
+            return LeapDecision(**record, reason="refused", seconds=time.perf_counter() - started)
+        before = float(options.check(model)) if options.check is not None else None
+        self._write(parameters, fit.prediction)
+        after = float(options.check(model)) if options.check is not None else None
+        record.update(check_before=before, check_after=after)
+        if before is not None and after < before - options.check_tolerance:
+            self._write(parameters, current)
+            logger.info("relex leap at step %d: jump reverted (check %.4g -> %.4g)", step, before, after)
+            self._restart(step)
+            return LeapDecision(**record, reason="reverted", seconds=time.perf_counter() - started)
+        if optimizer is not None and options.optimizer_state == "reset":
+            inner_optimizer(optimizer).state.clear()
+        if scheduler is not None and options.advance_scheduler:
+            for _ in range(length):
+                scheduler.step()
+        record.update(to_step=step + length, jumped=True)
+        logger.info("relex leap at step %d: jumped to step %d (%s)", step, step + length, fit.message)
+        self._restart(step + length, base=fit.prediction)
+        return LeapDecision(**record, reason="jumped", seconds=time.perf_counter() - started)
+
+    @staticmethod
+    @torch.no_grad()
+    def _write(parameters: Mapping[str, torch.nn.Parameter], values: Mapping[str, torch.Tensor]) -> None:
+        for name, p in parameters.items():
+            p.copy_(values[name])
+
+
+# -- the Trainer callback -----------------------------------------------------------------------------------
+
+
+def _saved_parameters(folder: Path, names: set[str]) -> dict[str, torch.Tensor] | None:
+    """The tensors ``names`` of a saved checkpoint (full weights), or None when it does not hold them all."""
+    from safetensors.torch import load_file  # start-up: safetensors.torch imports torch
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        tensors.update({k: v for k, v in load_file(file).items() if k in names})
+    return tensors if set(tensors) == names else None
+
+
+class LeapCallback(TrainerCallback):
+    """Leap during training with the Hugging Face ``Trainer`` or TRL's trainers (e.g. ``GRPOTrainer``).
+
+    Every ``every`` real steps the trajectory of the trainable parameters over the segment since the last
+    decision is fitted in memory and, when the verdict allows (``require``), the weights jump ``leap``
+    steps ahead (see :class:`LeapOptions` for every option; keyword arguments here are its fields).
+
+    Steps: a jump adds its length to ``state.global_step``, so checkpoints, logs and ``max_steps`` count
+    virtual steps (``max_steps`` is the virtual length of the run: leaping trains fewer real steps). A save
+    that falls on the step of a jump holds the jumped weights under the new step. Choose ``save_steps`` that
+    divides both ``every`` and ``leap`` so saves stay on their grid. The learning-rate scheduler is stepped
+    along (``advance_scheduler``); the optimizer's moments are kept or reset (``optimizer_state``), never
+    extrapolated.
+
+    Each decision is logged through the trainer at its step (``leap/from_step``, ``leap/to_step``,
+    ``leap/length``, ``leap/jumped``, ``leap/reverted``, ``leap/real_step``, ``leap/segment_start``,
+    ``leap/horizon``, the verdict's ``relex/...`` figures), so it is in ``state.log_history`` and in every
+    ``trainer_state.json`` saved after it; the decisions are also kept in :attr:`decisions`.
+
+    Resuming from a checkpoint: the decisions are read back from the trainer state; the current segment
+    is rebuilt from the run's saved checkpoints of its snapshot steps (full-weight checkpoints with
+    ``save_steps`` dividing ``snapshot_every``); when one is missing the segment restarts at the resumed step,
+    with a warning. The trainer fast-forwards its data by ``global_step``, i.e. by virtual steps.
+
+    PEFT models: the trainable parameters are the adapter's, and each (``lora_A``, ``lora_B``,
+    ``modules_to_save``) is extrapolated along its own trajectory. The product ``B A`` then follows the
+    product of two lines, not the line of the merged update that ``relex extrapolate`` fits on adapter
+    checkpoints; a rank-r adapter cannot hold that line's prediction, which has rank up to r × snapshots.
+
+    Runs on a single process (``state.is_world_process_zero`` and no DeepSpeed / FSDP sharding): in
+    distributed training the parameters of the other ranks would not follow the jump.
+    """
+
+    def __init__(self, every: int | None = None, leap: int | None = None, options: LeapOptions | None = None,
+                 **fields):
+        if options is None:
+            if every is None or leap is None:
+                raise ValueError("give every (M) and leap (N), or options=LeapOptions(...)")
+            options = LeapOptions(every=every, leap=leap, **fields)
+        elif every is not None or leap is not None or fields:
+            raise ValueError("give either options=LeapOptions(...) or its fields, not both")
+        self.options = options
+        self.leaper = Leaper(options)
+        self._trainer = None
+        self._disabled: str | None = None
+        self._jumped_before = 0  # steps jumped before a resume (from the trainer state)
+
+    @property
+    def decisions(self) -> list[LeapDecision]:
+        return self.leaper.decisions
+
+    def attach(self, trainer) -> "LeapCallback":
+        """Log through ``trainer`` (added to its callbacks if it is not there yet); returns the callback."""
+        self._trainer = trainer
+        if not any(c is self for c in trainer.callback_handler.callbacks):
+            trainer.add_callback(self)
+        return self
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self._trainer is None:
+            self._trainer = calling_trainer(self)
+        if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None) or getattr(args, "world_size", 1) > 1:
+            self._disabled = "distributed training: the other ranks' parameters would not follow a jump"
+        elif model is None:
+            self._disabled = "the trainer passed no model"
+        if self._disabled:
+            logger.warning("relex leap: no jumps in this run: %s", self._disabled)
+            return
+        step = state.global_step
+        if step == 0:
+            self.leaper.begin(model, 0)
+            return
+        self._resume(args, state, model)
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        if self._disabled or model is None:
+            return
+        real_step = state.global_step - self._jumped()
+        decision = self.leaper.after_step(model, optimizer, real_step, state.global_step,
+                                          max_step=state.max_steps or None, scheduler=lr_scheduler)
+        if decision is None:
+            return
+        if decision.jumped:
+            state.global_step = decision.to_step
+            trainer = self._trainer
+            # The trainer's mean loss divides by the steps since its last log: a jump trained none of them.
+            if trainer is not None and hasattr(trainer, "_globalstep_last_logged"):
+                trainer._globalstep_last_logged += decision.length
+            if state.max_steps and state.global_step >= state.max_steps:
+                control.should_training_stop = True
+                control.should_save = args.save_strategy != "no"
+        figures = decision.log_figures()
+        if self._trainer is not None:
+            log_through(self._trainer, figures)
+        else:
+            state.log_history.append({**figures, "step": state.global_step})
+
+    # -- internals ----------------------------------------------------------------------------------
+
+    def _jumped(self) -> int:
+        return sum(d.length for d in self.leaper.decisions if d.jumped) + self._jumped_before
+
+    def _resume(self, args, state, model) -> None:
+        logged = decisions_from_log(state.log_history)
+        self._jumped_before = int(sum(e[LEAP + "length"] for e in logged if e.get(LEAP + "jumped")))
+        start = int(logged[-1][LEAP + "to_step"]) if logged else 0
+        names = set(trainable_parameters(model))
+        every = self.options.snapshot_every
+        saved = {}
+        for s in range(start, state.global_step, every):
+            tensors = _saved_parameters(Path(args.output_dir) / f"checkpoint-{s}", names)
+            if tensors is not None:
+                saved[s] = tensors
+        if not self.leaper.resume(model, state.global_step, start, saved):
+            logger.warning("relex leap: resumed at step %d without the segment's checkpoints since step %d "
+                           "(save_steps must divide snapshot_every=%d); the segment restarts here",
+                           state.global_step, start, every)
+
+
+__all__ = ["LEAP", "LeapCallback", "LeapDecision", "LeapOptions", "Leaper", "PredictionTensors", "SegmentFit",
+           "SnapshotReaders", "SnapshotSource", "decisions_from_log", "fit_segment", "trainable_parameters"]

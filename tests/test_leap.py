@@ -1,0 +1,256 @@
+"""Leaping during training (relex.integrations.leap): LeapCallback in a real transformers Trainer.
+
+Every run is a real ``transformers.Trainer`` training the tiny Llama of ``relex.testing`` on CPU. Its batch
+is 8 copies of one sequence, so every step sees the same batch whatever the sampler's order (a run resumed
+from a checkpoint sees what the uninterrupted run saw). What a jump writes is checked against relex's
+engine run afterwards on the segment's weights saved as checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import TrainerCallback
+
+from relex.analysis.verdict import run_verdict
+from relex.engine import collect_grams, extrapolate
+from relex.integrations.leap import LeapCallback, LeapOptions, Leaper, fit_segment
+from relex.testing import load_state, tiny_config
+
+REL = 1e-6  # figures computed twice from the same tensors agree to float32 summation order
+
+
+class SameBatch(torch.utils.data.Dataset):
+    """8 copies of one random byte sequence: every batch is the same, in any order."""
+
+    def __init__(self):
+        self.ids = torch.randint(0, 256, (16,), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids, "labels": self.ids}
+
+
+class Watcher(TrainerCallback):
+    """Copies the trainable weights and the optimizer state at each step end (where it stands in the list
+    of callbacks decides whether it sees them before or after the leap callback)."""
+
+    def __init__(self):
+        self.weights: dict[int, dict[str, torch.Tensor]] = {}
+        self.optimizer: dict[int, dict] = {}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.weights[state.global_step] = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.weights[state.global_step] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+        self.optimizer[state.global_step] = {
+            i: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for i, s in
+            enumerate(inner.state[p] for group in inner.param_groups for p in group["params"])}
+
+
+class StopAt(TrainerCallback):
+    """Ends training after ``step`` (a run whose ``max_steps`` leaves room for a long jump)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
+def train(run: Path, callbacks, *, max_steps, optim="sgd", learning_rate=0.05, resume=None, **overrides):
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config())
+    args = TrainingArguments(
+        output_dir=str(run), max_steps=max_steps, save_steps=2, per_device_train_batch_size=8, report_to=[],
+        learning_rate=learning_rate, optim=optim, lr_scheduler_type="constant", use_cpu=True, disable_tqdm=True,
+        logging_steps=100, seed=0, **overrides)
+    trainer = Trainer(model=model, args=args, train_dataset=SameBatch(), callbacks=callbacks)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
+    return trainer
+
+
+def save_as_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], config) -> None:
+    folder.mkdir(parents=True)
+    save_file({n: t.contiguous() for n, t in tensors.items()}, str(folder / "model.safetensors"))
+    config.save_pretrained(folder)
+
+
+def leap_entries(trainer_state: dict) -> list[dict]:
+    return [e for e in trainer_state["log_history"] if "leap/from_step" in e]
+
+
+def test_a_jump_writes_the_weights_relex_extrapolate_writes_from_the_same_checkpoints(tmp_path):
+    watcher = Watcher()  # before the leap callback: it sees the weights of step 8 before the jump
+    callback = LeapCallback(every=8, leap=16, snapshot_every=2, require="always")
+    trainer = train(tmp_path / "run", [watcher, callback], max_steps=26)
+    # Saves at 2, 4, 6; the save of step 8 falls on the jump and holds the jumped weights as step 24.
+    run = tmp_path / "run"
+    assert sorted(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*")) == [2, 4, 6, 24, 26]
+    assert trainer.state.global_step == 26
+    [decision] = callback.decisions
+    assert (decision.real_step, decision.from_step, decision.to_step, decision.length) == (8, 8, 24, 16)
+    assert decision.jumped and decision.reason == "jumped" and decision.segment_start == 0
+
+    # The oracle: the segment's weights (steps 0, 2, 4, 6, 8) saved as checkpoints, extrapolated by the engine.
+    oracle_run = tmp_path / "segment"
+    for step in (0, 2, 4, 6, 8):
+        save_as_checkpoint(oracle_run / f"checkpoint-{step}", watcher.weights[step], trainer.model.config)
+    extrapolate(oracle_run, target_step=24, out_dir=tmp_path / "oracle", device="cpu")
+    oracle, jumped = load_state(tmp_path / "oracle"), load_state(run / "checkpoint-24")
+    assert set(oracle) == set(jumped) == set(watcher.weights[8])
+    for name in oracle:
+        assert torch.equal(jumped[name], oracle[name]), name
+        assert not torch.equal(jumped[name], watcher.weights[8][name]), name  # every tensor moved
+
+    # The decision is in the trainer state saved with the jump, with the verdict of the same checkpoints.
+    state = json.loads((run / "checkpoint-24" / "trainer_state.json").read_text())
+    assert state["global_step"] == 24
+    [entry] = leap_entries(state)
+    assert entry["step"] == 24 and entry["leap/from_step"] == 8 and entry["leap/to_step"] == 24
+    assert entry["leap/jumped"] == 1.0 and entry["leap/real_step"] == 8 and entry["leap/horizon"] == 3.0
+    grams = collect_grams(oracle_run, device="cpu")
+    diagnostics = run_verdict(grams.grams, {n: len(grams.shapes[n]) for n in grams.grams}, grams.steps, 24)
+    assert decision.verdict == diagnostics.verdict and decision.message == diagnostics.message
+    assert entry["relex/drift_share"] == pytest.approx(diagnostics.drift_share, rel=REL)
+    assert entry["relex/backtest_projected_line_error"] == pytest.approx(
+        diagnostics.backtest["projected_line_error"], rel=REL)
+    # The run's own checkpoints stay a series relex reads, in virtual steps.
+    assert collect_grams(run, base=oracle_run / "checkpoint-0", device="cpu").steps == [2, 4, 6, 24, 26]
+
+
+def test_a_refused_jump_changes_nothing(tmp_path):
+    before, after = Watcher(), Watcher()
+    # A jump of 200 steps from a window of 8 is 26x the window, beyond what its backtest can vouch for.
+    callback = LeapCallback(every=8, leap=200, snapshot_every=2)
+    trainer = train(tmp_path / "leap", [before, callback, after, StopAt(10)], max_steps=300, optim="adamw_torch",
+                    learning_rate=1e-3)
+    [decision] = callback.decisions
+    assert not decision.jumped and decision.reason == "refused" and decision.to_step == decision.from_step == 8
+    assert "26× the observed window" in decision.message and decision.verdict != "drift-dominated"
+    for name, value in before.weights[8].items():
+        assert torch.equal(after.weights[8][name], value), name
+    assert before.optimizer[8] and before.optimizer[8].keys() == after.optimizer[8].keys()
+    for i, slots in before.optimizer[8].items():
+        for key, value in slots.items():
+            assert torch.equal(torch.as_tensor(after.optimizer[8][i][key]), torch.as_tensor(value)), (i, key)
+    # The whole run is the run without the callback, bit for bit.
+    plain_watcher = Watcher()
+    plain = train(tmp_path / "plain", [plain_watcher, StopAt(10)], max_steps=300, optim="adamw_torch",
+                  learning_rate=1e-3)
+    assert trainer.state.global_step == plain.state.global_step == 10
+    for name, value in plain_watcher.weights[10].items():
+        assert torch.equal(after.weights[10][name], value), name
+    [entry] = [e for e in trainer.state.log_history if "leap/from_step" in e]
+    assert entry["leap/jumped"] == 0.0 and entry["relex/plausible"] == 0.0 and entry["step"] == 8
+
+
+def test_resuming_after_a_jump_continues_the_same_run(tmp_path):
+    options = dict(every=4, leap=8, snapshot_every=2, require="always", optimizer_state="reset")
+    whole = LeapCallback(**options)
+    train(tmp_path / "whole", [whole], max_steps=30, optim="adamw_torch", learning_rate=1e-3)
+    # real steps 1-4, jump 4 -> 12; 13-16, jump 16 -> 24; 25-28, jump 28 -> 30 (cut at max_steps).
+    assert [(d.from_step, d.to_step, d.segment_start, d.real_step) for d in whole.decisions] == [
+        (4, 12, 0, 4), (16, 24, 12, 8), (28, 30, 24, 12)]
+    saved = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "whole").glob("checkpoint-*"))
+    assert saved == [2, 12, 14, 24, 26, 30]
+
+    # Resume at step 14, mid-segment (the segment started with the jump to 12), from a folder holding only
+    # that segment's checkpoints.
+    resumed_run = tmp_path / "resumed"
+    for step in (12, 14):
+        shutil.copytree(tmp_path / "whole" / f"checkpoint-{step}", resumed_run / f"checkpoint-{step}")
+    state = json.loads((resumed_run / "checkpoint-14" / "trainer_state.json").read_text())
+    assert [(e["leap/from_step"], e["leap/to_step"]) for e in leap_entries(state)] == [(4, 12)]
+    resumed = LeapCallback(**options)
+    train(resumed_run, [resumed], max_steps=30, optim="adamw_torch", learning_rate=1e-3,
+          resume=resumed_run / "checkpoint-14")
+    assert [(d.from_step, d.to_step, d.segment_start, d.real_step) for d in resumed.decisions] == [
+        (16, 24, 12, 8), (28, 30, 24, 12)]
+    for mine, theirs in zip(resumed.decisions, whole.decisions[1:]):
+        assert mine.figures == theirs.figures
+    final, reference = load_state(resumed_run / "checkpoint-30"), load_state(tmp_path / "whole" / "checkpoint-30")
+    assert set(final) == set(reference)
+    for name in reference:
+        assert torch.equal(final[name], reference[name]), name
+    state = json.loads((resumed_run / "checkpoint-30" / "trainer_state.json").read_text())
+    assert [(e["leap/from_step"], e["leap/to_step"]) for e in leap_entries(state)] == [(4, 12), (16, 24), (28, 30)]
+
+
+def test_a_check_that_gets_worse_reverts_the_jump():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    target = torch.randn(3, 4)
+    # Loss falls along a steady line; the check scores the negative distance to a point the jump overshoots.
+    checks = []
+
+    def check(m):
+        value = -float((m.weight - target).norm().detach())
+        checks.append(value)
+        return value
+
+    leaper = Leaper(LeapOptions(every=4, leap=400, snapshot_every=1, require="always", check=check))
+    leaper.begin(model, 0)
+    for step in range(1, 5):
+        optimizer.zero_grad()
+        ((model.weight - target) ** 2).sum().backward()
+        optimizer.step()
+        decision = leaper.after_step(model, optimizer, step, step)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert decision.reason == "reverted" and not decision.jumped and decision.to_step == 4
+    assert decision.check_after < decision.check_before == checks[0]
+    # The weights are those of step 4, and the next segment starts from them.
+    assert leaper.snapshots == [] and leaper.segment_start == 4
+    for name, value in weights.items():
+        assert torch.equal(leaper.base[name], value), name
+
+
+def test_fit_segment_refuses_bad_options_in_one_line():
+    with pytest.raises(ValueError, match="snapshot_every must be a positive divisor of every=10"):
+        LeapOptions(every=10, leap=5, snapshot_every=3)
+    with pytest.raises(ValueError, match="at least 2 snapshots"):
+        LeapOptions(every=4, leap=5, snapshot_every=4)
+    with pytest.raises(ValueError, match="require must be one of plausible, always"):
+        LeapOptions(every=4, leap=5, require="sometimes")
+    with pytest.raises(ValueError, match="optimizer_state must be one of keep, reset"):
+        LeapOptions(every=4, leap=5, optimizer_state="extrapolate")
+    with pytest.raises(ValueError, match="unknown engine option"):
+        LeapOptions(every=4, leap=5, engine={"rnak": 2})
+    with pytest.raises(ValueError, match="give every"):
+        LeapCallback(every=4)
+    base = {"w": torch.zeros(3)}
+    fit = fit_segment(base, [(1, {"w": torch.ones(3)}), (2, {"w": 2 * torch.ones(3)})], 10)
+    assert torch.allclose(fit.prediction["w"], torch.full((3,), 10.0))
+
+
+def test_the_toy_trainer_leaps_in_virtual_steps(tmp_path):
+    from relex.toy import ToyConfig, train_run
+
+    config = ToyConfig.ci(steps=20, checkpoint_every=4, num_threads=1)
+    leaper = Leaper(LeapOptions(every=4, leap=8, snapshot_every=2, require="always"))
+    seen = []
+    summary = train_run(tmp_path / "run", config, leap=leaper, evaluate=False,
+                        on_step=lambda real, step, model: seen.append((real, step)))
+    # real steps 1-4, jump 4 -> 12; 13-16, jump 16 -> 20 (cut at the run's 20 steps).
+    assert [(d.from_step, d.to_step) for d in leaper.decisions] == [(4, 12), (16, 20)]
+    assert summary["real_steps"] == 8 and seen[-1] == (8, 20) and (4, 12) in seen
+    # The checkpoints due at steps 4 and 16 fall on the jumps: they hold the jumped weights of 12 and 20,
+    # and the run's folder is one series in virtual steps.
+    assert [c["step"] for c in summary["checkpoints"]] == [0, 12, 20]
+    assert collect_grams(tmp_path / "run", device="cpu").steps == [12, 20]
