@@ -254,3 +254,36 @@ def test_the_toy_trainer_leaps_in_virtual_steps(tmp_path):
     # and the run's folder is one series in virtual steps.
     assert [c["step"] for c in summary["checkpoints"]] == [0, 12, 20]
     assert collect_grams(tmp_path / "run", device="cpu").steps == [12, 20]
+
+
+def test_the_smollm_leap_script_runs_grpo_with_the_callback(tmp_path):
+    pytest.importorskip("trl", reason="TRL is not installed (pip install trl)")
+    import importlib.util
+
+    from relex.testing import save_tiny_model
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "smollm_rlvr" / "leap.py"
+    spec = importlib.util.spec_from_file_location("smollm_rlvr_leap", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    save_tiny_model(tmp_path / "base")
+    run = tmp_path / "leap"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module.main(["--base", str(tmp_path / "base"), "--out", str(run), "--every", "4", "--leap", "4",
+                     "--snapshot-every", "2", "--require", "always", "--max-real-steps", "6",
+                     "--prompts-per-step", "2", "--num-generations", "2", "--max-completion-length", "4"])
+    # real steps 1-4, the jump at 4 -> 8 (the save due at 4 holds it), real steps 5 and 6 -> steps 9 and 10.
+    assert json.loads((run / "real_steps.json").read_text()) == {"checkpoint-2": 2, "checkpoint-8": 4,
+                                                                  "checkpoint-10": 6}
+    [decision] = json.loads((run / "leaps.json").read_text())
+    assert (decision["from_step"], decision["to_step"], decision["jumped"]) == (4, 8, True)
+    state = json.loads((run / "checkpoint-10" / "trainer_state.json").read_text())
+    assert state["global_step"] == 10 and [e["leap/to_step"] for e in leap_entries(state)] == [8]
+    assert any("reward" in e for e in state["log_history"])
+    # Paired with a "plain" run that saved the same real steps: one pair per common real step.
+    plain = tmp_path / "plain"
+    for step in (2, 4):
+        (plain / f"checkpoint-{step}").mkdir(parents=True)
+    assert [(r, p.name, q.name) for r, p, q in module.pairs(run, plain)] == [
+        (2, "checkpoint-2", "checkpoint-2"), (4, "checkpoint-4", "checkpoint-8")]

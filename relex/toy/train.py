@@ -239,11 +239,11 @@ def train_run(out_dir: str | Path | None, config: ToyConfig | None = None,
     Returns a summary: timings, base and final held-out accuracy (if ``evaluate``), checkpoint steps/paths.
 
     With ``leap`` (:class:`relex.integrations.leap.LeapOptions`, or a ``Leaper`` whose ``decisions`` the
-    caller reads) the run leaps: every ``leap.every`` real
-    steps it fits the segment since the last decision and, when the verdict allows, jumps ``leap.leap``
-    steps ahead. Steps are then virtual: ``config.steps`` is the run's virtual length, checkpoints carry
-    virtual steps, and the summary adds ``real_steps`` and ``leaps`` (every decision). ``on_step(real_step,
-    step, model)`` is called after each real step (and its decision).
+    caller reads) the run leaps: every ``leap.every`` real steps it fits the segment since the last decision
+    and, when the verdict allows, jumps ``leap.leap`` steps ahead. Steps are then virtual: ``config.steps``
+    is the run's virtual length, checkpoints carry virtual steps (one due at the step of a jump holds the
+    jumped weights under the new step), and the summary adds ``real_steps`` and ``leaps`` (every decision).
+    ``on_step(real_step, step, model)`` is called after each real step (and its decision).
     """
     config = config or ToyConfig.demo()
     _set_threads(config)

@@ -1,0 +1,207 @@
+"""Train less on the toy RLVR run: real steps to reach the plain run's accuracy, plain against leaping.
+
+For each seed, the base of ``relex demo`` is warmed up once; then
+
+* ``plain`` — the demo's run (``ToyConfig.demo()``: GRPO, plain SGD, 100 steps), held-out greedy accuracy
+  after every real step; its accuracy at step 100 is the run's *final accuracy*;
+* ``leap M,N`` — the same run with :class:`relex.integrations.leap.LeapOptions` (every M real steps, jump N
+  steps when the verdict on the segment says plausible), scored after every real step;
+* ``leap M,N +check`` — the same, reverting a jump that lowers greedy accuracy on 200 training problems
+  (a validation set the held-out score never sees);
+* ``noisy plain`` / ``noisy leap M,N`` — the noisy preset (Adam, lr 1e-4), where the verdict should refuse.
+
+and reports, per setting, the real steps (and training seconds, scoring excluded) until held-out greedy
+accuracy first reaches 90% and 100% of the plain run's final accuracy of the same seed and preset, the
+jumps made and refused. A run stops once it reached 100%, or after ``--max-real`` real steps.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/toy_leap.py --out toy-leap [--seeds 0,1,2] [--plot docs/leap.png]
+
+Each (seed, setting) is written to ``OUT/SEED-SETTING.json`` as soon as it is done and reused by a later
+call, so the table can be built up over several calls. One torch thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+VALIDATION = 200  # training problems the +check variant scores a jump on
+SETTINGS = {  # name: (preset, (every, leap) or None, check)
+    "plain": ("demo", None, False),
+    "leap 10,40": ("demo", (10, 40), False),
+    "leap 20,100": ("demo", (20, 100), False),
+    "leap 20,100 +check": ("demo", (20, 100), True),
+    "noisy plain": ("noisy", None, False),
+    "noisy leap 20,100": ("noisy", (20, 100), False),
+}
+
+
+class Done(Exception):
+    """Raised from the step hook to end a run early."""
+
+
+def run_setting(name: str, seed: int, base, target: float | None, max_real: int) -> dict:
+    from relex.integrations.leap import Leaper, LeapOptions
+    from relex.toy import ToyConfig, greedy_accuracy, train_run
+    from relex.toy.task import train_problems
+
+    preset, leap, check = SETTINGS[name]
+    config = getattr(ToyConfig, preset)(seed=seed)
+    leaper = None
+    if leap is not None:
+        validation = list(train_problems()[:VALIDATION])
+        leaper = Leaper(LeapOptions(every=leap[0], leap=leap[1],
+                                    check=(lambda model: greedy_accuracy(model, validation)) if check else None))
+        config = config.replace(steps=10_000)  # the run's virtual length: it ends by real steps here
+    curve: list[dict] = []
+    clock = {"train": 0.0, "last": time.perf_counter()}
+
+    def on_step(real_step: int, step: int, model) -> None:
+        now = time.perf_counter()
+        clock["train"] += now - clock["last"]
+        accuracy = greedy_accuracy(model)
+        curve.append({"real": real_step, "step": step, "greedy": accuracy, "seconds": round(clock["train"], 3)})
+        clock["last"] = time.perf_counter()
+        reached = target is not None and accuracy >= target
+        if real_step >= max_real or (reached and leap is not None):
+            raise Done
+
+    try:
+        train_run(None, config, base=base, evaluate=False, leap=leaper, on_step=on_step)
+    except Done:
+        pass
+    leaps = None if leaper is None else [{k: v for k, v in d.to_dict().items() if k != "figures"}
+                                         for d in leaper.decisions]
+    return {"setting": name, "seed": seed, "curve": curve, "leaps": leaps}
+
+
+def first(curve: list[dict], threshold: float) -> dict | None:
+    return next((p for p in curve if p["greedy"] >= threshold), None)
+
+
+def table(records: list[dict], max_real: int) -> str:
+    by = {(r["seed"], r["setting"]): r for r in records}
+    rows = ["| setting | seed | final acc. of plain | real steps to 90% | s to 90% | real steps to 100% | s to 100% "
+            "| jumps made / refused | best acc. (real steps run) |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    summary: dict[str, list] = {}
+    for name in SETTINGS:
+        for seed in sorted({s for s, _ in by}):
+            record = by.get((seed, name))
+            if record is None:
+                continue
+            plain = by.get((seed, "noisy plain" if name.startswith("noisy") else "plain"))
+            final = plain["curve"][99]["greedy"] if plain and len(plain["curve"]) >= 100 else float("nan")
+            cells = []
+            for share in (0.9, 1.0):
+                point = first(record["curve"], share * final)
+                cells += [str(point["real"]) if point else f">{len(record['curve'])}",
+                          f"{point['seconds']:.0f}" if point else "—"]
+                summary.setdefault((name, share), []).append(point["real"] if point else None)
+            decisions = record.get("leaps")
+            if decisions is not None:
+                made = sum(d["jumped"] for d in decisions)
+                jumps = f"{made} / {len(decisions) - made}"
+            else:
+                jumps = "—"
+            best = max(p["greedy"] for p in record["curve"])
+            rows.append(f"| {name} | {seed} | {final:.3f} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} | "
+                        f"{jumps} | {best:.3f} ({len(record['curve'])}) |")
+    rows.append("")
+    rows.append("| setting | median real steps to 90% | median real steps to 100% | seeds reaching 100% |")
+    rows.append("|---|---|---|---|")
+    for name in SETTINGS:
+        if (name, 0.9) not in summary:
+            continue
+        cells = []
+        for share in (0.9, 1.0):
+            values = [v for v in summary[(name, share)] if v is not None]
+            cells.append(f"{statistics.median(values):.0f}" if values else "—")
+        reached = sum(v is not None for v in summary[(name, 1.0)])
+        cells.append(f"{reached}/{len(summary[(name, 1.0)])}")
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def plot(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    presets = [("demo", [n for n in SETTINGS if not n.startswith("noisy")]),
+               ("noisy", [n for n in SETTINGS if n.startswith("noisy")])]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    colours = {}
+    for ax, (preset, names) in zip(axes, presets):
+        for name in names:
+            for record in [r for r in records if r["setting"] == name]:
+                colour = colours.setdefault(name, f"C{len(colours)}")
+                xs = [p["real"] for p in record["curve"]]
+                ys = [p["greedy"] for p in record["curve"]]
+                ax.plot(xs, ys, color=colour, alpha=0.8, lw=1.2,
+                        label=name if record["seed"] == min(r["seed"] for r in records) else None)
+        ax.set_title(f"toy run, preset {preset}")
+        ax.set_xlabel("real training steps")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("held-out greedy accuracy")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--settings", default=";".join(SETTINGS), help="names separated by ; (see SETTINGS)")
+    parser.add_argument("--max-real", type=int, default=100)
+    parser.add_argument("--plot", type=Path)
+    parser.add_argument("--table-only", action="store_true", help="print the table of the records in --out")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    names = [n.strip() for n in args.settings.split(";") if n.strip()]
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown:
+        parser.error(f"unknown setting(s) {unknown}; known: {list(SETTINGS)}")
+    if not args.table_only:
+        from relex.toy import ToyConfig, warmup_model
+
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            base = None
+            for name in sorted(names, key=lambda n: SETTINGS[n][1] is not None):  # plain runs first
+                file = args.out / f"{seed}-{name.replace(' ', '_').replace(',', '-')}.json"
+                if file.is_file():
+                    continue
+                if base is None:
+                    started = time.perf_counter()
+                    base = warmup_model(ToyConfig.demo(seed=seed))
+                    print(f"seed {seed}: base warmed up in {time.perf_counter() - started:.0f} s", flush=True)
+                plain_name = "noisy plain" if name.startswith("noisy") else "plain"
+                plain_file = args.out / f"{seed}-{plain_name.replace(' ', '_')}.json"
+                target = None
+                if SETTINGS[name][1] is not None and plain_file.is_file():
+                    curve = json.loads(plain_file.read_text())["curve"]
+                    target = curve[min(99, len(curve) - 1)]["greedy"]
+                started = time.perf_counter()
+                record = run_setting(name, seed, base, target, args.max_real)
+                file.write_text(json.dumps(record) + "\n")
+                print(f"seed {seed}: {name}: {len(record['curve'])} real steps, best "
+                      f"{max(p['greedy'] for p in record['curve']):.3f}, {time.perf_counter() - started:.0f} s",
+                      flush=True)
+    records = [json.loads(f.read_text()) for f in sorted(args.out.glob("*.json"))]
+    print(table(records, args.max_real))
+    if args.plot is not None:
+        plot(records, args.plot)
+        print(f"plot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
