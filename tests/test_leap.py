@@ -287,3 +287,35 @@ def test_the_smollm_leap_script_runs_grpo_with_the_callback(tmp_path):
         (plain / f"checkpoint-{step}").mkdir(parents=True)
     assert [(r, p.name, q.name) for r, p, q in module.pairs(run, plain)] == [
         (2, "checkpoint-2", "checkpoint-2"), (4, "checkpoint-4", "checkpoint-8")]
+
+
+def test_a_peft_model_jumps_its_adapter_and_leaves_the_base_alone(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_config(tiny_config()),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    watcher = Watcher()
+    callback = LeapCallback(every=4, leap=8, snapshot_every=2, require="always")
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=12, save_steps=2,
+                             per_device_train_batch_size=8, report_to=[], learning_rate=0.05, optim="sgd",
+                             lr_scheduler_type="constant", use_cpu=True, disable_tqdm=True, logging_steps=100, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        Trainer(model=model, args=args, train_dataset=SameBatch(), callbacks=[watcher, callback]).train()
+    [decision] = callback.decisions
+    assert (decision.from_step, decision.to_step, decision.jumped) == (4, 12, True)
+    for name, value in frozen.items():
+        assert torch.equal(dict(model.named_parameters())[name], value), name
+    # What jumped is each adapter tensor along its own line: the engine's prediction from the snapshots.
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in n for n in trained)
+    fit = fit_segment({n: watcher.weights[0][n] for n in trained},
+                      [(s, {n: watcher.weights[s][n] for n in trained}) for s in (2, 4)], 12)
+    jumped = load_state(tmp_path / "run" / "checkpoint-12")  # the adapter saved at the jump
+    assert len(jumped) == len(trained)
+    for name in trained:
+        saved = name.replace(".default", "")
+        assert torch.equal(jumped[saved], fit.prediction[name]), name
