@@ -17,7 +17,7 @@ matrices of the prefix, so a change of the verdict can be re-scored without retr
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/calibrate_verdict.py --out calibration.jsonl \\
         [--only demo,noisy,...] [--seeds 0,1,2] [--threads 1]
-    python benchmarks/calibrate_verdict.py --out calibration.jsonl --rescore   # table with the current verdict
+    python benchmarks/calibrate_verdict.py --out calibration.jsonl --rescore [--margin 0.35]   # current verdict
 
 Runs already in ``--out`` (same setting, seed and threads) are skipped, so an interrupted sweep resumes.
 """
@@ -89,18 +89,19 @@ def outcome_of(interval: dict) -> str:
     return "n.s."
 
 
-def verdict_of(grams: dict, ndims: dict, steps, target, calibrated: bool = True) -> dict:
+def verdict_of(grams: dict, ndims: dict, steps, target, calibrated: bool = True, margin: float | None = None) -> dict:
     """The verdict and the gate's decision from per-tensor Gram matrices (as ``relex check``);
-    ``calibrated=False``: the verdict before its calibration (whole-model figures only)."""
+    ``calibrated=False``: the verdict before its calibration (whole-model figures only); ``margin``: another
+    backtest margin than relex's."""
     from relex.analysis.verdict import run_verdict
     from relex.gate import judge
 
-    d = run_verdict(grams, ndims, steps, target, calibrated=calibrated)
+    d = run_verdict(grams, ndims, steps, target, calibrated=calibrated, margin=margin)
     decision = judge(d, False, target)
-    return {"calibration": None if d is None else d.calibration,"verdict": None if d is None else d.verdict, "message": None if d is None else d.message,
-            "drift_share": None if d is None else d.drift_share,
+    return {"calibration": None if d is None else d.calibration, "verdict": None if d is None else d.verdict,
+            "message": None if d is None else d.message, "drift_share": None if d is None else d.drift_share,
             "backtest": None if d is None else d.backtest, "gate": decision.outcome,
-            "plausible": decision.outcome == "plausible"}
+            "plausible": decision.outcome == "plausible", "passed": decision.passed}
 
 
 def measure_run(name: str, kwargs: dict, seed: int, threads: int, bases: dict, out: Path, log=print) -> None:
@@ -160,6 +161,7 @@ def measure_run(name: str, kwargs: dict, seed: int, threads: int, bases: dict, o
                    "ndims": ndims, "params": {n: int(math.prod(grams.shapes[n])) for n in grams.grams},
                    "base_norms": grams.base_norms,
                    "grams": {n: np.asarray(g, dtype=np.float64).tolist() for n, g in grams.grams.items()},
+                   "train_reward": [h.get("reward") for h in summary.get("history", [])],
                    "train_seconds": round(train_seconds, 1), "seconds": round(time.perf_counter() - t1, 1)}
             with out.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
@@ -177,12 +179,12 @@ def load_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def rescore(rows: list[dict], calibrated: bool = True) -> list[dict]:
+def rescore(rows: list[dict], calibrated: bool = True, margin: float | None = None) -> list[dict]:
     """The rows with the verdict recomputed by the current code from their stored Gram matrices."""
     out = []
     for row in rows:
         grams = {n: np.asarray(g) for n, g in row["grams"].items()}
-        out.append({**row, **verdict_of(grams, row["ndims"], row["steps"], row["target"], calibrated)})
+        out.append({**row, **verdict_of(grams, row["ndims"], row["steps"], row["target"], calibrated, margin)})
     return out
 
 
@@ -199,9 +201,62 @@ def confusion(rows: list[dict]) -> str:
     precision = counts[(True, "helped")] / called if called else float("nan")
     recall = counts[(True, "helped")] / helped if helped else float("nan")
     lines.append("")
+    passed_hurt = sum(1 for r in rows if r.get("passed") and r["outcome"] == "hurt")
+    hurt = sum(1 for r in rows if r["outcome"] == "hurt")
     lines.append(f"precision (helped among plausible) {counts[(True, 'helped')]}/{called} = {precision:.2f}; "
                  f"plausible where it hurt: {counts[(True, 'hurt')]}; recall (plausible among helped) "
-                 f"{counts[(True, 'helped')]}/{helped} = {recall:.2f}")
+                 f"{counts[(True, 'helped')]}/{helped} = {recall:.2f}; exit 0 without --strict where it hurt: "
+                 f"{passed_hurt}/{hurt}")
+    return "\n".join(lines)
+
+
+def splits(rows: list[dict]) -> str:
+    """The confusion table by prefix, and on seed 0 (where the rules were chosen) against seeds 1-2."""
+    parts = []
+    for fraction in PREFIXES:
+        chosen = [r for r in rows if r["prefix"] == fraction]
+        if chosen:
+            parts.append(f"### prefix {int(round(fraction * 100))}%\n\n" + confusion(chosen))
+    for label, keep in (("seed 0 (rules chosen here)", lambda seed: seed == 0),
+                        ("seeds 1 and 2 (held out)", lambda seed: seed != 0)):
+        chosen = [r for r in rows if keep(r["seed"])]
+        if chosen:
+            parts.append(f"### {label}\n\n" + confusion(chosen))
+    return "\n\n".join(parts)
+
+
+def carried_ratio(row: dict) -> float:
+    """Carried line error over carried stopping error of the window backtest (nan without one)."""
+    bt = row.get("backtest") or {}
+    line, stop = bt.get("projected_line_error"), bt.get("projected_stop_error")
+    return line / stop if line is not None and stop else float("nan")
+
+
+def thread_spread(rows: list[dict]) -> str:
+    """Rows of the same setting, seed and prefix trained with different thread counts, side by side."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["setting"], r["seed"], r["prefix"]), []).append(r)
+    lines = ["| run | prefix | threads | drift share | window line / stop | carried ratio | gate | outcome |",
+             "|---|---|---|---|---|---|---|---|"]
+    spreads = []
+    for (setting, seed, fraction), group in groups.items():
+        if len({r["threads"] for r in group}) < 2:
+            continue
+        ratios = [carried_ratio(r) for r in group]
+        finite = [x for x in ratios if math.isfinite(x)]
+        if len(finite) >= 2:
+            spreads.append((setting, seed, fraction, max(finite) - min(finite), max(finite) / min(finite)))
+        for r, ratio in sorted(zip(group, ratios), key=lambda pair: pair[0]["threads"]):
+            bt = r.get("backtest") or {}
+            window = f"{_figure(bt.get('line_error'))} / {_figure(bt.get('stop_error'))}" if bt else "-"
+            lines.append(f"| {setting} s{seed} | {int(round(fraction * 100))}% | {r['threads']} | "
+                         f"{_figure(r['drift_share'])} | {window} | {_figure(ratio)} | {r['gate']} | "
+                         f"{r['outcome']} {r['diff']:+.2f} |")
+    lines.append("")
+    for setting, seed, fraction, difference, factor in spreads:
+        lines.append(f"- {setting} s{seed} {int(round(fraction * 100))}%: carried ratio moved by {difference:.2f} "
+                     f"(a factor {factor:.2f})")
     return "\n".join(lines)
 
 
@@ -234,14 +289,24 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (the full calibration: 0,1,2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for training and evaluation")
     parser.add_argument("--rescore", action="store_true", help="only re-score the rows in --out with the current verdict")
+    parser.add_argument("--margin", type=float, action="append", default=[],
+                        help="with --rescore: also the confusion tables at this backtest margin (repeatable)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     if args.rescore:
         rows = [r for path in args.out.split(",") for r in load_rows(Path(path))]
         old, new = rescore(rows, calibrated=False), rescore(rows)
         print("## before calibration (whole-model figures only)\n\n" + confusion(old)
-              + "\n\n## calibrated verdict\n\n" + confusion(new))
-        print("\n" + listing(new, old))
+              + "\n\n## calibrated verdict\n\n" + confusion(new) + "\n\n" + splits(new))
+        for margin in args.margin:
+            other = rescore(rows, margin=margin)
+            print(f"\n## calibrated verdict, backtest margin {margin:g}\n\n" + confusion(other) + "\n\n"
+                  + splits(other))
+            changed = [f"{r['setting']} s{r['seed']} t{r['threads']} {int(round(r['prefix'] * 100))}%: {a['gate']} -> "
+                       f"{r['gate']} ({r['outcome']})" for a, r in zip(new, other) if a["gate"] != r["gate"]]
+            print("\nrows whose gate changes: " + ("; ".join(changed) or "none"))
+        print("\n## thread-count spread\n\n" + thread_spread(new))
+        print("\n## every row\n\n" + listing(new, old))
         return 0
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from transformers.utils import logging as hf_logging

@@ -41,8 +41,9 @@ class VerdictBacktest:
     drift diagnostics.
     """
 
-    def __init__(self, steps, balanced: bool = True):
+    def __init__(self, steps, balanced: bool = True, margin: float | None = None):
         self.balanced = balanced
+        self.margin = margin  # None: BACKTEST_MARGIN (see apply_backtest)
         self.steps = np.asarray(steps, dtype=np.float64)
         self.holdout = verdict_holdout(len(self.steps))
         self.sums = np.zeros(3)  # line error², stop error², true norm² at the farthest held-out step
@@ -84,23 +85,26 @@ class VerdictBacktest:
         line, stop = np.sqrt(self.sums[:2] / self.sums[2])
         b_line, b_stop = self.balanced_errors()
         result = apply_backtest(diagnostics, self.steps[:p], self.steps[p:], line, stop, target_step,
-                                margin=None if self.balanced else 0.0)
+                                margin=self.margin if self.balanced else 0.0)
         if result.backtest is not None:  # for information: the same errors with each matrix counted once
             result.backtest["balanced"] = {"line_error": float(b_line), "stop_error": float(b_stop)}
         return result
 
 
 def run_verdict(grams: Mapping[str, np.ndarray], ndims: Mapping[str, int], steps,
-                target_step: float | None = None, *, calibrated: bool = True) -> DriftDiagnostics | None:
+                target_step: float | None = None, *, calibrated: bool = True,
+                margin: float | None = None) -> DriftDiagnostics | None:
     """The verdict of a run from its per-tensor Gram matrices (``None`` when nothing moved).
 
     ``ndims`` gives each tensor's number of dimensions; ``target_step`` is the step to extrapolate to
     (the window backtest is carried there). ``calibrated=False`` gives the verdict without the balance and
     pace checks (whole-model figures only), as relex gave it before its calibration, for comparison.
+    ``margin`` replaces :data:`~relex.analysis.drift.BACKTEST_MARGIN` (the calibration harness scores other
+    margins with it).
     """
     n = len(steps)
     run_gram = sum(grams.values()) if grams else np.zeros((n, n))
-    check = VerdictBacktest(steps, balanced=calibrated)
+    check = VerdictBacktest(steps, balanced=calibrated, margin=margin)
     for name, gram in grams.items():
         check.add(name, gram, ndims[name])
     diagnostics = diagnose(run_gram, list(steps)) if np.any(run_gram) else None
