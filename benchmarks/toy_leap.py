@@ -5,14 +5,17 @@ For each seed, the base of ``relex demo`` is warmed up once; then
 * ``plain`` — the demo's run (``ToyConfig.demo()``: GRPO, plain SGD, 100 steps), held-out greedy accuracy
   after every real step; its accuracy at step 100 is the run's *final accuracy*;
 * ``leap M,N`` — the same run with :class:`relex.integrations.leap.LeapOptions` (every M real steps, jump N
-  steps when the verdict on the segment says plausible), scored after every real step;
-* ``leap M,N +check`` — the same, reverting a jump that lowers greedy accuracy on 200 training problems
-  (a validation set the held-out score never sees);
+  steps when the verdict on the segment says plausible: ``require="plausible"``), scored after every real
+  step; ``gate``: when ``relex check`` without ``--strict`` would pass the jump; ``always``: whatever the
+  verdict says;
+* ``+check`` — the same, reverting a jump that lowers greedy accuracy on 200 training problems (a
+  validation set the held-out score never sees);
 * ``noisy plain`` / ``noisy leap M,N`` — the noisy preset (Adam, lr 1e-4), where the verdict should refuse.
 
 and reports, per setting, the real steps (and training seconds, scoring excluded) until held-out greedy
 accuracy first reaches 90% and 100% of the plain run's final accuracy of the same seed and preset, the
-jumps made and refused. A run stops once it reached 100%, or after ``--max-real`` real steps.
+jumps made and refused (or reverted). A leaping run stops once it reached 100%, any run after ``--max-real``
+real steps.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/toy_leap.py --out toy-leap [--seeds 0,1,2] [--plot docs/leap.png]
 
@@ -31,13 +34,18 @@ from pathlib import Path
 import torch
 
 VALIDATION = 200  # training problems the +check variant scores a jump on
-SETTINGS = {  # name: (preset, (every, leap) or None, check)
-    "plain": ("demo", None, False),
-    "leap 10,40": ("demo", (10, 40), False),
-    "leap 20,100": ("demo", (20, 100), False),
-    "leap 20,100 +check": ("demo", (20, 100), True),
-    "noisy plain": ("noisy", None, False),
-    "noisy leap 20,100": ("noisy", (20, 100), False),
+# name: (preset, (every, leap) or None, require, check)
+SETTINGS = {
+    "plain": ("demo", None, None, False),
+    "leap 10,40": ("demo", (10, 40), "plausible", False),
+    "leap 20,100": ("demo", (20, 100), "plausible", False),
+    "leap 20,100 gate": ("demo", (20, 100), "gate", False),
+    "leap 10,40 always": ("demo", (10, 40), "always", False),
+    "leap 20,100 always": ("demo", (20, 100), "always", False),
+    "leap 20,100 always +check": ("demo", (20, 100), "always", True),
+    "noisy plain": ("noisy", None, None, False),
+    "noisy leap 20,100": ("noisy", (20, 100), "plausible", False),
+    "noisy leap 20,100 always": ("noisy", (20, 100), "always", False),
 }
 
 
@@ -50,12 +58,12 @@ def run_setting(name: str, seed: int, base, target: float | None, max_real: int)
     from relex.toy import ToyConfig, greedy_accuracy, train_run
     from relex.toy.task import train_problems
 
-    preset, leap, check = SETTINGS[name]
+    preset, leap, require, check = SETTINGS[name]
     config = getattr(ToyConfig, preset)(seed=seed)
     leaper = None
     if leap is not None:
         validation = list(train_problems()[:VALIDATION])
-        leaper = Leaper(LeapOptions(every=leap[0], leap=leap[1],
+        leaper = Leaper(LeapOptions(every=leap[0], leap=leap[1], require=require,
                                     check=(lambda model: greedy_accuracy(model, validation)) if check else None))
         config = config.replace(steps=10_000)  # the run's virtual length: it ends by real steps here
     curve: list[dict] = []

@@ -143,6 +143,7 @@ def test_a_refused_jump_changes_nothing(tmp_path):
     [decision] = callback.decisions
     assert not decision.jumped and decision.reason == "refused" and decision.to_step == decision.from_step == 8
     assert "26× the observed window" in decision.message and decision.verdict != "drift-dominated"
+    assert decision.figures["relex/plausible"] == 0.0 and decision.passes_gate is False
     for name, value in before.weights[8].items():
         assert torch.equal(after.weights[8][name], value), name
     assert before.optimizer[8] and before.optimizer[8].keys() == after.optimizer[8].keys()
@@ -158,6 +159,7 @@ def test_a_refused_jump_changes_nothing(tmp_path):
         assert torch.equal(after.weights[10][name], value), name
     [entry] = [e for e in trainer.state.log_history if "leap/from_step" in e]
     assert entry["leap/jumped"] == 0.0 and entry["relex/plausible"] == 0.0 and entry["step"] == 8
+    assert entry["leap/passes_gate"] == 0.0
 
 
 def test_resuming_after_a_jump_continues_the_same_run(tmp_path):
@@ -226,7 +228,7 @@ def test_fit_segment_refuses_bad_options_in_one_line():
         LeapOptions(every=10, leap=5, snapshot_every=3)
     with pytest.raises(ValueError, match="at least 2 snapshots"):
         LeapOptions(every=4, leap=5, snapshot_every=4)
-    with pytest.raises(ValueError, match="require must be one of plausible, always"):
+    with pytest.raises(ValueError, match="require must be one of plausible, gate, always"):
         LeapOptions(every=4, leap=5, require="sometimes")
     with pytest.raises(ValueError, match="optimizer_state must be one of keep, reset"):
         LeapOptions(every=4, leap=5, optimizer_state="extrapolate")

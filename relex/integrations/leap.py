@@ -38,6 +38,7 @@ from transformers import TrainerCallback
 
 from relex.analysis.verdict import run_verdict
 from relex.engine import stream_models
+from relex.gate import judge
 from relex.integrations.assess import PREFIX, figures_of, is_plausible
 from relex.integrations.trainer import calling_trainer, log_through, one_line
 from relex.io.discover import Checkpoint, CheckpointSeries
@@ -50,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 LEAP = "leap/"  # prefix of the figures of each decision
 OPTIMIZER_STATES = ("keep", "reset")
-REQUIREMENTS = ("plausible", "always")
+REQUIREMENTS = ("plausible", "gate", "always")
 MEMORY = Path("<memory>")  # names the in-memory snapshots in messages and records
 
 
@@ -148,6 +149,7 @@ class SegmentFit:
     verdict: str | None
     message: str
     plausible: bool
+    passes_gate: bool  # what relex check (without --strict) says: True unless it will likely hurt or is too far
     figures: dict[str, float]
     seconds: float
 
@@ -173,7 +175,8 @@ def fit_segment(base: Mapping[str, torch.Tensor], snapshots: Sequence[tuple[int,
     verdict = diagnostics.verdict if diagnostics is not None else None
     message = diagnostics.message if diagnostics is not None else "no tensor moved in the segment"
     plausible = is_plausible(verdict)
-    return SegmentFit(steps, target, sink.tensors, diagnostics, verdict, message, plausible,
+    passes_gate = judge(diagnostics, strict=False, target_step=target).passed
+    return SegmentFit(steps, target, sink.tensors, diagnostics, verdict, message, plausible, passes_gate,
                       figures_of(diagnostics, steps, plausible), time.perf_counter() - started)
 
 
@@ -195,8 +198,10 @@ class LeapOptions:
     # Snapshot the trainable parameters every this many steps of a segment (its first weights are the base).
     # Default: every // 4 (4 snapshots, the fewest with which the verdict backtests the window).
     snapshot_every: int | None = None
-    # "plausible": jump only when the verdict on the segment, carried to the target, is drift-dominated;
-    # "always": jump whatever the verdict says (the figures are still recorded).
+    # "plausible": jump only when the verdict on the segment, carried to the target, is drift-dominated
+    # (relex check --strict passes); "gate": unless relex check (without --strict) fails, i.e. also on a
+    # mixed or inconclusive verdict, never when it says the jump will likely hurt or lies beyond the horizon
+    # the backtest vouches for; "always": whatever the verdict says (the figures are still recorded).
     require: str = "plausible"
     # The optimizer's state at a jump: "keep" its moments as they are (never extrapolated), or "reset" them
     # (torch optimizers: the per-parameter state is cleared, so Adam restarts its bias correction).
@@ -259,6 +264,7 @@ class LeapDecision:
     verdict: str | None
     message: str
     figures: dict[str, float] = field(default_factory=dict)  # relex/... verdict figures
+    passes_gate: bool | None = None  # relex check without --strict would pass the jump (None: no fit)
     check_before: float | None = None
     check_after: float | None = None
     seconds: float = 0.0
@@ -271,6 +277,8 @@ class LeapDecision:
                    LEAP + "horizon": (self.from_step - self.segment_start + self.length)
                    / max(1, self.from_step - self.segment_start),
                    LEAP + "seconds": self.seconds}
+        if self.passes_gate is not None:
+            figures[LEAP + "passes_gate"] = 1.0 if self.passes_gate else 0.0
         if self.check_before is not None:
             figures[LEAP + "check_before"] = self.check_before
         if self.check_after is not None:
@@ -392,8 +400,9 @@ class Leaper:
             self._restart(step)
             return LeapDecision(**record, reason="failed", verdict=None, message=one_line(exc),
                                 seconds=time.perf_counter() - started)
-        record.update(verdict=fit.verdict, message=fit.message, figures=fit.figures)
-        if options.require == "plausible" and not fit.plausible:
+        record.update(verdict=fit.verdict, message=fit.message, figures=fit.figures, passes_gate=fit.passes_gate)
+        allowed = {"plausible": fit.plausible, "gate": fit.passes_gate, "always": True}[options.require]
+        if not allowed:
             logger.info("relex leap at step %d: no jump (%s)", step, fit.message)
             self._restart(step)
             return LeapDecision(**record, reason="refused", seconds=time.perf_counter() - started)
@@ -455,7 +464,8 @@ class LeapCallback(TrainerCallback):
 
     Each decision is logged through the trainer at its step (``leap/from_step``, ``leap/to_step``,
     ``leap/length``, ``leap/jumped``, ``leap/reverted``, ``leap/real_step``, ``leap/segment_start``,
-    ``leap/horizon``, the verdict's ``relex/...`` figures), so it is in ``state.log_history`` and in every
+    ``leap/horizon`` (the target over the window), ``leap/passes_gate``, ``leap/seconds``, with a check
+    ``leap/check_before`` and ``leap/check_after``, and the verdict's ``relex/...`` figures), so it is in ``state.log_history`` and in every
     ``trainer_state.json`` saved after it; the decisions are also kept in :attr:`decisions`.
 
     Resuming from a checkpoint: the decisions are read back from the trainer state; the current segment

@@ -26,7 +26,6 @@ from typing import Callable
 import numpy as np
 import torch
 
-from relex.integrations.leap import Leaper, LeapOptions
 from relex.toy import task as _task
 from relex.toy.evaluate import (answer_ids, answer_logprob, answer_probabilities, generate, greedy_accuracy,
                                 prompt_ids, rewards)
@@ -226,7 +225,7 @@ def _eval(model) -> dict:
 def train_run(out_dir: str | Path | None, config: ToyConfig | None = None,
               progress: Callable[[dict], None] | None = None, base=None,
               on_checkpoint: Callable[[int, torch.nn.Module], None] | None = None,
-              evaluate: bool = True, leap: LeapOptions | Leaper | None = None,
+              evaluate: bool = True, leap=None,
               on_step: Callable[[int, int, torch.nn.Module], None] | None = None) -> dict:
     """Warm up (unless ``base`` is given), run RL, and write the checkpoint series into ``out_dir``.
 
@@ -238,9 +237,9 @@ def train_run(out_dir: str | Path | None, config: ToyConfig | None = None,
     ``progress(event)`` receives dicts with ``phase`` ("warmup", "rl", "done"), ``step`` and ``total``.
     Returns a summary: timings, base and final held-out accuracy (if ``evaluate``), checkpoint steps/paths.
 
-    With ``leap`` (:class:`relex.integrations.leap.LeapOptions`, or a ``Leaper`` whose ``decisions`` the
-    caller reads) the run leaps: every ``leap.every`` real steps it fits the segment since the last decision
-    and, when the verdict allows, jumps ``leap.leap`` steps ahead. Steps are then virtual: ``config.steps``
+    With ``leap`` (a :class:`relex.integrations.leap.Leaper`, whose ``decisions`` the caller reads) the run
+    leaps: every M real steps it fits the segment since the last decision and, when the verdict allows,
+    jumps N steps ahead (``leap.options``). Steps are then virtual: ``config.steps``
     is the run's virtual length, checkpoints carry virtual steps (one due at the step of a jump holds the
     jumped weights under the new step), and the summary adds ``real_steps`` and ``leaps`` (every decision).
     ``on_step(real_step, step, model)`` is called after each real step (and its decision).
@@ -281,7 +280,7 @@ def train_run(out_dir: str | Path | None, config: ToyConfig | None = None,
     params = [p for p in model.parameters() if p.requires_grad]
     B, G = config.prompts_per_step, config.samples_per_prompt
     history = []
-    leaper = leap if isinstance(leap, Leaper) or leap is None else Leaper(leap)
+    leaper = leap
     if leaper is not None:
         leaper.begin(model, 0)
     t1 = time.perf_counter()
