@@ -34,6 +34,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from relex.analysis.verdict import run_verdict
@@ -408,7 +409,11 @@ class Leaper:
             return LeapDecision(**record, reason="refused", seconds=time.perf_counter() - started)
         before = float(options.check(model)) if options.check is not None else None
         self._write(parameters, fit.prediction)
-        after = float(options.check(model)) if options.check is not None else None
+        try:
+            after = float(options.check(model)) if options.check is not None else None
+        except BaseException:
+            self._write(parameters, current)  # a check that fails must not leave an unchecked jump behind
+            raise
         record.update(check_before=before, check_after=after)
         if before is not None and after < before - options.check_tolerance:
             self._write(parameters, current)
@@ -437,8 +442,6 @@ class Leaper:
 
 def _saved_parameters(folder: Path, names: set[str]) -> dict[str, torch.Tensor] | None:
     """The tensors ``names`` of a saved checkpoint (full weights), or None when it does not hold them all."""
-    from safetensors.torch import load_file  # start-up: safetensors.torch imports torch
-
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         return None
