@@ -321,3 +321,29 @@ def test_a_peft_model_jumps_its_adapter_and_leaves_the_base_alone(tmp_path):
     for name in trained:
         saved = name.replace(".default", "")
         assert torch.equal(jumped[saved], fit.prediction[name]), name
+
+
+@pytest.mark.parametrize("optimizer_state", ["keep", "reset"])
+def test_the_optimizer_state_is_kept_or_reset_and_the_schedule_follows_the_jump(optimizer_state):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+    leaper = Leaper(LeapOptions(every=4, leap=6, snapshot_every=2, require="always", optimizer_state=optimizer_state))
+    leaper.begin(model, 0)
+    x = torch.randn(16, 4)
+    for step in range(1, 5):
+        optimizer.zero_grad()
+        model(x).pow(2).mean().backward()
+        optimizer.step()
+        scheduler.step()
+        moments = {i: {k: v.clone() for k, v in optimizer.state[p].items()} for i, p in enumerate(model.parameters())}
+        decision = leaper.after_step(model, optimizer, step, step, scheduler=scheduler)
+    assert decision.jumped and decision.to_step == 10
+    assert scheduler.last_epoch == 10 and optimizer.param_groups[0]["lr"] == pytest.approx(0.01 / 11)
+    if optimizer_state == "reset":
+        assert all(not optimizer.state[p] for p in model.parameters())
+    else:
+        for i, p in enumerate(model.parameters()):
+            assert moments[i].keys() == optimizer.state[p].keys()
+            assert all(torch.equal(optimizer.state[p][k], v) for k, v in moments[i].items())
