@@ -210,6 +210,20 @@ def confusion(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def gate_table(rows: list[dict]) -> str:
+    """Every outcome of the gate against the outcome of extrapolating (exit 0 without --strict: all but
+    "will likely hurt" and "beyond the backtest's horizon")."""
+    outcomes = ("helped", "n.s.", "hurt")
+    gates = sorted({r["gate"] for r in rows}, key=lambda g: (not any(r["gate"] == g and r["passed"] for r in rows), g))
+    lines = ["| gate \\ outcome | exit (without --strict) | helped | n.s. | hurt | total |", "|---|---|---|---|---|---|"]
+    for gate in gates:
+        chosen = [r for r in rows if r["gate"] == gate]
+        cells = [sum(r["outcome"] == o for r in chosen) for o in outcomes]
+        code = 0 if chosen[0]["passed"] else 3
+        lines.append(f"| {gate} | {code} | " + " | ".join(map(str, cells)) + f" | {len(chosen)} |")
+    return "\n".join(lines)
+
+
 def splits(rows: list[dict]) -> str:
     """The confusion table by prefix, and on seed 0 (where the rules were chosen) against seeds 1-2."""
     parts = []
@@ -297,7 +311,7 @@ def main(argv=None) -> int:
         rows = [r for path in args.out.split(",") for r in load_rows(Path(path))]
         old, new = rescore(rows, calibrated=False), rescore(rows)
         print("## before calibration (whole-model figures only)\n\n" + confusion(old)
-              + "\n\n## calibrated verdict\n\n" + confusion(new) + "\n\n" + splits(new))
+              + "\n\n## calibrated verdict\n\n" + confusion(new) + "\n\n" + gate_table(new) + "\n\n" + splits(new))
         for margin in args.margin:
             other = rescore(rows, margin=margin)
             print(f"\n## calibrated verdict, backtest margin {margin:g}\n\n" + confusion(other) + "\n\n"

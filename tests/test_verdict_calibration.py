@@ -151,6 +151,8 @@ def test_rescore_counts_each_row_by_its_verdict_and_outcome(tmp_path, capsys):
     calibrated = printed.split("## calibrated verdict\n")[1]
     assert "| plausible | 3 | 0 | 1 | 4 |" in calibrated.split("###")[0]
     assert "plausible where it hurt: 1; recall (plausible among helped) 3/3 = 1.00" in calibrated
+    # by the gate's outcome: the random walk fails (exit 3), the rest pass
+    assert "| plausible | 0 | 3 | 0 | 1 | 4 |" in calibrated and "| will likely hurt | 3 | 0 | 0 | 1 | 1 |" in calibrated
     # seed 0 against seeds 1-2, and the 0.99 margin that calls nothing plausible
     assert "### seeds 1 and 2 (held out)" in printed
     assert "| plausible | 0 | 0 | 0 | 0 |" in printed.split("backtest margin 0.99")[1]
