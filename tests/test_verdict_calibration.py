@@ -153,6 +153,8 @@ def test_rescore_counts_each_row_by_its_verdict_and_outcome(tmp_path, capsys):
     assert "plausible where it hurt: 1; recall (plausible among helped) 3/3 = 1.00" in calibrated
     # by the gate's outcome: the random walk fails (exit 3), the rest pass
     assert "| plausible | 0 | 3 | 0 | 1 | 4 |" in calibrated and "| will likely hurt | 3 | 0 | 0 | 1 | 1 |" in calibrated
+    # the eval step after the gate stops the saturating run (its interval lies below -1 point)
+    assert "shipped 3 extrapolations: 3 helped, 0 n.s., 0 hurt" in calibrated
     # seed 0 against seeds 1-2, and the 0.99 margin that calls nothing plausible
     assert "### seeds 1 and 2 (held out)" in printed
     assert "| plausible | 0 | 0 | 0 | 0 |" in printed.split("backtest margin 0.99")[1]
