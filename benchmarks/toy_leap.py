@@ -96,47 +96,44 @@ def first(curve: list[dict], threshold: float) -> dict | None:
     return next((p for p in curve if p["greedy"] >= threshold), None)
 
 
-def table(records: list[dict], max_real: int) -> str:
+def table(records: list[dict]) -> str:
+    """One row per setting: per seed (slash-separated) and median real steps to 90% and 100% of the plain
+    run's final accuracy, the median training seconds to 100%, and the decisions over all seeds."""
     by = {(r["seed"], r["setting"]): r for r in records}
-    rows = ["| setting | seed | final acc. of plain | real steps to 90% | s to 90% | real steps to 100% | s to 100% "
-            "| jumps made / refused | best acc. (real steps run) |",
+    seeds = sorted({s for s, _ in by})
+    rows = [f"seeds {', '.join(map(str, seeds))}; '>n': not reached in the n real steps run",
+            "",
+            "| setting | plain final acc. | real steps to 90% | median | real steps to 100% | median "
+            "| s to 100% (median) | jumps made / refused / reverted | s per decision (median) |",
             "|---|---|---|---|---|---|---|---|---|"]
-    summary: dict[str, list] = {}
     for name in SETTINGS:
-        for seed in sorted({s for s, _ in by}):
-            record = by.get((seed, name))
-            if record is None:
-                continue
+        present = [s for s in seeds if (s, name) in by]
+        if not present:
+            continue
+        finals, reach, costs, decisions = [], {0.9: [], 1.0: []}, [], {"jumped": 0, "refused": 0, "reverted": 0}
+        for seed in present:
+            record = by[(seed, name)]
             plain = by.get((seed, "noisy plain" if name.startswith("noisy") else "plain"))
             final = plain["curve"][99]["greedy"] if plain and len(plain["curve"]) >= 100 else float("nan")
-            cells = []
+            finals.append(final)
             for share in (0.9, 1.0):
                 point = first(record["curve"], share * final)
-                cells += [str(point["real"]) if point else f">{len(record['curve'])}",
-                          f"{point['seconds']:.0f}" if point else "—"]
-                summary.setdefault((name, share), []).append(point["real"] if point else None)
-            decisions = record.get("leaps")
-            if decisions is not None:
-                made = sum(d["jumped"] for d in decisions)
-                jumps = f"{made} / {len(decisions) - made}"
-            else:
-                jumps = "—"
-            best = max(p["greedy"] for p in record["curve"])
-            rows.append(f"| {name} | {seed} | {final:.3f} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} | "
-                        f"{jumps} | {best:.3f} ({len(record['curve'])}) |")
-    rows.append("")
-    rows.append("| setting | median real steps to 90% | median real steps to 100% | seeds reaching 100% |")
-    rows.append("|---|---|---|---|")
-    for name in SETTINGS:
-        if (name, 0.9) not in summary:
-            continue
-        cells = []
+                reach[share].append((point["real"], point["seconds"]) if point else (None, len(record["curve"])))
+            for d in record.get("leaps") or []:
+                decisions[d["reason"]] = decisions.get(d["reason"], 0) + 1
+                costs.append(d["seconds"])
+        cells = [name, "/".join(f"{f:.3f}" for f in finals)]
         for share in (0.9, 1.0):
-            values = [v for v in summary[(name, share)] if v is not None]
-            cells.append(f"{statistics.median(values):.0f}" if values else "—")
-        reached = sum(v is not None for v in summary[(name, 1.0)])
-        cells.append(f"{reached}/{len(summary[(name, 1.0)])}")
-        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+            cells.append("/".join(str(r) if r is not None else f">{n}" for r, n in reach[share]))
+            reached = [r for r, _ in reach[share] if r is not None]
+            cells.append(f"{statistics.median(reached):.0f}" if len(reached) == len(present) else
+                         f"{len(reached)}/{len(present)} reached")
+        times = [t for r, t in reach[1.0] if r is not None]
+        cells.append(f"{statistics.median(times):.0f}" if len(times) == len(present) else "—")
+        cells.append("—" if SETTINGS[name][1] is None else
+                     f"{decisions['jumped']} / {decisions['refused']} / {decisions['reverted']}")
+        cells.append(f"{statistics.median(costs):.2f}" if costs else "—")
+        rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -153,12 +150,15 @@ def plot(records: list[dict], path: Path) -> None:
     for ax, (preset, names) in zip(axes, presets):
         for name in names:
             for record in [r for r in records if r["setting"] == name]:
-                colour = colours.setdefault(name, f"C{len(colours)}")
+                colour = colours.setdefault(name, "black" if "plain" in name else f"C{len(colours)}")
+                _, leap, require, check = SETTINGS[name]
+                # Refused jumps leave a run identical to the plain one: dashed lines on top of it.
+                style = ":" if check else {"plausible": "--", "gate": "-."}.get(require, "-")
                 xs = [p["real"] for p in record["curve"]]
                 ys = [p["greedy"] for p in record["curve"]]
-                ax.plot(xs, ys, color=colour, alpha=0.8, lw=1.2,
+                ax.plot(xs, ys, color=colour, alpha=0.8, lw=2.2 if leap is None else 1.3, linestyle=style,
                         label=name if record["seed"] == min(r["seed"] for r in records) else None)
-        ax.set_title(f"toy run, preset {preset}")
+        ax.set_title(f"toy run, preset {preset} (seeds {', '.join(str(s) for s in sorted({r['seed'] for r in records}))})")
         ax.set_xlabel("real training steps")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -209,7 +209,7 @@ def main() -> None:
                       f"{max(p['greedy'] for p in record['curve']):.3f}, {time.perf_counter() - started:.0f} s",
                       flush=True)
     records = [json.loads(f.read_text()) for f in sorted(args.out.glob("*.json"))]
-    print(table(records, args.max_real))
+    print(table(records))
     if args.plot is not None:
         plot(records, args.plot)
         print(f"plot: {args.plot}")
