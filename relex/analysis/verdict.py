@@ -6,8 +6,10 @@ matrix (:func:`relex.analysis.drift.diagnose`), then a backtest on the observed 
 the first half of the window must predict its second half, and carried to the target, better than
 stopping (:func:`relex.analysis.drift.apply_backtest`).
 
-Two checks calibrated on toy runs (docs/verdict_calibration.md) keep a run from being called
-drift-dominated on the strength of part of it:
+Three checks calibrated on toy runs (docs/verdict_calibration.md) keep a run from being called
+drift-dominated on the strength of part of it. They see the weights only: a run whose accuracy has already
+saturated inside the window looks like one that is still climbing, which only an evaluation of the last
+observed checkpoint tells apart (the calibration's misses).
 
 - *balance*: the drift share is also computed with each weight matrix counted once
   (:func:`relex.analysis.drift.balanced_gram`) and must clear the same threshold, so one tensor that moves
