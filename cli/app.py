@@ -2,7 +2,8 @@
 
 Every command parses its options and calls the library. Errors the user can fix
 (:class:`relex.RelexInputError`) become one line on stderr and exit code 2; anything else is an
-internal error (exit 1).
+internal error (exit 1). Under torchrun every rank runs the command and exits with the same code; rank 0
+alone prints (errors included), so a run prints what one process would.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 
 import typer
 
+from relex.distributed import env_rank, leave
 from relex.errors import RelexInputError
 
 app = typer.Typer(
@@ -47,12 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, prog_name="relex", standalone_mode=True)
     except RelexInputError as exc:
-        print(f"relex: error: {exc}", file=sys.stderr)
+        if env_rank() == 0:
+            print(f"relex: error: {exc}", file=sys.stderr)
         return 2
     except SystemExit as exc:  # click's standalone mode ends every run this way
         if exc.code is None:
             return 0
         return exc.code if isinstance(exc.code, int) else 1
+    finally:
+        leave()
     return 0
 
 

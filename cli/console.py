@@ -34,6 +34,13 @@ SubfolderPatternOption = Annotated[Optional[str], typer.Option(help="Hub runs: r
 console = Console()
 err_console = Console(stderr=True)
 
+
+def rank_zero() -> bool:
+    """This process prints and writes reports: always, except on ranks other than 0 of a torchrun launch."""
+    from relex.distributed import env_rank  # start-up: torch loads with the engine, not with --help
+
+    return env_rank() == 0
+
 VERDICT_STYLE = {"drift-dominated": "bold green", "mixed": "bold yellow", "noise-dominated": "bold red"}
 
 

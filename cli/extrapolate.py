@@ -110,8 +110,9 @@ def extrapolate(
 
     from relex.gate import write_summary
 
-    from relex_cli.console import check_output_files
+    from relex_cli.console import check_output_files, rank_zero
 
+    quiet = quiet or not rank_zero()  # under torchrun rank 0 prints and writes the reports
     targets = _parse_targets(target_step)
     if require is not None and require not in REQUIRE_CHOICES:
         from relex.errors import RelexInputError
@@ -125,8 +126,9 @@ def extrapolate(
     if require is not None:
         gate = _require(run, run_dir, targets, require, max_step, device, allow_pickle, allow_interpolation, quiet)
         if not gate.decision.passed:
-            write_summary(gate.markdown("relex extrapolate", [("output", f"none: refused by --require {require}")]),
-                          summary_path)
+            if rank_zero():
+                write_summary(gate.markdown("relex extrapolate", [("output", f"none: refused by --require {require}")]),
+                              summary_path)
             raise typer.Exit(gate.exit_code)
     with byte_progress(disable=quiet, label="extrapolating") as progress:
         result = run_extrapolation(
@@ -137,6 +139,8 @@ def extrapolate(
             allow_pickle=allow_pickle, max_shard_size=max_shard_size, output=output, lora_rank=lora_rank,
             progress=progress,
         )
+    if not rank_zero():
+        return
     if report is not None:
         report.parent.mkdir(parents=True, exist_ok=True)
         report.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
@@ -193,8 +197,11 @@ def _require(run: dict, run_dir: str, targets: list[int], require: str, max_step
         if gate.diagnostics is not None:
             print_diagnostics(gate.diagnostics, gate.series)
         print_check(gate)
-    err_console.print(f"relex: refused (--require {require}): {gate.decision.reason}; nothing written",
-                      soft_wrap=True, highlight=False, markup=False)
+    from relex_cli.console import rank_zero
+
+    if rank_zero():
+        err_console.print(f"relex: refused (--require {require}): {gate.decision.reason}; nothing written",
+                          soft_wrap=True, highlight=False, markup=False)
     return gate
 
 

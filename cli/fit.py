@@ -64,8 +64,9 @@ def fit(
     from relex.io.writer import check_output_folder
     from relex.store import fit_trajectory
 
-    from relex_cli.console import byte_progress, resolve_run
+    from relex_cli.console import byte_progress, rank_zero, resolve_run
 
+    quiet = quiet or not rank_zero()  # under torchrun rank 0 prints
     check_output_folder(out, overwrite)  # before downloading a Hub run
     with byte_progress(disable=quiet, label="downloading") as fetched:
         run = resolve_run(run_dir, steps, revision_pattern, subfolder_pattern, fetched, base=base, max_step=max_step)

@@ -184,6 +184,16 @@ class ModelSelector:
             self.selection = self._report()
         return self.selection
 
+    def prepared(self) -> dict:
+        """What :meth:`prepare` decided, for the processes of a run that did not decide (:meth:`adopt`)."""
+        return {"shared": self.shared, "shared_backtest": self.shared_backtest, "decisions": self.decisions,
+                "selection": self.selection}
+
+    def adopt(self, prepared: dict) -> None:
+        """Take the whole-run decisions another process's :meth:`prepare` made."""
+        self.shared, self.shared_backtest = prepared["shared"], prepared["shared_backtest"]
+        self.decisions, self.selection = prepared["decisions"], prepared["selection"]
+
     def _train_shared(self, datas: Mapping[str, TensorData]) -> None:
         groups: dict[str, list[TensorData]] = {}
         for data in datas.values():
