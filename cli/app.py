@@ -8,12 +8,13 @@ alone prints (errors included), so a run prints what one process would.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
 
-from relex.distributed import env_rank, leave
 from relex.errors import RelexInputError
+from relex_cli.console import rank_zero
 
 app = typer.Typer(
     name="relex",
@@ -46,10 +47,19 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit code (0 ok, 3 a gate failed, 2 bad input or usage, 1 internal
     error)."""
     _register_commands()
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+    joined = False
     try:
+        if launched:
+            # start-up: torch.distributed loads only under a launcher. The ranks meet before any work and leave
+            # together (below), so no rank ends, and no launcher stops the others, before rank 0 has printed.
+            from relex.distributed import join
+
+            join()
+            joined = True
         app(args=argv, prog_name="relex", standalone_mode=True)
     except RelexInputError as exc:
-        if env_rank() == 0:
+        if rank_zero():
             print(f"relex: error: {exc}", file=sys.stderr)
         return 2
     except SystemExit as exc:  # click's standalone mode ends every run this way
@@ -57,7 +67,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return exc.code if isinstance(exc.code, int) else 1
     finally:
-        leave()
+        if joined:
+            from relex.distributed import leave  # start-up: loaded above
+
+            leave()
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
@@ -37,9 +38,8 @@ err_console = Console(stderr=True)
 
 def rank_zero() -> bool:
     """This process prints and writes reports: always, except on ranks other than 0 of a torchrun launch."""
-    from relex.distributed import env_rank  # start-up: torch loads with the engine, not with --help
+    return os.environ.get("RANK", "0") in ("", "0")
 
-    return env_rank() == 0
 
 VERDICT_STYLE = {"drift-dominated": "bold green", "mixed": "bold yellow", "noise-dominated": "bold red"}
 

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from relex.errors import RelexInputError
 
-__all__ = ["Ranks", "SINGLE", "env_rank", "join", "leave", "shares"]
+__all__ = ["Ranks", "SINGLE", "join", "leave", "shares"]
 
 DEFAULT_TIMEOUT = 1800  # seconds a sync point waits for the slowest rank
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -120,8 +120,9 @@ class Ranks:
         return self.gather(lambda: work() if self.leader else None)[0]
 
     def progress(self, progress, own_bytes: int, total_bytes: int):
-        """Rank 0's progress callback for the whole job, others none: rank 0's own bytes scaled by the job's
-        total over its share (an estimate; shares are balanced by bytes, so ranks move at about one pace)."""
+        """Rank 0's progress callback for the whole job, others none: rank 0's bytes (done and to do) scaled by
+        the bytes of one read of the whole run (``total_bytes``) over those of its share (``own_bytes``). An
+        estimate: shares are balanced by bytes, so the ranks move at about one pace."""
         if not self.distributed or progress is None:
             return progress
         if not self.leader:
@@ -129,18 +130,14 @@ class Ranks:
         factor = total_bytes / own_bytes if own_bytes else 1.0
 
         def scaled(name: str, done: int, total: int) -> None:
-            progress(name, min(int(done * factor), max(total_bytes, total)), max(total_bytes, total))
+            whole = round(total * factor)
+            progress(name, min(round(done * factor), whole), whole)
 
         return scaled
 
 
 SINGLE = Ranks()
 _joined: tuple[object, Ranks, bool] | None = None  # (the default group, its Ranks, whether relex created it)
-
-
-def env_rank() -> int:
-    """This process's rank as its launcher set it (0 without a launcher)."""
-    return int(os.environ.get("RANK", "0") or 0)
 
 
 def _timeout() -> timedelta:
@@ -152,10 +149,10 @@ def _timeout() -> timedelta:
     return timedelta(seconds=seconds)
 
 
-def join(device: str = "cpu") -> Ranks:
+def join(device: str = "auto") -> Ranks:
     """The ranks of this run: those of an initialised ``torch.distributed`` process group, or of a launcher's
-    environment (``WORLD_SIZE`` > 1; the group is created here: NCCL for a CUDA ``device``, else gloo), or
-    this process alone. Every rank must call it at the same point."""
+    environment (``WORLD_SIZE`` > 1; the group is created here: NCCL for a CUDA ``device`` — ``auto`` on a
+    machine with CUDA — else gloo), or this process alone. Every rank must call it at the same point."""
     global _joined
     if dist.is_available() and dist.is_initialized():
         world_group = dist.group.WORLD
@@ -189,11 +186,17 @@ def join(device: str = "cpu") -> Ranks:
 
 
 def leave() -> None:
-    """Destroy the process group :func:`join` created (a group the caller initialised is left to it)."""
+    """Wait for every rank, then destroy the process group :func:`join` created (a group the caller
+    initialised is left to it)."""
     global _joined
-    if _joined is not None and _joined[2] and dist.is_initialized():
-        dist.destroy_process_group()
-    _joined = None
+    try:
+        if _joined is not None and _joined[2] and dist.is_initialized():
+            try:
+                dist.barrier(group=_joined[1].group)
+            finally:
+                dist.destroy_process_group()
+    finally:
+        _joined = None
 
 
 def shares(sizes: Sequence[int], world: int) -> list[range]:
