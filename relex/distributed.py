@@ -67,6 +67,7 @@ class Ranks:
 
     def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0, group=None):
         self.rank, self.world, self.local_rank, self.group = rank, world, local_rank, group
+        self.broken = False
 
     @property
     def distributed(self) -> bool:
@@ -95,7 +96,11 @@ class Ranks:
             error = exc
             outcome = (_failure(self.rank, exc), None)
         gathered: list = [None] * self.world
-        dist.all_gather_object(gathered, outcome, group=self.group)
+        try:
+            dist.all_gather_object(gathered, outcome, group=self.group)
+        except BaseException:
+            self.broken = True  # a rank died or timed out: the group cannot be waited on again
+            raise
         failures = [failure for failure, _ in gathered if failure is not None]
         if error is not None:
             raise error
@@ -192,7 +197,8 @@ def leave() -> None:
     try:
         if _joined is not None and _joined[2] and dist.is_initialized():
             try:
-                dist.barrier(group=_joined[1].group)
+                if not _joined[1].broken:
+                    dist.barrier(group=_joined[1].group)
             finally:
                 dist.destroy_process_group()
     finally:
