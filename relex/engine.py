@@ -9,6 +9,11 @@ copies of about one tensor, never a whole model.
 Automatic choices that need the whole run (``--regressor auto`` per run or group, ``--scale auto``, the
 learned ``mlp`` predictor) make the engine read the run twice, through the same code: a Gram pass, the
 decisions, then the writing pass with every model known (:func:`stream_models`).
+
+Under ``torchrun`` (:mod:`relex.distributed`) each rank streams a contiguous share of the tensors into its own
+shards; the ranks gather each other's per-tensor figures at fixed sync points, rank 0 makes the run-level
+choices from every rank's Gram matrices and writes the index and ``relex.json``: the values written are those
+of one process.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from relex.sinks import (AdapterSink, CheckpointSink, GramSink, check_targets, c
                          run_record, target_folders)
 from relex.stream import (DEFAULT_BLOCK_BYTES, OUTPUT_DTYPES, ProgressCallback, RunReaders, Sink, StreamPass,
                           TensorState, check_dtype, resolve_device)
-from relex.trajectory import ModelSelector, ModelSpec
+from relex.trajectory import ModelSelector, ModelSpec, model_spec
 
 __all__ = ["DEFAULT_BLOCK_BYTES", "OUTPUT_DTYPES", "ExtrapolationResult", "GramSet", "ModelPassResult",
            "ProgressCallback", "TensorResult", "collect_grams", "extrapolate", "resolve_device", "stream_models"]
@@ -365,6 +370,7 @@ def extrapolate(
     steps: str | Sequence[int] | None = None,
     max_step: int | None = None,
     checkpoints: Iterable[tuple[int, str | Path]] | None = None,
+    spec: ModelSpec | None = None,
     method: str = "relex",
     rank: int = 1,
     regressor: str = "linear",
@@ -395,6 +401,8 @@ def extrapolate(
         out_dir: the output folder; written to a temporary folder beside it and renamed at the end.
         base: the step-0 checkpoint, when it is not the run's own step-0 folder.
         steps, max_step: which observed checkpoints to use (all by default).
+        spec: the model options below as one :class:`relex.trajectory.ModelSpec` (then leave them at their
+            defaults).
         method: the mode: ``relex`` (temporal rank-k SVD), ``matrix-rank1`` (top singular triple of each
             2-D delta), ``elementwise`` (two-checkpoint linear) or ``last``.
         rank: temporal components (``relex``).
@@ -437,6 +445,8 @@ def extrapolate(
     if lora_rank is not None and (output != "lora" or lora_rank < 1):
         raise RelexInputError("--lora-rank takes a positive rank and needs --output lora")
     out_dir = Path(out_dir)
+    spec = model_spec(spec, method=method, rank=rank, regressor=regressor, scale=scale, auto_scope=auto_scope,
+                      candidates=candidates, holdout=holdout, copy_norms=copy_norms, from_step=from_step)
     ranks = join(device)  # the processes of a torchrun launch; without one, this process alone
     if ranks.distributed and output == "lora":
         raise RelexInputError("--output lora writes one adapter file: run it in one process (without torchrun)")
@@ -448,16 +458,14 @@ def extrapolate(
         series = discover_series(run_dir, base=base, steps=steps, max_step=max_step, checkpoints=checkpoints)
         check_targets(targets, series.steps[-1], allow_interpolation)
         torch_device = ranks.device(resolve_device(device))
-        spec = ModelSpec(method=method, rank=rank, regressor=regressor, scale=scale, auto_scope=auto_scope,
-                         candidates=candidates, holdout=holdout, copy_norms=copy_norms, from_step=from_step)
         selector = ModelSelector(spec, series.steps)
         readers = opened["readers"] = RunReaders(series, allow_pickle)
         if output == "lora":
-            AdapterSink.check(readers, method)
-        return series, torch_device, spec, selector, readers, readers.config_folders()
+            AdapterSink.check(readers, spec.method)
+        return series, torch_device, selector, readers, readers.config_folders()
 
     try:
-        series, torch_device, spec, selector, readers, config_folders = ranks.step(open_run)
+        series, torch_device, selector, readers, config_folders = ranks.step(open_run)
         target_array = np.array(targets, dtype=np.float64)
         with staged_folder(out_dir, overwrite, ranks=ranks) as staging:
             folders = target_folders(staging, targets)
@@ -486,7 +494,7 @@ def extrapolate(
                 written["bytes_written"] for part in measured.parts for written in part.values())
             result = ExtrapolationResult(
                 out_dirs={t: (out_dir if len(targets) == 1 else out_dir / f"step-{t}") for t in targets},
-                series=series, method=method, options=spec.record(), tensors=measured.tensors,
+                series=series, method=spec.method, options=spec.record(), tensors=measured.tensors,
                 diagnostics=measured.diagnostics(series.steps, max(targets)),
                 seconds=time.perf_counter() - started, bytes_read=measured.bytes_read,
                 bytes_written=bytes_written, device=str(torch_device), selection=selector.selection,

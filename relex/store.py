@@ -51,7 +51,7 @@ from relex.sinks import (CheckpointSink, TrajectorySink, basis_key, check_target
                          run_record, target_folders, value_key)
 from relex.stream import (DEFAULT_BLOCK_BYTES, OUTPUT_DTYPES, ProgressCallback, Row, RunReaders, StreamPass,
                           TensorState, check_dtype, resolve_device)
-from relex.trajectory import ModelSelector, ModelSpec
+from relex.trajectory import ModelSelector, ModelSpec, model_spec
 
 FORMAT = "relex-trajectory"
 FORMAT_VERSION = 1
@@ -85,6 +85,7 @@ def fit_trajectory(
     steps: str | Sequence[int] | None = None,
     max_step: int | None = None,
     checkpoints: Iterable[tuple[int, str | Path]] | None = None,
+    spec: ModelSpec | None = None,
     method: str = "relex",
     rank: int = 1,
     regressor: str = "linear",
@@ -105,7 +106,7 @@ def fit_trajectory(
 ) -> FitResult:
     """Fit the trajectory model of a run and store it in ``out_dir`` (see the module docstring).
 
-    Takes the model options of :func:`relex.engine.extrapolate`; ``dtype`` is the dtype materialize will
+    Takes the model options of :func:`relex.engine.extrapolate` (one by one, or as ``spec``); ``dtype`` is the dtype materialize will
     write (``auto``: as the newest checkpoint), ``storage_dtype`` that of the stored basis vectors
     (``float32``, exact; ``auto``: each tensor's own dtype). Reads the run twice.
     """
@@ -114,6 +115,8 @@ def fit_trajectory(
     if storage_dtype not in STORAGE_DTYPES:
         raise RelexInputError(f"unknown --storage-dtype {storage_dtype!r} (use {' or '.join(STORAGE_DTYPES)})")
     out_dir = Path(out_dir)
+    spec = model_spec(spec, method=method, rank=rank, regressor=regressor, scale=scale, auto_scope=auto_scope,
+                      candidates=candidates, holdout=holdout, copy_norms=copy_norms, from_step=from_step)
     ranks = join(device)  # the processes of a torchrun launch; without one, this process alone
     opened: dict = {}
 
@@ -121,14 +124,12 @@ def fit_trajectory(
         check_output_folder(out_dir, overwrite)
         series = discover_series(run_dir, base=base, steps=steps, max_step=max_step, checkpoints=checkpoints)
         torch_device = ranks.device(resolve_device(device))
-        spec = ModelSpec(method=method, rank=rank, regressor=regressor, scale=scale, auto_scope=auto_scope,
-                         candidates=candidates, holdout=holdout, copy_norms=copy_norms, from_step=from_step)
         selector = ModelSelector(spec, series.steps, run_pass=True)  # the storage layout needs every model first
         readers = opened["readers"] = RunReaders(series, allow_pickle)
-        return series, torch_device, spec, selector, readers
+        return series, torch_device, selector, readers
 
     try:
-        series, torch_device, spec, selector, readers = ranks.step(open_run)
+        series, torch_device, selector, readers = ranks.step(open_run)
         config_folders = readers.config_folders()
         written_dtypes = {n: readers.output_dtype(n, dtype) for n in readers.names}
         with staged_folder(out_dir, overwrite, ranks=ranks) as staging:
@@ -162,7 +163,7 @@ def fit_trajectory(
             manifest = {
                 "format": FORMAT,
                 "format_version": FORMAT_VERSION,
-                **run_record(method=method, options={}, base=series.base.path.resolve(),
+                **run_record(method=spec.method, options={}, base=series.base.path.resolve(),
                              observed_steps=series.steps, observed_folders=[c.path for c in series.observed]),
                 "options": spec.record(),
                 "sources": readers.describe(),

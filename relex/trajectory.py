@@ -114,6 +114,19 @@ class ModelSpec:
                 "copy_norms": self.copy_norms, "from_step": self.from_step}
 
 
+def model_spec(spec: ModelSpec | None = None, **options) -> ModelSpec:
+    """The model of a call that takes both ``spec=ModelSpec(...)`` and the options one by one (``method=``,
+    ``rank=``, …, as earlier releases did): ``spec``, or the options made into one. A spec with options that
+    differ from their defaults is ambiguous and refused."""
+    if spec is None:
+        return ModelSpec(**options)
+    defaults = ModelSpec()
+    changed = sorted(name for name, value in options.items() if value != getattr(defaults, name))
+    if changed:
+        raise TypeError(f"give the model options in spec= or one by one, not both ({', '.join(changed)})")
+    return spec
+
+
 @dataclass
 class Decision:
     regressor: RegressorSpec
