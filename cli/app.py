@@ -43,6 +43,10 @@ def _root() -> None:
     """Extrapolate RLVR checkpoints along their low-rank trajectory, and tell whether that is safe."""
 
 
+# Commands that would repeat their whole work (and write the same files) on every rank of a launch.
+SINGLE_PROCESS_COMMANDS = ("eval", "demo", "materialize")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit code (0 ok, 3 a gate failed, 2 bad input or usage, 1 internal
     error)."""
@@ -57,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
 
             join()
             joined = True
+            command = next((a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")), None)
+            if command in SINGLE_PROCESS_COMMANDS:
+                raise RelexInputError(f"relex {command} runs in one process: start it without torchrun")
         app(args=argv, prog_name="relex", standalone_mode=True)
     except RelexInputError as exc:
         if rank_zero():

@@ -115,9 +115,9 @@ class ModelSpec:
 
 
 def model_spec(spec: ModelSpec | None = None, **options) -> ModelSpec:
-    """The model of a call that takes both ``spec=ModelSpec(...)`` and the options one by one (``method=``,
-    ``rank=``, …, as earlier releases did): ``spec``, or the options made into one. A spec with options that
-    differ from their defaults is ambiguous and refused."""
+    """The model of a call that takes ``spec=ModelSpec(...)`` or the options one by one (``method=``,
+    ``rank=``, …): ``spec``, or the options made into one. A spec beside options that differ from their
+    defaults is ambiguous and refused."""
     if spec is None:
         return ModelSpec(**options)
     defaults = ModelSpec()
