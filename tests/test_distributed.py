@@ -168,6 +168,11 @@ def test_torchrun_command_writes_what_one_process_writes(run, single, tmp_path, 
     assert done.stdout.count("wrote step 90") == 1  # rank 0 alone prints
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["diagnostics"] == json.loads((out / "relex.json").read_text())["diagnostics"]
+    if nproc > 1:  # every rank refuses the existing output; torchrun does not stop rank 0 before it prints
+        again = subprocess.run(command, env=relex_env(), capture_output=True, text=True, timeout=300)
+        errors = [line for line in again.stderr.splitlines() if line.startswith("relex: error:")]
+        assert again.returncode != 0 and errors == [f"relex: error: {out}: output folder exists (pass --overwrite "
+                                                    "to replace it)"], again.stderr
 
 
 def test_a_bad_file_one_rank_reads_fails_every_rank(run, tmp_path):
