@@ -10,8 +10,11 @@ outcome in one ``all_gather``. A failure on any rank is raised on every rank at 
 rank waits for one that gave up; a rank that dies outright is reported by the launcher (which stops the
 others), and the process group's timeout (``RELEX_DIST_TIMEOUT`` seconds, default 1800) ends any wait left.
 
-Collectives use NCCL when the run computes on CUDA and gloo on the CPU; the sync points exchange small
-Python objects (T × T Gram matrices, per-tensor figures, shard lists) through a gloo group either way.
+Splitting is explicit: :func:`join` (which the command line calls under a launcher) makes the engine's calls
+split their run across the ranks (:func:`current`); a process group created for something else leaves relex
+in the calling process. Collectives use NCCL when the run computes on CUDA and gloo on the CPU; the sync
+points exchange small Python objects (T × T Gram matrices, per-tensor figures, shard lists) through a gloo
+group either way.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch.distributed as dist
 
 from relex.errors import RelexInputError
 
-__all__ = ["Ranks", "SINGLE", "join", "leave", "shares"]
+__all__ = ["Ranks", "SINGLE", "current", "join", "leave", "shares"]
 
 DEFAULT_TIMEOUT = 1800  # seconds a sync point waits for the slowest rank
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -145,6 +148,17 @@ SINGLE = Ranks()
 _joined: tuple[object, Ranks, bool] | None = None  # (the default group, its Ranks, whether relex created it)
 
 
+def current() -> Ranks:
+    """The ranks the engine splits a run across: those :func:`join` joined, else this process alone.
+
+    Joining is explicit (the command line joins under a launcher): a process group set up for something else
+    — a training job whose rank 0 calls relex, say — leaves relex in that one process.
+    """
+    if _joined is not None and dist.is_initialized() and _joined[0] is dist.group.WORLD:
+        return _joined[1]
+    return SINGLE
+
+
 def _timeout() -> timedelta:
     text = os.environ.get("RELEX_DIST_TIMEOUT", str(DEFAULT_TIMEOUT))
     try:
@@ -155,9 +169,10 @@ def _timeout() -> timedelta:
 
 
 def join(device: str = "auto") -> Ranks:
-    """The ranks of this run: those of an initialised ``torch.distributed`` process group, or of a launcher's
-    environment (``WORLD_SIZE`` > 1; the group is created here: NCCL for a CUDA ``device`` — ``auto`` on a
-    machine with CUDA — else gloo), or this process alone. Every rank must call it at the same point."""
+    """Split the runs this process works on across the ranks of an initialised ``torch.distributed`` process
+    group, or of a launcher's environment (``WORLD_SIZE`` > 1; the group is created here: NCCL for a CUDA
+    ``device`` — ``auto`` on a machine with CUDA — else gloo); without either, this process works alone.
+    Every rank must call it, then make the same relex calls in the same order, then :func:`leave`."""
     global _joined
     if dist.is_available() and dist.is_initialized():
         world_group = dist.group.WORLD

@@ -29,7 +29,7 @@ import torch
 
 from relex.analysis.drift import DriftDiagnostics, diagnose
 from relex.analysis.verdict import VerdictBacktest
-from relex.distributed import SINGLE, Ranks, join, shares
+from relex.distributed import SINGLE, Ranks, current, shares
 from relex.errors import RelexInputError
 from relex.io.discover import CheckpointSeries, discover_series, is_checkpoint_name
 from relex.io.writer import check_output_folder, require_free_space, staged_folder
@@ -447,7 +447,7 @@ def extrapolate(
     out_dir = Path(out_dir)
     spec = model_spec(spec, method=method, rank=rank, regressor=regressor, scale=scale, auto_scope=auto_scope,
                       candidates=candidates, holdout=holdout, copy_norms=copy_norms, from_step=from_step)
-    ranks = join(device)  # the processes of a torchrun launch; without one, this process alone
+    ranks = current()  # the ranks joined (relex.distributed.join); without, this process alone
     if ranks.distributed and output == "lora":
         raise RelexInputError("--output lora writes one adapter file: run it in one process (without torchrun)")
     opened: dict = {}
@@ -534,7 +534,7 @@ def collect_grams(
     Same inputs and checks as :func:`extrapolate`; nothing is written.
     """
     started = time.perf_counter()
-    ranks = join(device)  # the processes of a torchrun launch; without one, this process alone
+    ranks = current()  # the ranks joined (relex.distributed.join); without, this process alone
     opened: dict = {}
 
     def open_run():

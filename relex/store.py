@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from relex import __version__
-from relex.distributed import join
+from relex.distributed import current
 from relex.engine import stream_models
 from relex.errors import RelexInputError
 from relex.io.discover import discover_series
@@ -117,7 +117,7 @@ def fit_trajectory(
     out_dir = Path(out_dir)
     spec = model_spec(spec, method=method, rank=rank, regressor=regressor, scale=scale, auto_scope=auto_scope,
                       candidates=candidates, holdout=holdout, copy_norms=copy_norms, from_step=from_step)
-    ranks = join(device)  # the processes of a torchrun launch; without one, this process alone
+    ranks = current()  # the ranks joined (relex.distributed.join); without, this process alone
     opened: dict = {}
 
     def open_run():
@@ -259,7 +259,7 @@ def materialize(
     through the same sink as :func:`relex.engine.extrapolate`'s.
     """
     started = time.perf_counter()
-    if join(device).distributed:
+    if current().distributed:
         raise RelexInputError("relex materialize runs in one process (without torchrun): it reads only the base and "
                               "the stored vectors")
     folder = Path(trajectory_dir)

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import relex
+import relex.distributed
 from relex.analysis import analyze
 from relex.distributed import Ranks, shares
 from relex.engine import rank_names
@@ -105,11 +106,12 @@ def same_record(a, b) -> None:
 
 
 def _library_worker(rank: int, world: int, port: int, run, out) -> None:
-    """One rank of a run whose caller initialised torch.distributed (as a training script would)."""
+    """One rank of a script that initialised torch.distributed itself, then joined relex to it."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=120))
     try:
+        relex.distributed.join()
         for label, options in MODES.items():
             seen = []
             relex.extrapolate(run, target_step=TARGET, out_dir=out / label, progress=lambda *a: seen.append(a[1:]),
@@ -121,6 +123,10 @@ def _library_worker(rank: int, world: int, port: int, run, out) -> None:
         if rank == 0:
             (out / "check.json").write_text(json.dumps(_without_pace(result)))
             (out / "analysis.json").write_text(json.dumps(_without_pace(analysis), default=float))
+        relex.distributed.leave()
+        if rank == 0:  # a group relex has not joined (a training job's) leaves relex in the calling process
+            relex.extrapolate(run, target_step=TARGET, out_dir=out / "rank-0-alone")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -141,6 +147,7 @@ def test_three_ranks_write_what_one_process_writes(run, single, tmp_path):
         assert passes * run_bytes * 0.5 < progress[0][-1][0] <= passes * run_bytes
     shards = json.loads((tmp_path / "relex" / "model.safetensors.index.json").read_text())["weight_map"].values()
     assert len(set(shards)) >= world  # each rank wrote its own shards
+    identical_tensors(single / "relex", tmp_path / "rank-0-alone")
     materialize(tmp_path / "fit", target_step=TARGET, out_dir=tmp_path / "from-fit")
     identical_tensors(single / "relex", tmp_path / "from-fit")
     for report in ("check.json", "analysis.json"):
