@@ -164,8 +164,9 @@ def analyze(
 
     from relex.io.hub import parse_hub_run
 
-    from relex_cli.console import byte_progress, resolve_run
+    from relex_cli.console import byte_progress, rank_zero, resolve_run
 
+    quiet = quiet or not rank_zero()  # under torchrun rank 0 prints and writes OUT
     if rank < 1:
         raise RelexInputError(f"--rank must be at least 1, got {rank}")
     if null_samples < 10:
@@ -176,11 +177,13 @@ def analyze(
     with byte_progress(disable=quiet, label="downloading") as fetched:
         run = resolve_run(run_dir, steps, revision_pattern, subfolder_pattern, fetched, base=base, max_step=max_step)
     with byte_progress(disable=quiet, label="analysing") as progress, _count_progress(quiet) as scored:
+        # under torchrun the ranks share the reading; rank 0 alone scores the log-probs it reports
         result = run_analysis(**run, max_step=max_step, rank=rank, holdout=holdout,
-                              learned=learned, null_samples=null_samples, logprob_records=records,
+                              learned=learned, null_samples=null_samples,
+                              logprob_records=records if rank_zero() else None,
                               logprob_batch_size=logprob_batch_size, device=device, allow_pickle=allow_pickle,
                               progress=progress, logprob_progress=scored)
-    if out is not None:
+    if out is not None and rank_zero():
         result.write(out, plots=plots, overwrite=overwrite)
     if quiet:
         return

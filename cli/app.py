@@ -2,16 +2,19 @@
 
 Every command parses its options and calls the library. Errors the user can fix
 (:class:`relex.RelexInputError`) become one line on stderr and exit code 2; anything else is an
-internal error (exit 1).
+internal error (exit 1). Under torchrun every rank runs the command and exits with the same code; rank 0
+alone prints (errors included), so a run prints what one process would.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
 
 from relex.errors import RelexInputError
+from relex_cli.console import rank_zero
 
 app = typer.Typer(
     name="relex",
@@ -40,19 +43,41 @@ def _root() -> None:
     """Extrapolate RLVR checkpoints along their low-rank trajectory, and tell whether that is safe."""
 
 
+# Commands that would repeat their whole work (and write the same files) on every rank of a launch.
+SINGLE_PROCESS_COMMANDS = ("eval", "demo", "materialize")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit code (0 ok, 3 a gate failed, 2 bad input or usage, 1 internal
     error)."""
     _register_commands()
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+    joined = False
     try:
+        if launched:
+            # start-up: torch.distributed loads only under a launcher. The ranks meet before any work and leave
+            # together (below), so no rank ends, and no launcher stops the others, before rank 0 has printed.
+            from relex.distributed import join
+
+            join()
+            joined = True
+            command = next((a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")), None)
+            if command in SINGLE_PROCESS_COMMANDS:
+                raise RelexInputError(f"relex {command} runs in one process: start it without torchrun")
         app(args=argv, prog_name="relex", standalone_mode=True)
     except RelexInputError as exc:
-        print(f"relex: error: {exc}", file=sys.stderr)
+        if rank_zero():
+            print(f"relex: error: {exc}", file=sys.stderr)
         return 2
     except SystemExit as exc:  # click's standalone mode ends every run this way
         if exc.code is None:
             return 0
         return exc.code if isinstance(exc.code, int) else 1
+    finally:
+        if joined:
+            from relex.distributed import leave  # start-up: loaded above
+
+            leave()
     return 0
 
 

@@ -47,30 +47,32 @@ def check(
     from relex.gate import check_target_step, write_summary
 
     from relex_cli.console import byte_progress, check_output_files, print_check, print_diagnostics
-    from relex_cli.console import print_gate, print_sources, resolve_run
+    from relex_cli.console import print_gate, print_sources, rank_zero, resolve_run
 
+    printing = rank_zero()  # under torchrun rank 0 prints and writes the reports
     if target_step is not None:
         target_step = check_target_step(target_step)
     check_output_files(json_path, summary)  # before reading (or downloading) anything
-    with byte_progress(disable=quiet, label="downloading") as fetched:
+    with byte_progress(disable=quiet or not printing, label="downloading") as fetched:
         run = resolve_run(run_dir, steps, revision_pattern, subfolder_pattern, fetched, base=base, max_step=max_step)
-    with byte_progress(disable=quiet, label="reading") as progress:
+    with byte_progress(disable=quiet or not printing, label="reading") as progress:
         result = run_check(**run, target_step=target_step, strict=strict, max_step=max_step, device=device,
                            allow_pickle=allow_pickle, progress=progress, run_label=run_dir,
                            allow_interpolation=allow_interpolation)
-    if not quiet:
-        observed = result.steps
-        console.print(f"[bold]relex check[/bold]: {result.tensors} tensors, {result.parameters:,} parameters, "
-                      f"{len(observed)} checkpoints (steps {observed[0]}..{observed[-1]}), "
-                      f"{result.seconds:.1f} s")
-        print_sources(result.series, result.sources())
-        if result.diagnostics is not None:
-            print_diagnostics(result.diagnostics, result.series)
-        print_check(result)
-    else:
-        print_gate(result.decision)
-    if json_path is not None:
-        result.write_json(json_path)
-    write_summary(result.markdown(), summary)
+    if printing:
+        if not quiet:
+            observed = result.steps
+            console.print(f"[bold]relex check[/bold]: {result.tensors} tensors, {result.parameters:,} parameters, "
+                          f"{len(observed)} checkpoints (steps {observed[0]}..{observed[-1]}), "
+                          f"{result.seconds:.1f} s")
+            print_sources(result.series, result.sources())
+            if result.diagnostics is not None:
+                print_diagnostics(result.diagnostics, result.series)
+            print_check(result)
+        else:
+            print_gate(result.decision)
+        if json_path is not None:
+            result.write_json(json_path)
+        write_summary(result.markdown(), summary)
     if result.exit_code:
         raise typer.Exit(result.exit_code)

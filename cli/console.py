@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
@@ -33,6 +34,12 @@ SubfolderPatternOption = Annotated[Optional[str], typer.Option(help="Hub runs: r
 
 console = Console()
 err_console = Console(stderr=True)
+
+
+def rank_zero() -> bool:
+    """This process prints and writes reports: always, except on ranks other than 0 of a torchrun launch."""
+    return os.environ.get("RANK", "0") in ("", "0")
+
 
 VERDICT_STYLE = {"drift-dominated": "bold green", "mixed": "bold yellow", "noise-dominated": "bold red"}
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 from pathlib import Path
 from typing import Annotated, Optional
@@ -43,6 +45,35 @@ ScaleOption = Annotated[str, typer.Option(help=SCALE_HELP, rich_help_panel=MODEL
 CopyNormsOption = Annotated[bool, typer.Option("--copy-norms", help="elementwise (and the 1-D tensors of matrix-rank1): copy 1-D tensors (norms, biases) from the newest checkpoint.", rich_help_panel=MODEL)]
 FromStepOption = Annotated[Optional[int], typer.Option(help="elementwise: the observed step w_a of the line w_a + α(w_b − w_a) (default: the one before the last).", rich_help_panel=MODEL, show_default=False)]
 
+# The model options of every command that fits a trajectory, in the order --help lists them, with defaults.
+MODEL_OPTIONS = (("method", MethodOption, "relex"), ("rank", RankOption, 1), ("regressor", RegressorOption, "linear"),
+                 ("candidates", CandidatesOption, None), ("auto_scope", ScopeOption, "run"),
+                 ("holdout", HoldoutOption, None), ("scale", ScaleOption, "1.0"), ("copy_norms", CopyNormsOption, False),
+                 ("from_step", FromStepOption, None))
+
+
+def model_options(command):
+    """Give ``command`` the model options (--method, --rank, --regressor, …) in place of its ``spec`` parameter;
+    it receives them as one :class:`relex.trajectory.ModelSpec`."""
+    signature = inspect.signature(command, eval_str=True)
+    parameters = []
+    for parameter in signature.parameters.values():
+        if parameter.name == "spec":
+            parameters += [inspect.Parameter(name, parameter.kind, annotation=annotation, default=default)
+                           for name, annotation, default in MODEL_OPTIONS]
+        else:
+            parameters.append(parameter)
+
+    @functools.wraps(command)
+    def with_spec(**options):
+        from relex.trajectory import ModelSpec  # start-up: numpy and the engine load once a command runs
+
+        spec = ModelSpec(**{name: options.pop(name) for name, _, _ in MODEL_OPTIONS})
+        return command(spec=spec, **options)
+
+    with_spec.__signature__ = signature.replace(parameters=parameters)
+    return with_spec
+
 
 REQUIRE_HELP = ("Judge the run first, as relex check does, and refuse (exit 3, nothing written) unless the gate "
                 "passes: plausible (the gate of relex check) or drift-dominated (of relex check --strict). Reads "
@@ -63,6 +94,7 @@ def _parse_targets(text: str) -> list[int]:
 
 
 @app.command(no_args_is_help=True)
+@model_options
 def extrapolate(
     run_dir: RunDirArgument,
     target_step: Annotated[str, typer.Option("--target-step", help="Step to predict; several as 100,200 (then OUT_DIR/step-N/ each).", rich_help_panel=OUTPUT, show_default=False)],
@@ -73,15 +105,7 @@ def extrapolate(
     revision_pattern: RevisionPatternOption = "step_{N}",
     subfolder_pattern: SubfolderPatternOption = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Read pytorch_model*.bin pickles when no safetensors exist.", rich_help_panel=INPUT)] = False,
-    method: MethodOption = "relex",
-    rank: RankOption = 1,
-    regressor: RegressorOption = "linear",
-    candidates: CandidatesOption = None,
-    auto_scope: ScopeOption = "run",
-    holdout: HoldoutOption = None,
-    scale: ScaleOption = "1.0",
-    copy_norms: CopyNormsOption = False,
-    from_step: FromStepOption = None,
+    spec=None,
     allow_interpolation: Annotated[bool, typer.Option("--allow-interpolation", help="Allow target steps inside the observed window.", rich_help_panel=MODEL)] = False,
     device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.", rich_help_panel=OUTPUT)] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (as the newest checkpoint), bfloat16, float16 or float32.", rich_help_panel=OUTPUT)] = "auto",
@@ -110,8 +134,9 @@ def extrapolate(
 
     from relex.gate import write_summary
 
-    from relex_cli.console import check_output_files
+    from relex_cli.console import check_output_files, rank_zero
 
+    quiet = quiet or not rank_zero()  # under torchrun rank 0 prints and writes the reports
     targets = _parse_targets(target_step)
     if require is not None and require not in REQUIRE_CHOICES:
         from relex.errors import RelexInputError
@@ -125,18 +150,18 @@ def extrapolate(
     if require is not None:
         gate = _require(run, run_dir, targets, require, max_step, device, allow_pickle, allow_interpolation, quiet)
         if not gate.decision.passed:
-            write_summary(gate.markdown("relex extrapolate", [("output", f"none: refused by --require {require}")]),
-                          summary_path)
+            if rank_zero():
+                write_summary(gate.markdown("relex extrapolate", [("output", f"none: refused by --require {require}")]),
+                              summary_path)
             raise typer.Exit(gate.exit_code)
     with byte_progress(disable=quiet, label="extrapolating") as progress:
         result = run_extrapolation(
-            **run, target_step=targets, out_dir=out, max_step=max_step,
-            method=method, rank=rank, regressor=regressor, scale=scale, auto_scope=auto_scope,
-            candidates=candidates, holdout=holdout, copy_norms=copy_norms, from_step=from_step,
-            device=device, dtype=dtype, overwrite=overwrite, allow_interpolation=allow_interpolation,
-            allow_pickle=allow_pickle, max_shard_size=max_shard_size, output=output, lora_rank=lora_rank,
-            progress=progress,
+            **run, target_step=targets, out_dir=out, max_step=max_step, spec=spec, device=device, dtype=dtype,
+            overwrite=overwrite, allow_interpolation=allow_interpolation, allow_pickle=allow_pickle,
+            max_shard_size=max_shard_size, output=output, lora_rank=lora_rank, progress=progress,
         )
+    if not rank_zero():
+        return
     if report is not None:
         report.parent.mkdir(parents=True, exist_ok=True)
         report.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
@@ -147,7 +172,7 @@ def extrapolate(
     summary = result.summary()
     from rich.table import Table
 
-    table = Table(title=f"relex extrapolate ({method}) → step {', '.join(map(str, result.target_steps))}",
+    table = Table(title=f"relex extrapolate ({spec.method}) → step {', '.join(map(str, result.target_steps))}",
                   show_header=True)
     table.add_column("observed")
     table.add_column("tensors", justify="right")
@@ -193,8 +218,11 @@ def _require(run: dict, run_dir: str, targets: list[int], require: str, max_step
         if gate.diagnostics is not None:
             print_diagnostics(gate.diagnostics, gate.series)
         print_check(gate)
-    err_console.print(f"relex: refused (--require {require}): {gate.decision.reason}; nothing written",
-                      soft_wrap=True, highlight=False, markup=False)
+    from relex_cli.console import rank_zero
+
+    if rank_zero():
+        err_console.print(f"relex: refused (--require {require}): {gate.decision.reason}; nothing written",
+                          soft_wrap=True, highlight=False, markup=False)
     return gate
 
 

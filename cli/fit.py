@@ -10,25 +10,11 @@ import typer
 from relex_cli.app import app
 from relex_cli.console import console, BaseOption, MaxStepOption, RunDirArgument, StepsOption
 from relex_cli.console import RevisionPatternOption, SubfolderPatternOption
-from relex_cli.extrapolate import (
-    INPUT,
-    MODEL,
-    OUTPUT,
-    CandidatesOption,
-    CopyNormsOption,
-    FromStepOption,
-    HoldoutOption,
-    MethodOption,
-    RankOption,
-    RegressorOption,
-    ScaleOption,
-    ScopeOption,
-    _parse_targets,
-    print_selection,
-)
+from relex_cli.extrapolate import INPUT, MODEL, OUTPUT, _parse_targets, model_options, print_selection
 
 
 @app.command(no_args_is_help=True)
+@model_options
 def fit(
     run_dir: RunDirArgument,
     out: Annotated[Path, typer.Option("--out", help="Folder for the stored trajectory (safetensors + trajectory.json).", rich_help_panel=OUTPUT, show_default=False)],
@@ -38,15 +24,7 @@ def fit(
     revision_pattern: RevisionPatternOption = "step_{N}",
     subfolder_pattern: SubfolderPatternOption = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Read pytorch_model*.bin pickles when no safetensors exist.", rich_help_panel=INPUT)] = False,
-    method: MethodOption = "relex",
-    rank: RankOption = 1,
-    regressor: RegressorOption = "linear",
-    candidates: CandidatesOption = None,
-    auto_scope: ScopeOption = "run",
-    holdout: HoldoutOption = None,
-    scale: ScaleOption = "1.0",
-    copy_norms: CopyNormsOption = False,
-    from_step: FromStepOption = None,
+    spec=None,
     dtype: Annotated[str, typer.Option(help="dtype materialize writes: auto (as the newest checkpoint), bfloat16, float16 or float32.", rich_help_panel=OUTPUT)] = "auto",
     storage_dtype: Annotated[str, typer.Option(help="dtype of the stored basis vectors: float32 (materialize then equals extrapolate bit for bit) or auto (each tensor's own dtype: half the size for bf16 models, not bit-identical).", rich_help_panel=OUTPUT)] = "float32",
     device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.", rich_help_panel=OUTPUT)] = "auto",
@@ -64,17 +42,17 @@ def fit(
     from relex.io.writer import check_output_folder
     from relex.store import fit_trajectory
 
-    from relex_cli.console import byte_progress, resolve_run
+    from relex_cli.console import byte_progress, rank_zero, resolve_run
 
+    quiet = quiet or not rank_zero()  # under torchrun rank 0 prints
     check_output_folder(out, overwrite)  # before downloading a Hub run
     with byte_progress(disable=quiet, label="downloading") as fetched:
         run = resolve_run(run_dir, steps, revision_pattern, subfolder_pattern, fetched, base=base, max_step=max_step)
     with byte_progress(disable=quiet, label="fitting") as progress:
         result = fit_trajectory(
-            **run, out_dir=out, max_step=max_step, method=method, rank=rank,
-            regressor=regressor, scale=scale, auto_scope=auto_scope, candidates=candidates, holdout=holdout,
-            copy_norms=copy_norms, from_step=from_step, device=device, dtype=dtype, storage_dtype=storage_dtype,
-            overwrite=overwrite, allow_pickle=allow_pickle, max_shard_size=max_shard_size, progress=progress,
+            **run, out_dir=out, max_step=max_step, spec=spec, device=device, dtype=dtype,
+            storage_dtype=storage_dtype, overwrite=overwrite, allow_pickle=allow_pickle,
+            max_shard_size=max_shard_size, progress=progress,
         )
     if quiet:
         return

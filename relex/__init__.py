@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 
 from relex.errors import RelexInputError
 
-__all__ = ["__version__", "RelexInputError", "ExtrapolationResult", "extrapolate"]
+__all__ = ["__version__", "RelexInputError", "ExtrapolationResult", "ModelSpec", "extrapolate"]
 
 
 def __getattr__(name: str):
@@ -15,4 +15,8 @@ def __getattr__(name: str):
         from relex import engine
 
         return getattr(engine, name)
+    if name == "ModelSpec":  # start-up: as the engine
+        from relex.trajectory import ModelSpec
+
+        return ModelSpec
     raise AttributeError(f"module 'relex' has no attribute {name!r}")

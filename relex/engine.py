@@ -9,6 +9,11 @@ copies of about one tensor, never a whole model.
 Automatic choices that need the whole run (``--regressor auto`` per run or group, ``--scale auto``, the
 learned ``mlp`` predictor) make the engine read the run twice, through the same code: a Gram pass, the
 decisions, then the writing pass with every model known (:func:`stream_models`).
+
+Under ``torchrun`` (:mod:`relex.distributed`) each rank streams a contiguous share of the tensors into its own
+shards; the ranks gather each other's per-tensor figures at fixed sync points, rank 0 makes the run-level
+choices from every rank's Gram matrices and writes the index and ``relex.json``: the values written are those
+of one process.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 
 from relex.analysis.drift import DriftDiagnostics, diagnose
 from relex.analysis.verdict import VerdictBacktest
+from relex.distributed import SINGLE, Ranks, current, shares
 from relex.errors import RelexInputError
 from relex.io.discover import CheckpointSeries, discover_series, is_checkpoint_name
 from relex.io.writer import check_output_folder, require_free_space, staged_folder
@@ -32,7 +38,7 @@ from relex.sinks import (AdapterSink, CheckpointSink, GramSink, check_targets, c
                          run_record, target_folders)
 from relex.stream import (DEFAULT_BLOCK_BYTES, OUTPUT_DTYPES, ProgressCallback, RunReaders, Sink, StreamPass,
                           TensorState, check_dtype, resolve_device)
-from relex.trajectory import ModelSelector, ModelSpec
+from relex.trajectory import ModelSelector, ModelSpec, model_spec
 
 __all__ = ["DEFAULT_BLOCK_BYTES", "OUTPUT_DTYPES", "ExtrapolationResult", "GramSet", "ModelPassResult",
            "ProgressCallback", "TensorResult", "collect_grams", "extrapolate", "resolve_device", "stream_models"]
@@ -139,7 +145,7 @@ class GramSet:
 @dataclass
 class ModelPassResult:
     """What :func:`stream_models` measured: per-tensor results, bytes read, the run's Gram matrix and the
-    window backtest of the verdict, and how many times the run was read."""
+    window backtest of the verdict, and how many times the run was read (every rank's, across ranks)."""
 
     tensors: list[TensorResult]
     models: dict[str, TensorModel | None]
@@ -148,6 +154,7 @@ class ModelPassResult:
     run_gram: np.ndarray
     verdict: VerdictBacktest
     passes: int
+    parts: list[dict] | None = None  # across ranks: what each rank's sink wrote (its ``part()``)
 
     def diagnostics(self, steps: Sequence[int], target_step: float | None = None) -> DriftDiagnostics | None:
         """The drift diagnostics of the run with the verdict's window backtest applied."""
@@ -155,38 +162,61 @@ class ModelPassResult:
                                   target_step)
 
 
-def tensor_states(readers: RunReaders) -> list[TensorState]:
-    """One :class:`relex.stream.TensorState` per tensor of the run, in storage order."""
+def tensor_states(readers: RunReaders, names: Sequence[str] | None = None) -> list[TensorState]:
+    """One :class:`relex.stream.TensorState` per tensor of the run (or of ``names``), in storage order."""
     steps = np.asarray(readers.series.steps, dtype=np.float64)
-    return [TensorState(name, readers.info(name), readers.rows(name), steps) for name in readers.names]
+    return [TensorState(name, readers.info(name), readers.rows(name), steps)
+            for name in (readers.names if names is None else names)]
+
+
+def rank_names(readers: RunReaders, ranks: Ranks) -> list[str]:
+    """The tensors this rank reads: its contiguous share of the storage order, balanced by bytes read."""
+    if not ranks.distributed:
+        return list(readers.names)
+    sizes = [sum(readers.info(name).numel * row.itemsize for row in readers.rows(name)) for name in readers.names]
+    return [readers.names[i] for i in shares(sizes, ranks.world)[ranks.rank]]
+
+
+@dataclass
+class _Measured:
+    """What streaming one tensor gave, as its rank hands it to the others."""
+
+    result: TensorResult
+    model: TensorModel | None
+    base_norm: float
+    gram: np.ndarray
+    is_float: bool
+    ndim: int
+
+
+def _measured(state: TensorState, keep_grams: bool, targets: np.ndarray) -> _Measured:
+    return _Measured(_tensor_result(state, keep_grams, targets), state.model, state.data.base_norm, state.data.gram,
+                     state.is_float, len(state.info.shape))
 
 
 def stream_models(readers: RunReaders, selector: ModelSelector, make_sink: Callable[[Mapping], Sink],
                   device: torch.device, *, block_bytes: int = DEFAULT_BLOCK_BYTES, targets: np.ndarray,
-                  keep_grams: bool = False, progress: ProgressCallback | None = None) -> ModelPassResult:
-    """Decide every tensor's model and stream the tensors into the sink ``make_sink(models)``.
+                  keep_grams: bool = False, progress: ProgressCallback | None = None,
+                  ranks: Ranks = SINGLE) -> ModelPassResult:
+    """Decide every tensor's model and stream the tensors into the sink ``make_sink(models)``, then finish it.
 
     One pass when every choice is per tensor (``make_sink`` gets no models); otherwise a Gram pass (plus the
     singular triples in per-matrix modes), the run-level choices of ``selector``, then the writing pass
     with every model known (``make_sink`` gets them all).
+
+    Across ``ranks`` each streams its share of the tensors (:func:`rank_names`) into its own sink (a sharded
+    sink whose shards are numbered among every rank's); the run-level choices are made by rank 0 from every
+    rank's Gram matrices, in storage order, as one process makes them; every rank gets every tensor's
+    figures, and the ``parts`` of the result say what each rank's sink wrote.
     """
     steps = readers.series.steps
     n = len(steps)
+    mine = rank_names(readers, ranks)
     run_bytes = readers.run_bytes()
-    results: list[TensorResult] = []
-    models: dict[str, TensorModel | None] = {}
-    base_norms: dict[str, float] = {}
-    verdict = VerdictBacktest(steps)
-    run_gram = np.zeros((n, n))
-
-    def record(state: TensorState) -> None:
-        nonlocal run_gram
-        models[state.name] = state.model
-        base_norms[state.name] = state.data.base_norm
-        run_gram = run_gram + state.data.gram
-        if state.is_float:
-            verdict.add(state.name, state.data.gram, len(state.info.shape))
-        results.append(_tensor_result(state, keep_grams, targets))
+    own_bytes = run_bytes
+    if ranks.distributed:
+        own_bytes = sum(readers.info(name).numel * row.itemsize for name in mine for row in readers.rows(name))
+        progress = ranks.progress(progress, own_bytes, run_bytes)
 
     def decide(state: TensorState) -> TensorModel:
         state.model = selector.model(state.data)
@@ -195,26 +225,90 @@ def stream_models(readers: RunReaders, selector: ModelSelector, make_sink: Calla
     def factorised(state: TensorState) -> bool:
         return state.is_float and selector.factorised(state.info.shape)
 
-    states = tensor_states(readers)
-    if not selector.needs_run_pass:
-        sink = _Recording(make_sink({}), record)
-        bytes_read = StreamPass(states, sink, device, block_bytes=block_bytes, decide=decide, factorised=factorised,
-                                factor_p=selector.p, progress=progress, total_bytes=run_bytes).run()
-        return ModelPassResult(results, models, base_norms, bytes_read, run_gram, verdict, 1)
+    def part(sink: Sink) -> dict | None:
+        return sink.part() if ranks.distributed else None
 
-    grams = GramSink()
-    bytes_read = StreamPass(states, grams, device, block_bytes=block_bytes, factorised=factorised,
-                            factor_p=selector.p, progress=progress, total_bytes=2 * run_bytes).run()
-    selector.prepare(grams.datas)
-    known = tensor_states(readers)
-    for state in known:
-        state.data = grams.datas[state.name]
-        state.model = selector.model(state.data) if state.is_float else None
-        state.known = True
-        record(state)
-    bytes_read = StreamPass(known, make_sink(models), device, block_bytes=block_bytes, progress=progress,
-                            bytes_before=bytes_read, total_bytes=2 * run_bytes).run()
-    return ModelPassResult(results, models, base_norms, bytes_read, run_gram, verdict, 2)
+    if not selector.needs_run_pass:
+        sink = ranks.step(lambda: make_sink({}))
+        _number_shards(sink, ranks)
+
+        def stream() -> tuple[int, list[_Measured], dict | None]:
+            measured: list[_Measured] = []
+            recording = _Recording(sink, lambda state: measured.append(_measured(state, keep_grams, targets)))
+            bytes_read = StreamPass(tensor_states(readers, mine), recording, device, block_bytes=block_bytes,
+                                    decide=decide, factorised=factorised, factor_p=selector.p, progress=progress,
+                                    total_bytes=own_bytes).run()
+            sink.finish()
+            return bytes_read, measured, part(sink)
+
+        return _merged(ranks.gather(stream), n, steps, 1)
+
+    def gram_pass() -> tuple[int, list]:
+        grams = GramSink()
+        bytes_read = StreamPass(tensor_states(readers, mine), grams, device, block_bytes=block_bytes,
+                                factorised=factorised, factor_p=selector.p, progress=progress,
+                                total_bytes=2 * own_bytes).run()
+        return bytes_read, [grams.datas[name] for name in mine]
+
+    gathered = ranks.gather(gram_pass)
+    own_gram_bytes = gathered[ranks.rank][0]
+    gram_bytes = sum(bytes_read for bytes_read, _ in gathered)
+    datas = {data.name: data for _, rank_datas in gathered for data in rank_datas}  # storage order
+    prepared = ranks.from_leader(lambda: (selector.prepare(datas), selector.prepared())[1])
+    if not ranks.leader:
+        selector.adopt(prepared)
+    known = tensor_states(readers, mine)
+    measured: list[_Measured] = []
+
+    def decide_known() -> Sink:
+        for state in known:
+            state.data = datas[state.name]
+            state.model = selector.model(state.data) if state.is_float else None
+            state.known = True
+            measured.append(_measured(state, keep_grams, targets))
+        return make_sink({state.name: state.model for state in known})
+
+    sink = ranks.step(decide_known)
+    _number_shards(sink, ranks)
+
+    def write() -> tuple[int, list[_Measured], dict | None]:
+        bytes_read = StreamPass(known, sink, device, block_bytes=block_bytes, progress=progress,
+                                bytes_before=own_gram_bytes, total_bytes=2 * own_bytes).run()
+        sink.finish()
+        return bytes_read - own_gram_bytes, measured, part(sink)
+
+    result = _merged(ranks.gather(write), n, steps, 2)
+    result.bytes_read += gram_bytes
+    return result
+
+
+def _number_shards(sink: Sink, ranks: Ranks) -> None:
+    """Number each rank's shards after those of the ranks before it (one sync point)."""
+    if not ranks.distributed:
+        return
+    counts = ranks.gather(lambda: sink.shard_count)
+    sink.number_shards(sum(counts[: ranks.rank]), sum(counts))
+
+
+def _merged(gathered: list[tuple[int, list[_Measured], dict | None]], n: int, steps: Sequence[int],
+            passes: int) -> ModelPassResult:
+    """Every rank's tensors (in rank order: storage order), summed as one process sums them."""
+    results: list[TensorResult] = []
+    models: dict[str, TensorModel | None] = {}
+    base_norms: dict[str, float] = {}
+    verdict = VerdictBacktest(steps)
+    run_gram = np.zeros((n, n))
+    for _, measured, _ in gathered:
+        for m in measured:
+            models[m.result.name] = m.model
+            base_norms[m.result.name] = m.base_norm
+            run_gram = run_gram + m.gram
+            if m.is_float:
+                verdict.add(m.result.name, m.gram, m.ndim)
+            results.append(m.result)
+    parts = [p for _, _, p in gathered] if gathered[0][2] is not None else None
+    return ModelPassResult(results, models, base_norms, sum(b for b, _, _ in gathered), run_gram, verdict, passes,
+                           parts)
 
 
 class _Recording(Sink):
@@ -276,6 +370,7 @@ def extrapolate(
     steps: str | Sequence[int] | None = None,
     max_step: int | None = None,
     checkpoints: Iterable[tuple[int, str | Path]] | None = None,
+    spec: ModelSpec | None = None,
     method: str = "relex",
     rank: int = 1,
     regressor: str = "linear",
@@ -306,6 +401,8 @@ def extrapolate(
         out_dir: the output folder; written to a temporary folder beside it and renamed at the end.
         base: the step-0 checkpoint, when it is not the run's own step-0 folder.
         steps, max_step: which observed checkpoints to use (all by default).
+        spec: the model options below as one :class:`relex.trajectory.ModelSpec` (then leave them at their
+            defaults).
         method: the mode: ``relex`` (temporal rank-k SVD), ``matrix-rank1`` (top singular triple of each
             2-D delta), ``elementwise`` (two-checkpoint linear) or ``last``.
         rank: temporal components (``relex``).
@@ -348,49 +445,74 @@ def extrapolate(
     if lora_rank is not None and (output != "lora" or lora_rank < 1):
         raise RelexInputError("--lora-rank takes a positive rank and needs --output lora")
     out_dir = Path(out_dir)
-    check_output_folder(out_dir, overwrite)
-    check_output_place(out_dir, run_dir)
-    series = discover_series(run_dir, base=base, steps=steps, max_step=max_step, checkpoints=checkpoints)
-    check_targets(targets, series.steps[-1], allow_interpolation)
-    torch_device = resolve_device(device)
-    spec = ModelSpec(method=method, rank=rank, regressor=regressor, scale=scale, auto_scope=auto_scope,
-                     candidates=candidates, holdout=holdout, copy_norms=copy_norms, from_step=from_step)
-    selector = ModelSelector(spec, series.steps)
-    target_array = np.array(targets, dtype=np.float64)
+    spec = model_spec(spec, method=method, rank=rank, regressor=regressor, scale=scale, auto_scope=auto_scope,
+                      candidates=candidates, holdout=holdout, copy_norms=copy_norms, from_step=from_step)
+    ranks = current()  # the ranks joined (relex.distributed.join); without, this process alone
+    if ranks.distributed and output == "lora":
+        raise RelexInputError("--output lora writes one adapter file: run it in one process (without torchrun)")
+    opened: dict = {}
 
-    readers = RunReaders(series, allow_pickle)
-    try:
+    def open_run():
+        check_output_folder(out_dir, overwrite)
+        check_output_place(out_dir, run_dir)
+        series = discover_series(run_dir, base=base, steps=steps, max_step=max_step, checkpoints=checkpoints)
+        check_targets(targets, series.steps[-1], allow_interpolation)
+        torch_device = ranks.device(resolve_device(device))
+        selector = ModelSelector(spec, series.steps)
+        readers = opened["readers"] = RunReaders(series, allow_pickle)
         if output == "lora":
-            AdapterSink.check(readers, method)
-        config_folders = readers.config_folders()
-        with staged_folder(out_dir, overwrite) as staging:
+            AdapterSink.check(readers, spec.method)
+        return series, torch_device, selector, readers, readers.config_folders()
+
+    try:
+        series, torch_device, selector, readers, config_folders = ranks.step(open_run)
+        target_array = np.array(targets, dtype=np.float64)
+        with staged_folder(out_dir, overwrite, ranks=ranks) as staging:
             folders = target_folders(staging, targets)
-            if output == "lora":
-                sink = AdapterSink(readers, folders, target_array, torch_device, lora_rank, dtype)
-            else:
-                sink = CheckpointSink(folders, checkpoint_layout(readers, dtype), target_array, torch_device,
-                                      max_shard_size)
+            made: list[Sink] = []
+
+            def make_sink() -> Sink:
+                if output == "lora":
+                    made.append(AdapterSink(readers, folders, target_array, torch_device, lora_rank, dtype))
+                else:
+                    layout = checkpoint_layout(readers, dtype, rank_names(readers, ranks))
+                    made.append(CheckpointSink(folders, layout, target_array, torch_device, max_shard_size,
+                                               part=ranks.distributed))
+                return made[-1]
+
             try:
-                require_free_space(out_dir, sink.output_bytes(config_folders))  # before reading anything
+                sink = ranks.step(make_sink)
+                needed = sum(ranks.gather(lambda: sink.output_bytes(config_folders)))
+                ranks.step(lambda: require_free_space(out_dir, needed))  # before reading anything
                 measured = stream_models(readers, selector, lambda models: sink, torch_device,
                                          block_bytes=block_bytes, targets=target_array, keep_grams=keep_grams,
-                                         progress=progress)
-                sink.finish()
+                                         progress=progress, ranks=ranks)
             finally:
-                sink.close()
+                for made_sink in made:
+                    made_sink.close()
+            bytes_written = sink.bytes_written if measured.parts is None else sum(
+                written["bytes_written"] for part in measured.parts for written in part.values())
             result = ExtrapolationResult(
                 out_dirs={t: (out_dir if len(targets) == 1 else out_dir / f"step-{t}") for t in targets},
-                series=series, method=method, options=spec.record(), tensors=measured.tensors,
+                series=series, method=spec.method, options=spec.record(), tensors=measured.tensors,
                 diagnostics=measured.diagnostics(series.steps, max(targets)),
                 seconds=time.perf_counter() - started, bytes_read=measured.bytes_read,
-                bytes_written=sink.bytes_written, device=str(torch_device), selection=selector.selection,
+                bytes_written=bytes_written, device=str(torch_device), selection=selector.selection,
                 passes=measured.passes, sources=readers.describe(), output=output,
             )
             record = result.to_dict()
-            for t in targets:
-                sink.save(t, record, config_folders)
+
+            def save() -> None:
+                for t in targets:
+                    if measured.parts is None:
+                        sink.save(t, record, config_folders)
+                    else:
+                        sink.save(t, record, config_folders, measured.parts)
+
+            ranks.step(lambda: save() if ranks.leader else None)
     finally:
-        readers.close()
+        if "readers" in opened:
+            opened["readers"].close()
     result.seconds = time.perf_counter() - started
     return result
 
@@ -412,20 +534,39 @@ def collect_grams(
     Same inputs and checks as :func:`extrapolate`; nothing is written.
     """
     started = time.perf_counter()
-    series = discover_series(run_dir, base=base, steps=steps, max_step=max_step, checkpoints=checkpoints)
-    readers = RunReaders(series, allow_pickle)
-    try:
+    ranks = current()  # the ranks joined (relex.distributed.join); without, this process alone
+    opened: dict = {}
+
+    def open_run():
+        series = discover_series(run_dir, base=base, steps=steps, max_step=max_step, checkpoints=checkpoints)
+        opened["readers"] = RunReaders(series, allow_pickle)
+        return series, opened["readers"], ranks.device(resolve_device(device))
+
+    def read() -> tuple[int, dict, dict]:
         sink = GramSink()
-        bytes_read = StreamPass(tensor_states(readers), sink, resolve_device(device), block_bytes=block_bytes,
-                                progress=progress, total_bytes=readers.run_bytes()).run()
+        mine = rank_names(readers, ranks)
+        own_bytes = readers.run_bytes()
+        scaled = progress
+        if ranks.distributed:
+            own_bytes = sum(readers.info(name).numel * row.itemsize for name in mine for row in readers.rows(name))
+            scaled = ranks.progress(progress, own_bytes, readers.run_bytes())
+        bytes_read = StreamPass(tensor_states(readers, mine), sink, torch_device, block_bytes=block_bytes,
+                                progress=scaled, total_bytes=own_bytes).run()
+        return bytes_read, sink.grams, sink.base_norms
+
+    try:
+        series, readers, torch_device = ranks.step(open_run)
+        gathered = ranks.gather(read)
     finally:
-        readers.close()
+        if "readers" in opened:
+            opened["readers"].close()
+    grams = {name: gram for _, rank_grams, _ in gathered for name, gram in rank_grams.items()}  # storage order
     return GramSet(
         series=series,
-        names=[n for n in readers.names if n in sink.grams],
+        names=[n for n in readers.names if n in grams],
         shapes={n: readers.info(n).shape for n in readers.names},
-        grams=sink.grams,
-        base_norms=sink.base_norms,
+        grams=grams,
+        base_norms={name: norm for _, _, norms in gathered for name, norm in norms.items()},
         seconds=time.perf_counter() - started,
-        bytes_read=bytes_read,
+        bytes_read=sum(bytes_read for bytes_read, _, _ in gathered),
     )

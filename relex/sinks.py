@@ -25,7 +25,7 @@ from relex import __version__
 from relex.errors import RelexInputError
 from relex.io.lora import LoraAdapterWriter, mix_factors
 from relex.io.steps import MAX_STEP
-from relex.io.writer import OutputTensor, ShardedWriter, aux_bytes, copy_aux_files
+from relex.io.writer import OutputTensor, ShardedWriter, aux_bytes, copy_aux_files, write_index
 from relex.stream import OUTPUT_DTYPES, Chunk, RunReaders, Sink, TensorState, combine
 from relex.subspace import GRAM_CHUNK
 
@@ -65,9 +65,11 @@ def run_record(*, method: str, options: dict, base, observed_steps: Sequence[int
             **fields}
 
 
-def checkpoint_layout(readers: RunReaders, dtype: str) -> list[OutputTensor]:
-    """The tensors of a checkpoint predicted from ``readers``' run, in the base's storage order."""
-    return [OutputTensor(n, readers.info(n).shape, readers.output_dtype(n, dtype)) for n in readers.names]
+def checkpoint_layout(readers: RunReaders, dtype: str, names: Sequence[str] | None = None) -> list[OutputTensor]:
+    """The tensors (``names``: a share of them) of a checkpoint predicted from ``readers``' run, in the base's
+    storage order."""
+    return [OutputTensor(n, readers.info(n).shape, readers.output_dtype(n, dtype))
+            for n in (readers.names if names is None else names)]
 
 
 class _Pieces:
@@ -149,18 +151,39 @@ class _PredictionSink(Sink):
             piece[lo:hi].copy_(combine(chunk.w0, coefficients, chunk.basis, factors, chunk.first, out, tmp))
 
 
-class CheckpointSink(_PredictionSink):
+class _ShardedOutput:
+    """Of a sink whose files are :class:`ShardedWriter` shards, possibly one rank's part of the output."""
+
+    writers: dict
+
+    @property
+    def shard_count(self) -> int:
+        """Shards each output of this sink has."""
+        return len(next(iter(self.writers.values())).shards)
+
+    def number_shards(self, first: int, total: int) -> None:
+        """Name this rank's shards among every rank's (``first`` shards come before them, ``total`` in all)."""
+        for writer in self.writers.values():
+            writer.number_shards(first, total)
+
+    def part(self) -> dict:
+        """What this sink wrote into each output, for the index rank 0 writes."""
+        return {key: writer.part() for key, writer in self.writers.items()}
+
+
+class CheckpointSink(_ShardedOutput, _PredictionSink):
     """A Hugging Face checkpoint per target step: shards, index, config and tokenizer files, ``relex.json``.
 
-    ``scale`` (materialize) overrides the scale of every stored model.
+    ``scale`` (materialize) overrides the scale of every stored model. With ``part``, ``layout`` is this
+    rank's share of the checkpoint (see :class:`ShardedWriter`); :meth:`save` then gets every rank's part.
     """
 
     def __init__(self, folders: dict[int, Path], layout: Sequence[OutputTensor], targets, device: torch.device,
-                 max_shard_size: str | int, scale: float | None = None):
+                 max_shard_size: str | int, scale: float | None = None, part: bool = False):
         super().__init__(targets, device, scale)
         self.folders = folders
         self.dtypes = {t.name: t.dtype for t in layout}
-        self.writers = {t: ShardedWriter(folders[t], layout, max_shard_size) for t in folders}
+        self.writers = {t: ShardedWriter(folders[t], layout, max_shard_size, part=part) for t in folders}
 
     def output_bytes(self, config_folders: Sequence[Path]) -> int:
         """Bytes this sink will write: every shard, index, config and tokenizer file, and ``relex.json``."""
@@ -189,11 +212,17 @@ class CheckpointSink(_PredictionSink):
         for writer in self.writers.values():
             writer.close()
 
-    def save(self, target: int, record: dict, config_folders: Sequence[Path]) -> None:
-        """Config and tokenizer files, and ``relex.json``: ``record`` with the target step and shard digests."""
+    def save(self, target: int, record: dict, config_folders: Sequence[Path], parts: Sequence[dict] | None = None) -> None:
+        """Config and tokenizer files, and ``relex.json``: ``record`` with the target step and shard digests;
+        given every rank's :meth:`part`, the index of all their shards too."""
         writer = self.writers[target]
         writer.copy_aux_files(config_folders)
-        writer.write_json("relex.json", {**record, "target_step": target, "shards_sha256": writer.shard_digests()})
+        if parts is None:
+            digests = writer.shard_digests()
+        else:
+            write_index(writer.folder, [p[target] for p in parts])
+            digests = {shard: digest for p in parts for shard, digest in p[target]["sha256"].items()}
+        writer.write_json("relex.json", {**record, "target_step": target, "shards_sha256": digests})
 
 
 class AdapterSink(_PredictionSink):
@@ -323,13 +352,15 @@ def value_key(name: str) -> str:
     return f"{name}@value"
 
 
-class TrajectorySink(Sink):
+class TrajectorySink(_ShardedOutput, Sink):
     """The store of ``relex fit``: per tensor its basis vectors b_r (``NAME@b0``, …), the newest singular
     vectors of per-matrix models (``NAME@u0``, ``NAME@v0``) or, for an integer buffer, its value
-    (``NAME@value``). Models must be known before the pass (the layout depends on them)."""
+    (``NAME@value``). Models must be known before the pass (the layout depends on them). With ``part``, the
+    tensors of ``order`` are this rank's share (see :class:`ShardedWriter`)."""
 
     def __init__(self, folder: Path, models: dict, infos: dict, storage_dtypes: dict[str, torch.dtype],
-                 value_dtypes: dict[str, torch.dtype], order: Sequence[str], max_shard_size: str | int):
+                 value_dtypes: dict[str, torch.dtype], order: Sequence[str], max_shard_size: str | int,
+                 part: bool = False):
         self.layout: list[OutputTensor] = []
         self.storage_dtypes = storage_dtypes
         self.value_dtypes = value_dtypes
@@ -344,7 +375,8 @@ class TrajectorySink(Sink):
                 ku, kv = factor_keys(name, f)
                 self.layout.append(OutputTensor(ku, (len(u),), torch.float32))
                 self.layout.append(OutputTensor(kv, (len(v),), torch.float32))
-        self.writer = ShardedWriter(folder, self.layout, max_shard_size, hashed=False)
+        self.writer = ShardedWriter(folder, self.layout, max_shard_size, hashed=False, part=part)
+        self.writers = {"store": self.writer}
         self.pieces = _Pieces()
 
     def output_bytes(self) -> int:

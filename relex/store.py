@@ -39,17 +39,19 @@ import numpy as np
 import torch
 
 from relex import __version__
+from relex.distributed import current
 from relex.engine import stream_models
 from relex.errors import RelexInputError
 from relex.io.discover import discover_series
 from relex.io.reader import DTYPE_NAMES, DTYPES, CheckpointReader
-from relex.io.writer import OutputTensor, aux_bytes, check_output_folder, require_free_space, staged_folder
+from relex.io.writer import (OutputTensor, aux_bytes, check_output_folder, require_free_space, staged_folder,
+                             write_index)
 from relex.methods import TensorModel
 from relex.sinks import (CheckpointSink, TrajectorySink, basis_key, check_targets, factor_keys, parse_targets,
                          run_record, target_folders, value_key)
 from relex.stream import (DEFAULT_BLOCK_BYTES, OUTPUT_DTYPES, ProgressCallback, Row, RunReaders, StreamPass,
                           TensorState, check_dtype, resolve_device)
-from relex.trajectory import ModelSelector, ModelSpec
+from relex.trajectory import ModelSelector, ModelSpec, model_spec
 
 FORMAT = "relex-trajectory"
 FORMAT_VERSION = 1
@@ -83,6 +85,7 @@ def fit_trajectory(
     steps: str | Sequence[int] | None = None,
     max_step: int | None = None,
     checkpoints: Iterable[tuple[int, str | Path]] | None = None,
+    spec: ModelSpec | None = None,
     method: str = "relex",
     rank: int = 1,
     regressor: str = "linear",
@@ -103,7 +106,7 @@ def fit_trajectory(
 ) -> FitResult:
     """Fit the trajectory model of a run and store it in ``out_dir`` (see the module docstring).
 
-    Takes the model options of :func:`relex.engine.extrapolate`; ``dtype`` is the dtype materialize will
+    Takes the model options of :func:`relex.engine.extrapolate` (one by one, or as ``spec``); ``dtype`` is the dtype materialize will
     write (``auto``: as the newest checkpoint), ``storage_dtype`` that of the stored basis vectors
     (``float32``, exact; ``auto``: each tensor's own dtype). Reads the run twice.
     """
@@ -112,47 +115,59 @@ def fit_trajectory(
     if storage_dtype not in STORAGE_DTYPES:
         raise RelexInputError(f"unknown --storage-dtype {storage_dtype!r} (use {' or '.join(STORAGE_DTYPES)})")
     out_dir = Path(out_dir)
-    check_output_folder(out_dir, overwrite)
-    series = discover_series(run_dir, base=base, steps=steps, max_step=max_step, checkpoints=checkpoints)
-    torch_device = resolve_device(device)
-    spec = ModelSpec(method=method, rank=rank, regressor=regressor, scale=scale, auto_scope=auto_scope,
-                     candidates=candidates, holdout=holdout, copy_norms=copy_norms, from_step=from_step)
-    selector = ModelSelector(spec, series.steps, run_pass=True)  # the storage layout needs every model first
-    readers = RunReaders(series, allow_pickle)
+    spec = model_spec(spec, method=method, rank=rank, regressor=regressor, scale=scale, auto_scope=auto_scope,
+                      candidates=candidates, holdout=holdout, copy_norms=copy_norms, from_step=from_step)
+    ranks = current()  # the ranks joined (relex.distributed.join); without, this process alone
+    opened: dict = {}
+
+    def open_run():
+        check_output_folder(out_dir, overwrite)
+        series = discover_series(run_dir, base=base, steps=steps, max_step=max_step, checkpoints=checkpoints)
+        torch_device = ranks.device(resolve_device(device))
+        selector = ModelSelector(spec, series.steps, run_pass=True)  # the storage layout needs every model first
+        readers = opened["readers"] = RunReaders(series, allow_pickle)
+        return series, torch_device, selector, readers
+
     try:
+        series, torch_device, selector, readers = ranks.step(open_run)
         config_folders = readers.config_folders()
         written_dtypes = {n: readers.output_dtype(n, dtype) for n in readers.names}
-        with staged_folder(out_dir, overwrite) as staging:
+        with staged_folder(out_dir, overwrite, ranks=ranks) as staging:
             sinks: list[TrajectorySink] = []
 
             def make_sink(models) -> TrajectorySink:
                 storage = {n: torch.float32 if storage_dtype == "float32" else readers.output_dtype(n)
                            for n in readers.names}
                 infos = {n: readers.info(n) for n in readers.names}
-                sink = TrajectorySink(staging, models, infos, storage, written_dtypes, readers.names, max_shard_size)
+                order = [n for n in readers.names if n in models]  # every tensor, or this rank's share
+                sink = TrajectorySink(staging, models, infos, storage, written_dtypes, order, max_shard_size,
+                                      part=ranks.distributed)
                 sinks.append(sink)
-                # the layout is known once every model is: checked before the storing pass reads anything
+                # the layout is known once every model is: checked before the storing pass reads anything (each
+                # rank its own share)
                 require_free_space(out_dir, sink.output_bytes() + aux_bytes(config_folders) + 1024 * len(models))
                 return sink
 
             try:
                 measured = stream_models(readers, selector, make_sink, torch_device, block_bytes=block_bytes,
-                                         targets=np.array([series.steps[-1]], dtype=np.float64), progress=progress)
-                sinks[0].finish()
+                                         targets=np.array([series.steps[-1]], dtype=np.float64), progress=progress,
+                                         ranks=ranks)
             finally:
                 for sink in sinks:
                     sink.close()
             writer = sinks[0].writer
+            bytes_written = writer.bytes_written if measured.parts is None else sum(
+                part["store"]["bytes_written"] for part in measured.parts)
             diagnostics = measured.diagnostics(series.steps)
             results = {r.name: r for r in measured.tensors}
             manifest = {
                 "format": FORMAT,
                 "format_version": FORMAT_VERSION,
-                **run_record(method=method, options={}, base=series.base.path.resolve(),
+                **run_record(method=spec.method, options={}, base=series.base.path.resolve(),
                              observed_steps=series.steps, observed_folders=[c.path for c in series.observed]),
                 "options": spec.record(),
                 "sources": readers.describe(),
-                "storage": {"dtype": storage_dtype, "bytes": writer.bytes_written,
+                "storage": {"dtype": storage_dtype, "bytes": bytes_written,
                             "model_bytes": readers.base.nbytes()},
                 "selection": selector.selection,
                 "diagnostics": diagnostics.to_dict() if diagnostics else None,
@@ -176,11 +191,18 @@ def fit_trajectory(
                     entry["basis"] = [basis_key(name, r) for r in range(model.n_basis)]
                     entry["factors"] = [list(factor_keys(name, f)) for f in range(len(model.factors))]
                 manifest["tensors"][name] = entry
-            writer.copy_aux_files(config_folders)
-            writer.write_json(MANIFEST, manifest)
+
+            def save() -> None:
+                if measured.parts is not None:
+                    write_index(staging, [part["store"] for part in measured.parts])
+                writer.copy_aux_files(config_folders)
+                writer.write_json(MANIFEST, manifest)
+
+            ranks.step(lambda: save() if ranks.leader else None)
     finally:
-        readers.close()
-    return FitResult(out_dir, manifest, time.perf_counter() - started, measured.bytes_read, writer.bytes_written)
+        if "readers" in opened:
+            opened["readers"].close()
+    return FitResult(out_dir, manifest, time.perf_counter() - started, measured.bytes_read, bytes_written)
 
 
 def _json_safe(value):
@@ -237,6 +259,9 @@ def materialize(
     through the same sink as :func:`relex.engine.extrapolate`'s.
     """
     started = time.perf_counter()
+    if current().distributed:
+        raise RelexInputError("relex materialize runs in one process (without torchrun): it reads only the base and "
+                              "the stored vectors")
     folder = Path(trajectory_dir)
     manifest_path = folder / MANIFEST
     try:

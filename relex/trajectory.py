@@ -114,6 +114,19 @@ class ModelSpec:
                 "copy_norms": self.copy_norms, "from_step": self.from_step}
 
 
+def model_spec(spec: ModelSpec | None = None, **options) -> ModelSpec:
+    """The model of a call that takes ``spec=ModelSpec(...)`` or the options one by one (``method=``,
+    ``rank=``, …): ``spec``, or the options made into one. A spec beside options that differ from their
+    defaults is ambiguous and refused."""
+    if spec is None:
+        return ModelSpec(**options)
+    defaults = ModelSpec()
+    changed = sorted(name for name, value in options.items() if value != getattr(defaults, name))
+    if changed:
+        raise TypeError(f"give the model options in spec= or one by one, not both ({', '.join(changed)})")
+    return spec
+
+
 @dataclass
 class Decision:
     regressor: RegressorSpec
@@ -183,6 +196,16 @@ class ModelSelector:
                 self.decisions[key] = self._decide({n: float_data[n] for n in names})
             self.selection = self._report()
         return self.selection
+
+    def prepared(self) -> dict:
+        """What :meth:`prepare` decided, for the processes of a run that did not decide (:meth:`adopt`)."""
+        return {"shared": self.shared, "shared_backtest": self.shared_backtest, "decisions": self.decisions,
+                "selection": self.selection}
+
+    def adopt(self, prepared: dict) -> None:
+        """Take the whole-run decisions another process's :meth:`prepare` made."""
+        self.shared, self.shared_backtest = prepared["shared"], prepared["shared_backtest"]
+        self.decisions, self.selection = prepared["decisions"], prepared["selection"]
 
     def _train_shared(self, datas: Mapping[str, TensorData]) -> None:
         groups: dict[str, list[TensorData]] = {}

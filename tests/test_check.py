@@ -24,7 +24,7 @@ TARGET = 60
 
 @pytest.fixture(scope="session")
 def toy(request, tmp_path_factory) -> dict[str, Path]:
-    cache = request.config.cache
+    cache = getattr(request.config, "cache", None)  # None with -p no:cacheprovider
     folder = Path(cache.mkdir("relex-toy-runs")) if cache is not None else tmp_path_factory.mktemp("toy-runs")
     return toy_runs(folder)
 

@@ -176,3 +176,18 @@ def test_tied_lm_head_follows_the_embedding(tmp_path):
     relex.extrapolate(tmp_path / "run", target_step=50, out_dir=tmp_path / "out")
     out = load_state(tmp_path / "out")
     assert torch.equal(out["lm_head.weight"], out["model.embed_tokens.weight"])
+
+
+def test_model_options_one_by_one_or_as_one_spec(tmp_path):
+    make_run(tmp_path / "run", UNEVEN_STEPS, noise=0.05)
+    relex.extrapolate(tmp_path / "run", target_step=90, out_dir=tmp_path / "options", rank=2, regressor="poly2",
+                      scale=0.7)
+    spec = relex.ModelSpec(rank=2, regressor="poly2", scale=0.7)
+    relex.extrapolate(tmp_path / "run", target_step=90, out_dir=tmp_path / "spec", spec=spec)
+    options, from_spec = load_state(tmp_path / "options"), load_state(tmp_path / "spec")
+    assert all(torch.equal(options[n], from_spec[n]) for n in options)
+    records = [json.loads((tmp_path / f / "relex.json").read_text()) for f in ("options", "spec")]
+    assert [r["rank"] for r in records] == [2, 2] and records[0]["tensors"] == records[1]["tensors"]
+    with pytest.raises(TypeError, match="not both"):
+        relex.extrapolate(tmp_path / "run", target_step=90, out_dir=tmp_path / "both", spec=spec, rank=3)
+    assert not (tmp_path / "both").exists()

@@ -28,11 +28,13 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from relex.distributed import SINGLE, Ranks
 from relex.errors import RelexInputError
 from relex.io.files import AUX_FILES
 from relex.io.reader import DTYPE_NAMES
 
 log = logging.getLogger("relex")
+INDEX = "model.safetensors.index.json"
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 PENDING_PIECES = 4  # pieces queued for the writer thread before the producer waits
 
@@ -103,10 +105,14 @@ class ShardedWriter:
     With ``hashed`` (the default) pieces must come in layout order — each tensor from its first byte to its
     last, tensors in the order of ``layout`` — and every shard's sha256 is computed as it is written;
     without, pieces may come in any order (``offset`` says where).
+
+    With ``part``, the writer holds one rank's share of a checkpoint: :meth:`number_shards` names its shards
+    among every rank's, it writes no index (rank 0 writes one from every :meth:`part`, :func:`write_index`),
+    and a share without tensors has no shard.
     """
 
     def __init__(self, folder: str | Path, layout: Sequence[OutputTensor], max_shard_bytes: int | str = "5GB", *,
-                 hashed: bool = True):
+                 hashed: bool = True, part: bool = False):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.shards = self._group_into_shards(list(layout), parse_size(max_shard_bytes))
@@ -118,6 +124,9 @@ class ShardedWriter:
         self._done = {t.name: 0 for t in layout}  # bytes of each tensor handed over
         self._next = 0  # index in _order of the tensor hashed pieces must continue
         self.hashed = hashed
+        self.is_part = part
+        if part and not self._order:
+            self.shards = []
         self.bytes_written = 0
         # Writing and hashing run on one background thread (both release the GIL), so the next pieces are
         # computed while these go to disk.
@@ -136,6 +145,20 @@ class ShardedWriter:
             size += t.nbytes
         n = len(groups)
         return [_Shard(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
+
+    def number_shards(self, first: int, total: int) -> None:
+        """Name the shards ``model-{first + 1}-of-{total}`` onwards (before anything is written)."""
+        for i, shard in enumerate(self.shards):
+            shard.filename = f"model-{first + i + 1:05d}-of-{total:05d}.safetensors"
+            shard.path = self.folder / shard.filename
+
+    def part(self) -> dict:
+        """What this writer wrote, for the index: tensor → shard, data bytes, each shard's sha256 (hashed)."""
+        self._wait()
+        return {"weight_map": {t.name: s.filename for s in self.shards for t in s.tensors},
+                "total_size": sum(s.data_bytes for s in self.shards),
+                "sha256": {s.filename: s.sha256.hexdigest() for s in self.shards} if self.hashed else {},
+                "bytes_written": self.bytes_written}
 
     @property
     def total_bytes(self) -> int:
@@ -221,7 +244,7 @@ class ShardedWriter:
 
     def finish(self) -> None:
         """Check that every tensor was written whole, create shards holding nothing but a header, and write
-        the index json."""
+        the index json (not for a ``part``)."""
         self._wait()
         missing = [n for n in self._order if self._done[n] != self._layout[n].nbytes]
         if missing:
@@ -232,11 +255,8 @@ class ShardedWriter:
                 if shard.fd is not None and shard.fd >= 0:
                     os.close(shard.fd)
                     shard.fd = -1
-        index = {
-            "metadata": {"total_size": sum(s.data_bytes for s in self.shards)},
-            "weight_map": {t.name: s.filename for s in self.shards for t in s.tensors},
-        }
-        self.write_json("model.safetensors.index.json", index)
+        if not self.is_part:
+            write_index(self.folder, [self.part()])
 
     def close(self) -> None:
         try:
@@ -247,6 +267,15 @@ class ShardedWriter:
                 if shard.fd is not None and shard.fd >= 0:
                     os.close(shard.fd)
                     shard.fd = None
+
+
+def write_index(folder: Path, parts: Sequence[dict]) -> None:
+    """The index json of a checkpoint written by one or several :class:`ShardedWriter` (their ``part()``)."""
+    index = {
+        "metadata": {"total_size": sum(p["total_size"] for p in parts)},
+        "weight_map": {name: shard for p in parts for name, shard in p["weight_map"].items()},
+    }
+    (Path(folder) / INDEX).write_text(json.dumps(index, indent=2, sort_keys=False) + "\n")
 
 
 def _pwrite_all(fd: int, data, offset: int) -> None:
@@ -302,39 +331,54 @@ def require_free_space(out_dir: Path, needed: int) -> None:
 
 
 @contextmanager
-def staged_folder(out_dir: str | Path, overwrite: bool = False, needed_bytes: int = 0) -> Iterator[Path]:
+def staged_folder(out_dir: str | Path, overwrite: bool = False, needed_bytes: int = 0,
+                  ranks: Ranks = SINGLE) -> Iterator[Path]:
     """Yield a temporary folder beside ``out_dir``; rename it to ``out_dir`` on success, delete it on failure.
 
     Refuses an existing ``out_dir`` unless ``overwrite``, an unwritable location, and (with ``needed_bytes``) a
     disk with less free space than that, before yielding. Staging folders of this output left by relex
     processes that no longer run (killed, e.g. by SIGKILL) are removed first. A disk that fills while
     writing raises :class:`RelexInputError` (one line), and the partial folder is removed.
+
+    Across ``ranks`` (the output is on a file system every rank sees): rank 0 checks, creates the folder
+    under its own pid and hands its name to every rank; the body must end at a sync point, after which rank 0
+    renames (or, when any rank failed, removes) the folder, and every rank learns how that went.
     """
     out_dir = Path(out_dir)
-    check_output_folder(out_dir, overwrite)
-    remove_stale_staging(out_dir)
-    if needed_bytes:
-        require_free_space(out_dir, needed_bytes)
-    tmp = out_dir.parent / f".{out_dir.name}.relex-partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    created = [p for p in [out_dir.parent, *out_dir.parent.parents] if not p.exists()]
-    try:
-        tmp.mkdir(parents=True)
-    except OSError as exc:
-        raise RelexInputError(f"output folder is not writable ({exc.strerror})", out_dir) from None
+
+    def create() -> tuple[Path, list[Path]]:
+        check_output_folder(out_dir, overwrite)
+        remove_stale_staging(out_dir)
+        if needed_bytes:
+            require_free_space(out_dir, needed_bytes)
+        tmp = out_dir.parent / f".{out_dir.name}.relex-partial-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        created = [p for p in [out_dir.parent, *out_dir.parent.parents] if not p.exists()]
+        try:
+            tmp.mkdir(parents=True)
+        except OSError as exc:
+            raise RelexInputError(f"output folder is not writable ({exc.strerror})", out_dir) from None
+        return tmp, created
+
+    tmp, created = ranks.from_leader(create)
     try:
         yield tmp
     except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for folder in created:  # parents made for this output only
-            try:
-                folder.rmdir()
-            except OSError:
-                pass
+        if ranks.leader:
+            shutil.rmtree(tmp, ignore_errors=True)
+            for folder in created:  # parents made for this output only
+                try:
+                    folder.rmdir()
+                except OSError:
+                    pass
         if isinstance(exc, OSError) and exc.errno in NO_SPACE:
             raise RelexInputError(f"the output's disk is full ({exc.strerror}); nothing was written, and "
                                   f"{_gb(free_bytes(out_dir))} are free now", out_dir) from None
         raise
+    ranks.step(lambda: _put_in_place(tmp, out_dir, overwrite) if ranks.leader else None)
+
+
+def _put_in_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists():
         if not overwrite:
             shutil.rmtree(tmp, ignore_errors=True)
