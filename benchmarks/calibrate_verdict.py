@@ -240,8 +240,8 @@ def splits(rows: list[dict]) -> str:
         chosen = [r for r in rows if r["prefix"] == fraction]
         if chosen:
             parts.append(f"### prefix {int(round(fraction * 100))}%\n\n" + confusion(chosen))
-    for label, keep in (("seed 0 (rules chosen here)", lambda seed: seed == 0),
-                        ("seeds 1 and 2 (held out)", lambda seed: seed != 0)):
+    for label, keep in (("seed 0", lambda seed: seed == 0),
+                        ("seeds 1 and 2", lambda seed: seed != 0)):
         chosen = [r for r in rows if keep(r["seed"])]
         if chosen:
             parts.append(f"### {label}\n\n" + confusion(chosen))
