@@ -4,7 +4,7 @@ The GGUF is Q4_1; transformers dequantises it to float32 on load. The result is 
 (unquantised) float32 safetensors folder with config, generation config and tokenizer. Idempotent: an
 existing complete output folder is left alone unless --overwrite is given.
 
-    python benchmarks/smollm_rlvr/convert.py --out /work/smollm_run/base
+    python benchmarks/smollm_rlvr/convert.py --out ../smollm_run/base
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def convert(out: Path, overwrite: bool = False) -> Path:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("/work/smollm_run/base"))
+    p.add_argument("--out", type=Path, default=Path("../smollm_run/base"))
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args()
     convert(a.out, a.overwrite)

@@ -10,9 +10,9 @@ Checkpoints carry *virtual* steps (a jump adds its length to the step counter): 
 compared with the plain run of train.py at equal real steps (paired differences on the same held-out
 problems):
 
-    python benchmarks/smollm_rlvr/leap.py --base /work/smollm_run/base --out /work/smollm_run/leap \
+    python benchmarks/smollm_rlvr/leap.py --base ../smollm_run/base --out ../smollm_run/leap \
         --every 8 --leap 16 --max-real-steps 32
-    python benchmarks/smollm_rlvr/leap.py --pairs /work/smollm_run/leap --plain /work/smollm_run/run
+    python benchmarks/smollm_rlvr/leap.py --pairs ../smollm_run/leap --plain ../smollm_run/run
     # prints, per real step R saved by both runs, the score.py command pairing LEAP's checkpoint with the
     # plain checkpoint-R as the reference
 

@@ -14,10 +14,10 @@ bootstrap over the held-out problems, the same resampling as score.py), so check
 score.py runs can be compared. An extrapolation whose weights are byte-identical to one that was scored
 (same shard sha256, e.g. `--regressor auto` choosing `anchored`) reuses that score.
 
-    python benchmarks/smollm_rlvr/report.py --run /work/smollm_run/run --extrap /work/smollm_run/extrap \\
-        --scores /work/smollm_run/scores/*.json --weights /work/smollm_run/weights.json \\
-        --analysis /work/smollm_run/analysis --final-step 64 \\
-        --md /work/smollm_run/report.md --png benchmarks/smollm_rlvr/results.png
+    python benchmarks/smollm_rlvr/report.py --run ../smollm_run/run --extrap ../smollm_run/extrap \\
+        --scores ../smollm_run/scores/*.json --weights ../smollm_run/weights.json \\
+        --analysis ../smollm_run/analysis --final-step 64 \\
+        --md ../smollm_run/report.md --png benchmarks/smollm_rlvr/results.png
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ and pass@K at --temperature. CIs are percentile bootstrap over problems; with --
 gets a paired bootstrap CI of its difference to the reference checkpoint (same resampled problems). The
 json keeps every checkpoint's per-problem outcomes (`per_problem`) for later paired comparisons.
 
-    python benchmarks/smollm_rlvr/score.py /work/smollm_run/run/checkpoint-{0,36,72} \\
-        --ref /work/smollm_run/run/checkpoint-0 --samples 8 --out scores.json
+    python benchmarks/smollm_rlvr/score.py ../smollm_run/run/checkpoint-{0,36,72} \\
+        --ref ../smollm_run/run/checkpoint-0 --samples 8 --out scores.json
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Writes an HF Trainer run folder:
 
 All weights are trained (no LoRA, no frozen layers), in float32.
 
-    python benchmarks/smollm_rlvr/train.py --base /work/smollm_run/base --out /work/smollm_run/run
+    python benchmarks/smollm_rlvr/train.py --base ../smollm_run/base --out ../smollm_run/run
     # rerun the same command to resume from the newest checkpoint
 """
 
@@ -35,8 +35,8 @@ import task  # noqa: E402
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", type=Path, default=Path("/work/smollm_run/base"))
-    p.add_argument("--out", type=Path, default=Path("/work/smollm_run/run"))
+    p.add_argument("--base", type=Path, default=Path("../smollm_run/base"))
+    p.add_argument("--out", type=Path, default=Path("../smollm_run/run"))
     p.add_argument("--max-steps", type=int, default=64)
     p.add_argument("--save-steps", type=int, default=2)
     p.add_argument("--prompts-per-step", type=int, default=4)
