@@ -125,6 +125,9 @@ def extrapolate(
     of automatic choices and a verdict on whether the run is drift-dominated (extrapolation plausible) or
     noise-dominated (it will likely hurt). With --require, a run whose verdict fails the gate is refused with
     exit code 3 before anything is written.
+
+    Under torchrun (torchrun --nproc_per_node N --no-python relex extrapolate ...) each process reads,
+    computes and writes a share of the tensors; the output is the same checkpoint.
     """
     from relex.engine import extrapolate as run_extrapolation
 
