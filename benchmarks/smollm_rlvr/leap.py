@@ -83,7 +83,6 @@ def train(a: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(a.threads)
-    from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
@@ -92,11 +91,7 @@ def train(a: argparse.Namespace) -> None:
     out: Path = a.out
     out.mkdir(parents=True, exist_ok=True)
     train_split, _ = task.splits()
-    dataset = Dataset.from_list([{"prompt": task.prompt_text(p), "answer": p["answer"]} for p in train_split])
-
-    def accuracy(completions, answer, **kw):
-        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        return [task.reward(t, ans) for t, ans in zip(texts, answer)]
+    dataset = task.prompt_dataset(train_split)
 
     config = GRPOConfig(
         output_dir=str(out), use_cpu=True, bf16=False, fp16=False, seed=a.seed, max_steps=a.max_steps,
@@ -136,7 +131,7 @@ def train(a: argparse.Namespace) -> None:
                 print(json.dumps({"step": state.global_step, "real": self.real, **{k: logs[k] for k in keys}}),
                       flush=True)
 
-    trainer = GRPOTrainer(model=model, reward_funcs=accuracy, args=config, train_dataset=dataset,
+    trainer = GRPOTrainer(model=model, reward_funcs=task.accuracy_reward, args=config, train_dataset=dataset,
                           processing_class=tokenizer, callbacks=[leap, RealSteps()])
     trainer.train()
     decisions = [d.to_dict() for d in leap.decisions]

@@ -98,6 +98,19 @@ def reward(completion: str, answer: int) -> float:
     return 1.0 if extract(completion) == int(answer) else 0.0
 
 
+def accuracy_reward(completions, answer, **kw) -> list[float]:
+    """TRL reward function: each completion's reward against its prompt's answer (chat or plain text)."""
+    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+    return [reward(t, ans) for t, ans in zip(texts, answer)]
+
+
+def prompt_dataset(problems: list[dict]):
+    """The problems as a ``datasets.Dataset`` of prompt and answer, as TRL's GRPOTrainer takes them."""
+    from datasets import Dataset  # optional: only the training scripts need it
+
+    return Dataset.from_list([{"prompt": prompt_text(p), "answer": p["answer"]} for p in problems])
+
+
 if __name__ == "__main__":
     # python benchmarks/smollm_rlvr/task.py --logprob-jsonl heldout_logprob.jsonl
     # writes the held-out prompts with their correct answers as {"prompt", "response"} records, the input of
@@ -113,3 +126,4 @@ if __name__ == "__main__":
         for prob in test:
             f.write(json.dumps({"prompt": prompt_text(prob), "response": str(prob["answer"])}) + "\n")
     print(f"wrote {len(test)} records to {a.logprob_jsonl}")
+

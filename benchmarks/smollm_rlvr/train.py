@@ -59,18 +59,13 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(a.threads)
-    from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     out: Path = a.out
     out.mkdir(parents=True, exist_ok=True)
     train, test = task.splits()
-    ds = Dataset.from_list([{"prompt": task.prompt_text(p), "answer": p["answer"]} for p in train])
-
-    def accuracy(completions, answer, **kw):
-        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        return [task.reward(t, ans) for t, ans in zip(texts, answer)]
+    ds = task.prompt_dataset(train)
 
     G = a.num_generations
     micro = a.micro_prompts * G
@@ -166,7 +161,7 @@ def main() -> None:
 
     trainer = GRPOTrainer(
         model=model,
-        reward_funcs=accuracy,
+        reward_funcs=task.accuracy_reward,
         args=cfg,
         train_dataset=ds,
         processing_class=tok,
