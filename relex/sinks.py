@@ -151,6 +151,39 @@ class _PredictionSink(Sink):
             piece[lo:hi].copy_(combine(chunk.w0, coefficients, chunk.basis, factors, chunk.first, out, tmp))
 
 
+class TensorSink(_PredictionSink):
+    """The prediction of each target step as CPU tensors in memory (``tensors[target][name]``), in ``dtypes``.
+
+    The arithmetic is the checkpoint sink's, so the values are those ``relex extrapolate`` writes.
+    """
+
+    def __init__(self, targets, dtypes: dict[str, torch.dtype], device: torch.device):
+        super().__init__(targets, device)
+        self.dtypes = dtypes
+        self.tensors: dict[int, dict[str, torch.Tensor]] = {int(t): {} for t in self.targets}
+
+    def output_dtype(self, state: TensorState) -> torch.dtype:
+        return self.dtypes[state.name]
+
+    def wants_chunks(self, state: TensorState) -> bool:
+        return True
+
+    def on_model(self, state: TensorState) -> None:
+        for tensors in self.tensors.values():
+            tensors[state.name] = torch.empty(state.info.numel, dtype=self.dtypes[state.name])
+        super().on_model(state)
+
+    def open_span(self, state: TensorState, first: int, count: int) -> list[torch.Tensor]:
+        return [tensors[state.name][first: first + count] for tensors in self.tensors.values()]
+
+    def emit(self, state: TensorState, span: list[torch.Tensor]) -> None:
+        pass  # the span's pieces are views of the tensors themselves
+
+    def on_tensor_done(self, state: TensorState) -> None:
+        for tensors in self.tensors.values():
+            tensors[state.name] = tensors[state.name].view(state.info.shape)
+
+
 class _ShardedOutput:
     """Of a sink whose files are :class:`ShardedWriter` shards, possibly one rank's part of the output."""
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,8 +43,8 @@ from relex.integrations.assess import PREFIX, figures_of, is_plausible
 from relex.integrations.trainer import calling_trainer, log_through, one_line
 from relex.io.discover import Checkpoint, CheckpointSeries
 from relex.io.source import Source, TensorInfo
-from relex.stream import RunReaders, Sink, TensorState, combine, resolve_device
-from relex.subspace import GRAM_CHUNK
+from relex.sinks import TensorSink
+from relex.stream import RunReaders, resolve_device
 from relex.trajectory import ModelSelector, ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -91,54 +90,6 @@ class SnapshotReaders(RunReaders):
         self.aliases = [{} for _ in self.observed]
 
 
-class _ChunkBuffers(threading.local):
-    """Per compute thread float32 buffers for :func:`relex.stream.combine`."""
-
-    def get(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if not hasattr(self, "out"):
-            self.out = torch.empty(GRAM_CHUNK, dtype=torch.float32)
-            self.tmp = torch.empty(GRAM_CHUNK, dtype=torch.float32)
-        return self.out, self.tmp
-
-
-class PredictionTensors(Sink):
-    """The prediction of one target step, tensor by tensor, into CPU tensors of the newest snapshot's dtype.
-
-    The arithmetic is the checkpoint writer's (:func:`relex.stream.combine` on each chunk, then one cast to
-    the stored dtype), so the values are those ``relex extrapolate`` writes into its safetensors.
-    """
-
-    def __init__(self, target: int, dtypes: Mapping[str, torch.dtype]):
-        self.targets = np.array([float(target)])
-        self.dtypes = dtypes
-        self.tensors: dict[str, torch.Tensor] = {}
-        self.buffers = _ChunkBuffers()
-
-    def wants_chunks(self, state: TensorState) -> bool:
-        return True
-
-    def on_model(self, state: TensorState) -> None:
-        self.tensors[state.name] = torch.empty(state.info.numel, dtype=self.dtypes[state.name])
-        if state.model is None:
-            return
-        state.prepared["coefficients"] = state.model.coefficients(self.targets)
-        state.prepared["factors"] = [(torch.as_tensor(np.asarray(u), dtype=torch.float32),
-                                      torch.as_tensor(np.asarray(v), dtype=torch.float32))
-                                     for u, v in state.model.factors]
-
-    def fill(self, state: TensorState, span, lo: int, chunk) -> None:
-        piece = self.tensors[state.name][chunk.first: chunk.first + chunk.count]
-        if chunk.value is not None:
-            piece.copy_(chunk.value)
-            return
-        out, tmp = self.buffers.get()
-        piece.copy_(combine(chunk.w0, state.prepared["coefficients"][0], chunk.basis, state.prepared["factors"],
-                            chunk.first, out, tmp))
-
-    def on_tensor_done(self, state: TensorState) -> None:
-        self.tensors[state.name] = self.tensors[state.name].view(state.info.shape)
-
-
 @dataclass
 class SegmentFit:
     """The fit of one segment: the prediction of the target and the verdict on the way there."""
@@ -166,7 +117,8 @@ def fit_segment(base: Mapping[str, torch.Tensor], snapshots: Sequence[tuple[int,
     steps = [int(s) for s, _ in snapshots]
     readers = SnapshotReaders(SnapshotSource(base, 0), [(s, SnapshotSource(t, s)) for s, t in snapshots])
     selector = ModelSelector(ModelSpec(**options), steps)
-    sink = PredictionTensors(target, {name: info.dtype for name, info in readers.observed[-1].tensors.items()})
+    sink = TensorSink([target], {name: info.dtype for name, info in readers.observed[-1].tensors.items()},
+                      resolve_device(device))
     extra = {} if block_bytes is None else {"block_bytes": block_bytes}
     measured = stream_models(readers, selector, lambda models: sink, resolve_device(device),
                              targets=np.array([float(target)]), keep_grams=True, **extra)
@@ -177,7 +129,7 @@ def fit_segment(base: Mapping[str, torch.Tensor], snapshots: Sequence[tuple[int,
     message = diagnostics.message if diagnostics is not None else "no tensor moved in the segment"
     plausible = is_plausible(verdict)
     passes_gate = judge(diagnostics, strict=False, target_step=target).passed
-    return SegmentFit(steps, target, sink.tensors, diagnostics, verdict, message, plausible, passes_gate,
+    return SegmentFit(steps, target, sink.tensors[target], diagnostics, verdict, message, plausible, passes_gate,
                       figures_of(diagnostics, steps, plausible), time.perf_counter() - started)
 
 
@@ -571,5 +523,5 @@ class LeapCallback(TrainerCallback):
                            state.global_step, start, every)
 
 
-__all__ = ["LEAP", "LeapCallback", "LeapDecision", "LeapOptions", "Leaper", "PredictionTensors", "SegmentFit",
+__all__ = ["LEAP", "LeapCallback", "LeapDecision", "LeapOptions", "Leaper", "SegmentFit",
            "SnapshotReaders", "SnapshotSource", "decisions_from_log", "fit_segment", "trainable_parameters"]
