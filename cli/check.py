@@ -41,6 +41,9 @@ def check(
     allow_interpolation: Annotated[bool, typer.Option("--allow-interpolation", help="Accept a target step inside the observed window (the window alone is then judged).", rich_help_panel=GATE)] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Read pytorch_model*.bin pickles when no safetensors exist.", rich_help_panel=INPUT)] = False,
     device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.", rich_help_panel=INPUT)] = "auto",
+    rewards: Annotated[str, typer.Option("--rewards", metavar="auto|none|FILE", help="The training reward the verdict weighs beside the weights: auto reads the log_history of the last observed checkpoint's trainer_state.json (when it logs --reward-key), none the weights alone, or a trainer_state.json or JSON Lines file of {\"step\": N, \"reward\": R} objects. A reward whose trend reaches --reward-max before the target makes the verdict mixed.", rich_help_panel=GATE)] = "auto",
+    reward_key: Annotated[str, typer.Option("--reward-key", help="The key the mean training reward is logged under (TRL's GRPOTrainer: reward).", rich_help_panel=GATE)] = "reward",
+    reward_max: Annotated[float, typer.Option("--reward-max", help="The reward's ceiling (a verifier's reward for a correct answer).", rich_help_panel=GATE)] = 1.0,
     quiet: Annotated[bool, typer.Option("--quiet", help="Print only the gate's line.", rich_help_panel=GATE)] = False,
 ) -> None:
     from relex.gate import check as run_check
@@ -58,7 +61,9 @@ def check(
     with byte_progress(disable=quiet or not printing, label="reading") as progress:
         result = run_check(**run, target_step=target_step, strict=strict, max_step=max_step, device=device,
                            allow_pickle=allow_pickle, progress=progress, run_label=run_dir,
-                           allow_interpolation=allow_interpolation)
+                           allow_interpolation=allow_interpolation,
+                           rewards=None if rewards == "none" else rewards, reward_key=reward_key,
+                           reward_max=reward_max)
     if printing:
         if not quiet:
             observed = result.steps

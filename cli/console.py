@@ -144,6 +144,9 @@ def print_diagnostics(diagnostics, series=None) -> None:
                   f"(fitted drift share of the last delta: {diagnostics.drift_share:.2f})")
     if series is not None and "too short" in diagnostics.message:
         console.print(f"hint: {series.retention_hint()}")
+    reward = (diagnostics.calibration or {}).get("reward")
+    if reward is not None:
+        console.print(reward["text"])
 
 
 # Options of the commands that gate (check, extrapolate --require, eval --fail-if-worse).

@@ -27,8 +27,9 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from relex.analysis.drift import DriftDiagnostics, diagnose
-from relex.analysis.verdict import VerdictBacktest
+from relex.analysis.drift import DriftDiagnostics
+from relex.analysis.reward import checkpoint_reward_trend
+from relex.analysis.verdict import RunVerdict
 from relex.distributed import SINGLE, Ranks, current, shares
 from relex.errors import RelexInputError
 from relex.io.discover import CheckpointSeries, discover_series, is_checkpoint_name
@@ -152,14 +153,15 @@ class ModelPassResult:
     base_norms: dict[str, float]
     bytes_read: int
     run_gram: np.ndarray
-    verdict: VerdictBacktest
+    verdict: RunVerdict
     passes: int
     parts: list[dict] | None = None  # across ranks: what each rank's sink wrote (its ``part()``)
 
-    def diagnostics(self, steps: Sequence[int], target_step: float | None = None) -> DriftDiagnostics | None:
-        """The drift diagnostics of the run with the verdict's window backtest applied."""
-        return self.verdict.apply(diagnose(self.run_gram, list(steps)) if np.any(self.run_gram) else None,
-                                  target_step)
+    def diagnostics(self, target_step: float | None = None, reward=None) -> DriftDiagnostics | None:
+        """The run's verdict (:meth:`relex.analysis.verdict.RunVerdict.judge`): drift diagnostics with the
+        calibration checks, the training reward's trend (a ``RewardTrend``, when given) and the window backtest
+        carried to ``target_step``."""
+        return self.verdict.judge(self.run_gram, target_step, reward)
 
 
 def tensor_states(readers: RunReaders, names: Sequence[str] | None = None) -> list[TensorState]:
@@ -296,7 +298,7 @@ def _merged(gathered: list[tuple[int, list[_Measured], dict | None]], n: int, st
     results: list[TensorResult] = []
     models: dict[str, TensorModel | None] = {}
     base_norms: dict[str, float] = {}
-    verdict = VerdictBacktest(steps)
+    verdict = RunVerdict(steps)
     run_gram = np.zeros((n, n))
     for _, measured, _ in gathered:
         for m in measured:
@@ -495,7 +497,8 @@ def extrapolate(
             result = ExtrapolationResult(
                 out_dirs={t: (out_dir if len(targets) == 1 else out_dir / f"step-{t}") for t in targets},
                 series=series, method=spec.method, options=spec.record(), tensors=measured.tensors,
-                diagnostics=measured.diagnostics(series.steps, max(targets)),
+                diagnostics=measured.diagnostics(max(targets), checkpoint_reward_trend(
+                    series.observed[-1].path, series.steps, max(targets))),
                 seconds=time.perf_counter() - started, bytes_read=measured.bytes_read,
                 bytes_written=bytes_written, device=str(torch_device), selection=selector.selection,
                 passes=measured.passes, sources=readers.describe(), output=output,

@@ -182,6 +182,12 @@ class CheckResult:
                  "random_walk": getattr(d.null, key), "pure_drift": getattr(d.drift, key)}
                 for label, key, _ in STATISTICS]
 
+    def reward(self) -> dict | None:
+        """The training reward's trend the verdict weighed (:class:`relex.analysis.reward.RewardTrend`), or
+        ``None`` when the run logged none."""
+        calibration = (self.diagnostics.calibration if self.diagnostics is not None else None) or {}
+        return calibration.get("reward")
+
     def sources(self) -> dict:
         s = self.series
         kinds = sorted({c.kind for c in s.observed})
@@ -210,6 +216,7 @@ class CheckResult:
             "statistics": self.statistics(),
             "backtest": None if d is None else d.backtest,
             "horizon": None if reach is None else {**reach[0], "text": reach[1]},
+            "reward": self.reward(),
             "diagnostics": None if d is None else d.to_dict(),
             "sources": self.sources(),
             "tensors": self.tensors,
@@ -231,18 +238,26 @@ def check(run_dir: str | Path | None = None, *, target_step: int | None = None, 
           base: str | Path | None = None, steps: str | Sequence[int] | None = None, max_step: int | None = None,
           checkpoints: Iterable[tuple[int, str | Path]] | None = None, device: str = "auto",
           allow_pickle: bool = False, progress=None, run_label: str | None = None,
-          allow_interpolation: bool = False) -> CheckResult:
+          allow_interpolation: bool = False, rewards: str | Path | None = "auto", reward_key: str = "reward",
+          reward_max: float = 1.0) -> CheckResult:
     """Read a run once (nothing is written) and judge whether extrapolating it to ``target_step`` is
     plausible; same inputs as :func:`relex.engine.collect_grams`. Without ``target_step`` (or, with
     ``allow_interpolation``, a target inside the window) the window alone is judged: as far as its backtest
-    reached. Raises :class:`RelexInputError` on bad input, including a target not beyond the last observed
-    step without ``allow_interpolation``."""
+    reached. ``rewards`` says where the training reward's trend comes from (:mod:`relex.analysis.reward`):
+    ``"auto"`` the ``trainer_state.json`` of the last observed checkpoint when it logs ``reward_key`` (else
+    the weights alone), a file (``trainer_state.json`` or JSON Lines; it must log ``reward_key``), or ``None``
+    (the weights alone); ``reward_max`` is the reward's ceiling. Raises :class:`RelexInputError` on bad input,
+    including a target not beyond the last observed step without ``allow_interpolation``."""
+    from relex.analysis.reward import checkpoint_reward_trend, read_reward_log, reward_trend
     from relex.analysis.verdict import run_verdict
     from relex.engine import collect_grams
 
     started = time.perf_counter()
     if target_step is not None:
         target_step = check_target_step(target_step)
+    if not math.isfinite(reward_max):
+        raise RelexInputError(f"--reward-max must be a finite number, got {reward_max}")
+    log = None if rewards in (None, "auto") else read_reward_log(rewards, reward_key)  # before reading the run
     grams = collect_grams(run_dir, base=base, steps=steps, max_step=max_step, checkpoints=checkpoints,
                           device=device, allow_pickle=allow_pickle, progress=progress)
     observed = grams.steps
@@ -253,7 +268,11 @@ def check(run_dir: str | Path | None = None, *, target_step: int | None = None, 
                                   "(pass --allow-interpolation to judge the window alone)")
         beyond = None
     ndims = {name: len(grams.shapes[name]) for name in grams.grams}
-    diagnostics = run_verdict(grams.grams, ndims, observed, beyond)
+    if rewards == "auto":
+        reward = checkpoint_reward_trend(grams.series.observed[-1].path, observed, beyond, reward_key, reward_max)
+    else:
+        reward = None if log is None else reward_trend(log, observed, beyond, reward_max)
+    diagnostics = run_verdict(grams.grams, ndims, observed, beyond, reward=reward)
     parameters = sum(math.prod(grams.shapes[name]) for name in grams.grams)
     return CheckResult(run=run_label if run_label is not None else str(run_dir), series=grams.series,
                        target_step=target_step, diagnostics=diagnostics,
@@ -339,6 +358,9 @@ def verdict_markdown(result: CheckResult, title: str = "relex check", notes: Seq
                          f"({'line wins' if backtest.get('line_beats_stop') else 'stopping wins'})"))
     elif d is not None:
         rows.append(("window backtest", "none: fewer than 4 checkpoints in the window"))
+    reward = result.reward()
+    if reward is not None:
+        rows.append(("training reward", md(reward["text"])))
     steps = result.steps
     rows.append(("run", f"{code(result.run)} · {len(steps)} checkpoints, steps "
                         f"{steps[0]}..{steps[-1]} · {result.tensors} tensors, {result.parameters:,} parameters"))

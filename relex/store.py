@@ -158,7 +158,7 @@ def fit_trajectory(
             writer = sinks[0].writer
             bytes_written = writer.bytes_written if measured.parts is None else sum(
                 part["store"]["bytes_written"] for part in measured.parts)
-            diagnostics = measured.diagnostics(series.steps)
+            diagnostics = measured.diagnostics()
             results = {r.name: r for r in measured.tensors}
             manifest = {
                 "format": FORMAT,

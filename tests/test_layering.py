@@ -30,7 +30,7 @@ LAYERS = [
     ["relex.methods"],
     ["relex.backtest"],
     ["relex.trajectory"],
-    ["relex.analysis.drift", "relex.analysis.nulls", "relex.analysis.tables"],
+    ["relex.analysis.drift", "relex.analysis.nulls", "relex.analysis.tables", "relex.analysis.reward"],
     ["relex.analysis.verdict", "relex.analysis"],
     ["relex.stream"],
     ["relex.sinks"],

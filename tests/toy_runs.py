@@ -33,7 +33,12 @@ def _finished(run_dir: Path, config) -> bool:
         saved = json.loads((run_dir / "toy_run.json").read_text())["config"]
     except (OSError, ValueError, KeyError):
         return False
-    return saved == config.to_dict() and (run_dir / f"checkpoint-{config.steps}").is_dir()
+    last = run_dir / f"checkpoint-{config.steps}"
+    try:  # runs trained before the toy trainer logged its reward into trainer_state.json are retrained
+        logged = json.loads((last / "trainer_state.json").read_text()).get("log_history")
+    except (OSError, ValueError):
+        return False
+    return saved == config.to_dict() and bool(logged)
 
 
 def toy_runs(cache: Path) -> dict[str, Path]:

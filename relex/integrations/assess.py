@@ -114,6 +114,7 @@ def assess(
     Raises:
         RelexInputError: on bad input (as the command line would report it).
     """
+    from relex.analysis.reward import checkpoint_reward_trend
     from relex.analysis.verdict import run_verdict
     from relex.engine import collect_grams, extrapolate
 
@@ -130,7 +131,9 @@ def assess(
     ndims = {name: len(grams.shapes[name]) for name in grams.grams}
     # A target the run has already passed is not extrapolated to: the window alone is judged.
     ahead = [t for t in targets if t > steps[-1]]
-    diagnostics = run_verdict(grams.grams, ndims, steps, max(ahead) if ahead else None)
+    target = max(ahead) if ahead else None
+    reward = checkpoint_reward_trend(grams.series.observed[-1].path, steps, target)
+    diagnostics = run_verdict(grams.grams, ndims, steps, target, reward=reward)
     verdict = diagnostics.verdict if diagnostics is not None else None
     message = diagnostics.message if diagnostics is not None else "no tensor moved from the base"
     plausible = is_plausible(verdict)

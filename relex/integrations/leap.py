@@ -14,7 +14,8 @@ The fit is relex's own engine, in memory: each snapshot is a :class:`SnapshotSou
 with the same trajectory models and predictors as ``relex extrapolate`` — the jump writes exactly the weights
 ``relex extrapolate`` would write from the same snapshots saved as checkpoints (the segment's first weights
 as the base, steps counted from the segment's start). The verdict is :func:`relex.analysis.verdict.run_verdict`
-on the same Gram matrices, carried to the jump's target, as ``relex check`` gives it.
+on the same Gram matrices, carried to the jump's target, as ``relex check`` gives it, and it weighs the
+training reward logged inside the segment as ``relex check`` weighs a run's ``trainer_state.json``.
 
 Steps are *virtual*: a jump of N steps adds N to the step counter (the trainer's ``global_step``), so a
 checkpoint saved after a jump carries the step its weights stand for, and the run's checkpoints stay one
@@ -36,6 +37,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from relex.analysis.reward import DEFAULT_CEILING, DEFAULT_KEY, RewardLog, reward_trend
 from relex.analysis.verdict import run_verdict
 from relex.engine import stream_models
 from relex.gate import judge
@@ -107,10 +109,14 @@ class SegmentFit:
 
 
 def fit_segment(base: Mapping[str, torch.Tensor], snapshots: Sequence[tuple[int, Mapping[str, torch.Tensor]]],
-                target: int, engine_options: Mapping | None = None, device: str = "cpu") -> SegmentFit:
+                target: int, engine_options: Mapping | None = None, device: str = "cpu",
+                rewards: Sequence[tuple[float, float]] | None = None,
+                reward_max: float = DEFAULT_CEILING) -> SegmentFit:
     """Fit the trajectory of ``snapshots`` (``(step, tensors)``, steps from the segment's start, base at 0)
     and predict ``target``, with relex's engine (``engine_options``: ``method``, ``rank``, ``regressor``,
-    ``scale``, ``auto_scope``, ``candidates``, ``holdout``, ``block_bytes``) and give the verdict."""
+    ``scale``, ``auto_scope``, ``candidates``, ``holdout``, ``block_bytes``) and give the verdict, which
+    weighs the training reward's trend when ``rewards`` (``(step, mean reward)``, steps counted like the
+    snapshots') are given, as ``relex check`` weighs a run's logged reward."""
     started = time.perf_counter()
     options = dict(engine_options or {})
     block_bytes = options.pop("block_bytes", None)
@@ -124,7 +130,12 @@ def fit_segment(base: Mapping[str, torch.Tensor], snapshots: Sequence[tuple[int,
                              targets=np.array([float(target)]), keep_grams=True, **extra)
     grams = {t.name: t.gram for t in measured.tensors if t.gram is not None and readers.info(t.name).is_float}
     ndims = {name: len(readers.info(name).shape) for name in grams}
-    diagnostics = run_verdict(grams, ndims, steps, target)
+    reward = None
+    if rewards:
+        log = RewardLog(tuple(float(s) for s, _ in rewards), tuple(float(r) for _, r in rewards), DEFAULT_KEY,
+                        str(MEMORY))
+        reward = reward_trend(log, steps, target, reward_max)
+    diagnostics = run_verdict(grams, ndims, steps, target, reward=reward)
     verdict = diagnostics.verdict if diagnostics is not None else None
     message = diagnostics.message if diagnostics is not None else "no tensor moved in the segment"
     plausible = is_plausible(verdict)
@@ -169,6 +180,11 @@ class LeapOptions:
     # block_bytes), as relex extrapolate takes them.
     engine: dict = field(default_factory=dict)
     device: str = "cpu"  # where the fit computes
+    # The training reward the verdict weighs (relex.analysis.reward): the key the trainer logs its mean reward
+    # under (TRL's GRPOTrainer: "reward"), and the reward's ceiling; a reward whose trend over the segment
+    # reaches the ceiling before the jump's end makes the verdict mixed.
+    reward_key: str = "reward"
+    reward_max: float = 1.0
 
     def __post_init__(self):
         if not isinstance(self.every, int) or self.every < 2:
@@ -312,8 +328,11 @@ class Leaper:
         return True
 
     def after_step(self, model: torch.nn.Module, optimizer, real_step: int, step: int, *, max_step: int | None = None,
-                   scheduler=None) -> LeapDecision | None:
-        """Record the weights after (virtual) ``step``; at the segment's end decide, and jump when allowed."""
+                   scheduler=None, rewards: Iterable[tuple[float, float]] | None = None) -> LeapDecision | None:
+        """Record the weights after (virtual) ``step``; at the segment's end decide, and jump when allowed.
+
+        ``rewards``: the mean training reward logged so far, ``(virtual step, reward)``; the verdict weighs the
+        trend of those inside the segment (a reward that would reach 1 before the jump's end refuses it)."""
         if self.base is None:
             raise RuntimeError("Leaper.begin must be called before the first step")
         offset = step - self.segment_start
@@ -327,7 +346,9 @@ class Leaper:
         if length < 1:  # the run ends here: nothing to jump over
             self._restart(step)
             return None
-        decision = self._decide(model, parameters, optimizer, scheduler, real_step, step, length)
+        segment = [(float(s) - self.segment_start, float(r)) for s, r in (rewards or ())
+                   if self.segment_start < s <= step and r is not None and math.isfinite(r)]
+        decision = self._decide(model, parameters, optimizer, scheduler, real_step, step, length, segment)
         self.decisions.append(decision)
         return decision
 
@@ -339,7 +360,7 @@ class Leaper:
         self.snapshots = []
 
     def _decide(self, model, parameters, optimizer, scheduler, real_step: int, step: int,
-                length: int) -> LeapDecision:
+                length: int, rewards: list[tuple[float, float]]) -> LeapDecision:
         options = self.options
         started = time.perf_counter()
         offset = step - self.segment_start
@@ -347,7 +368,8 @@ class Leaper:
                       segment_start=self.segment_start, jumped=False)
         current = self.snapshots[-1][1]
         try:
-            fit = fit_segment(self.base, self.snapshots, offset + length, options.engine, options.device)
+            fit = fit_segment(self.base, self.snapshots, offset + length, options.engine, options.device,
+                              rewards, options.reward_max)
         except Exception as exc:  # noqa: BLE001 — a failed fit leaves training as it was
             logger.warning("relex leap at step %d: no jump, the fit failed: %s", step, one_line(exc))
             self._restart(step)
@@ -482,8 +504,11 @@ class LeapCallback(TrainerCallback):
         if self._disabled or model is None:
             return
         real_step = state.global_step - self._jumped()
+        # The trainer logs this step's reward after on_step_end: the segment's rewards up to the step before.
+        rewards = [(e["step"], e[self.options.reward_key]) for e in state.log_history
+                   if "step" in e and isinstance(e.get(self.options.reward_key), (int, float))]
         decision = self.leaper.after_step(model, optimizer, real_step, state.global_step,
-                                          max_step=state.max_steps or None, scheduler=lr_scheduler)
+                                          max_step=state.max_steps or None, scheduler=lr_scheduler, rewards=rewards)
         if decision is None:
             return
         if decision.jumped:

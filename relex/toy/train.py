@@ -263,14 +263,18 @@ def train_run(out_dir: str | Path | None, config: ToyConfig | None = None,
 
     def checkpoint(step: int):
         if out is not None:
+            # The mean training reward of every step so far, as the HF Trainer logs it (relex check reads it).
+            logged = [{"step": h["step"], "reward": h["reward"]} for h in history]
             path = save_checkpoint(model, tokenizer, out / f"checkpoint-{step}", step,
-                                   {"relex_toy": {"name": config.name, "objective": config.objective}})
+                                   {"relex_toy": {"name": config.name, "objective": config.objective},
+                                    "log_history": logged})
             summary["checkpoints"].append({"step": step, "path": str(path)})
         else:
             summary["checkpoints"].append({"step": step})
         if on_checkpoint is not None:
             on_checkpoint(step, model)
 
+    history: list[dict] = []
     checkpoint(0)
     train = _task.train_problems()
     all_prompts, all_answers = prompt_ids(train), answer_ids(train)
@@ -279,7 +283,6 @@ def train_run(out_dir: str | Path | None, config: ToyConfig | None = None,
     opt = _make_optimizer(model.parameters(), config)
     params = [p for p in model.parameters() if p.requires_grad]
     B, G = config.prompts_per_step, config.samples_per_prompt
-    history = []
     leaper = leap
     if leaper is not None:
         leaper.begin(model, 0)
@@ -332,7 +335,8 @@ def train_run(out_dir: str | Path | None, config: ToyConfig | None = None,
         history.append({k: v for k, v in info.items() if k not in ("phase", "total")})
         if leaper is not None:
             history[-1]["real_step"] = real_step
-            decision = leaper.after_step(model, opt, real_step, step, max_step=config.steps)
+            decision = leaper.after_step(model, opt, real_step, step, max_step=config.steps,
+                                         rewards=[(h["step"], h["reward"]) for h in history])
             if decision is not None:
                 history[-1]["leap"] = decision.to_dict()
                 step = decision.to_step
