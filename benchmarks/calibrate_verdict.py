@@ -90,14 +90,21 @@ def outcome_of(interval: dict) -> str:
     return "n.s."
 
 
-def verdict_of(grams: dict, ndims: dict, steps, target, calibrated: bool = True, margin: float | None = None) -> dict:
+def verdict_of(grams: dict, ndims: dict, steps, target, calibrated: bool = True, margin: float | None = None,
+               rewards=None, use_rewards: bool = True) -> dict:
     """The verdict and the gate's decision from per-tensor Gram matrices (as ``relex check``);
     ``calibrated=False``: the verdict before its calibration (whole-model figures only); ``margin``: another
-    backtest margin than relex's."""
+    backtest margin than relex's; ``rewards``: the training reward of steps 1, 2, ... (as the toy trainer's
+    ``trainer_state.json`` logs it; ``relex check`` weighs its trend), ignored with ``use_rewards=False``."""
+    from relex.analysis.reward import RewardLog, reward_trend
     from relex.analysis.verdict import run_verdict
     from relex.gate import judge
 
-    d = run_verdict(grams, ndims, steps, target, calibrated=calibrated, margin=margin)
+    reward = None
+    if rewards and use_rewards:
+        log = RewardLog(tuple(range(1, len(rewards) + 1)), tuple(rewards), "reward", "train_reward")
+        reward = reward_trend(log, steps, target)
+    d = run_verdict(grams, ndims, steps, target, calibrated=calibrated, margin=margin, reward=reward)
     decision = judge(d, False, target)
     return {"calibration": None if d is None else d.calibration, "verdict": None if d is None else d.verdict,
             "message": None if d is None else d.message, "drift_share": None if d is None else d.drift_share,
@@ -140,7 +147,8 @@ def measure_run(name: str, kwargs: dict, seed: int, threads: int, bases: dict, o
                 continue
             observed = [int(s) for s in grams.steps]
             ndims = {n: len(grams.shapes[n]) for n in grams.grams}
-            verdict = verdict_of(grams.grams, ndims, observed, target)
+            rewards = [h.get("reward") for h in summary.get("history", [])]
+            verdict = verdict_of(grams.grams, ndims, observed, target, rewards=rewards)
             last = observed[-1]
             if last not in scores:
                 scores[last] = per_problem_greedy(work / "run" / f"checkpoint-{last}")
@@ -162,7 +170,7 @@ def measure_run(name: str, kwargs: dict, seed: int, threads: int, bases: dict, o
                    "ndims": ndims, "params": {n: int(math.prod(grams.shapes[n])) for n in grams.grams},
                    "base_norms": grams.base_norms,
                    "grams": {n: np.asarray(g, dtype=np.float64).tolist() for n, g in grams.grams.items()},
-                   "train_reward": [h.get("reward") for h in summary.get("history", [])],
+                   "train_reward": rewards,
                    "train_seconds": round(train_seconds, 1), "seconds": round(time.perf_counter() - t1, 1)}
             with out.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
@@ -180,12 +188,15 @@ def load_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def rescore(rows: list[dict], calibrated: bool = True, margin: float | None = None) -> list[dict]:
-    """The rows with the verdict recomputed by the current code from their stored Gram matrices."""
+def rescore(rows: list[dict], calibrated: bool = True, margin: float | None = None,
+            use_rewards: bool = True) -> list[dict]:
+    """The rows with the verdict recomputed by the current code from their stored Gram matrices (and training
+    rewards, for the rows that kept them, unless ``use_rewards=False``)."""
     out = []
     for row in rows:
         grams = {n: np.asarray(g) for n, g in row["grams"].items()}
-        out.append({**row, **verdict_of(grams, row["ndims"], row["steps"], row["target"], calibrated, margin)})
+        out.append({**row, **verdict_of(grams, row["ndims"], row["steps"], row["target"], calibrated, margin,
+                                        row.get("train_reward"), use_rewards)})
     return out
 
 
@@ -321,6 +332,12 @@ def main(argv=None) -> int:
         old, new = rescore(rows, calibrated=False), rescore(rows)
         print("## before calibration (whole-model figures only)\n\n" + confusion(old)
               + "\n\n## calibrated verdict\n\n" + confusion(new) + "\n\n" + gate_table(new) + "\n\n" + splits(new))
+        weights = rescore(rows, use_rewards=False)
+        print(f"\n## calibrated verdict without the reward check (weights only)\n\n" + confusion(weights))
+        changed = [f"{r['setting']} s{r['seed']} t{r['threads']} {int(round(r['prefix'] * 100))}%: {a['gate']} -> "
+                   f"{r['gate']} ({r['outcome']})" for a, r in zip(weights, new) if a["gate"] != r["gate"]]
+        print(f"\nrows that kept their training reward: {sum(bool(r.get('train_reward')) for r in rows)} of "
+              f"{len(rows)}; rows whose gate the reward check changes: " + ("; ".join(changed) or "none"))
         for margin in args.margin:
             other = rescore(rows, margin=margin)
             print(f"\n## calibrated verdict, backtest margin {margin:g}\n\n" + confusion(other) + "\n\n"
