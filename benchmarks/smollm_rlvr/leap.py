@@ -16,6 +16,14 @@ problems):
     # prints, per real step R saved by both runs, the score.py command pairing LEAP's checkpoint with the
     # plain checkpoint-R as the reference
 
+``--replay PLAIN_RUN`` asks, without training, what the verdict-guarded callback would have decided along a
+plain run: for each segment of ``--every`` steps the fit the callback makes (``fit_segment``: the segment's
+first checkpoint as the base, its checkpoints every ``--snapshot-every`` steps, the rewards the trainer logged
+inside it) and the verdict on a jump of ``--leap`` steps. While every decision is a refusal, the guarded run
+*is* the plain run, so this is its whole record:
+
+    python benchmarks/smollm_rlvr/leap.py --replay ../smollm_run/run --every 8 --leap 16 --max-real-steps 32
+
 ``--max-steps`` is the run's virtual length (a jump is cut short there); ``--max-real-steps`` stops it after
 that many optimizer steps.
 """
@@ -58,10 +66,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--replay", type=Path, help="a plain run of train.py: the guarded decisions along it, no training")
     p.add_argument("--pairs", type=Path, help="print the score.py commands pairing this leap run with --plain")
     p.add_argument("--plain", type=Path, help="the plain run of train.py (with --pairs)")
     a = p.parse_args(argv)
-    if a.pairs is None and (a.base is None or a.out is None):
+    if a.pairs is None and a.replay is None and (a.base is None or a.out is None):
         p.error("training needs --base and --out (or give --pairs LEAP_RUN --plain PLAIN_RUN)")
     if a.pairs is not None and a.plain is None:
         p.error("--pairs needs --plain")
@@ -140,8 +149,38 @@ def train(a: argparse.Namespace) -> None:
                       "decisions": len(decisions)}), flush=True)
 
 
+def replay(a: argparse.Namespace) -> None:
+    """The verdict-guarded callback's decisions along the plain run ``a.replay`` (one JSON line each)."""
+    from safetensors.torch import load_file
+
+    from relex.integrations.leap import fit_segment
+
+    run: Path = a.replay
+    logged = [json.loads(line) for line in (run / "rewards.jsonl").read_text().splitlines() if line.strip()]
+    rewards = [(float(e["step"]), float(e["reward"])) for e in logged if "reward" in e]
+    for start in range(0, a.max_real_steps, a.every):
+        end = start + a.every
+        folders = [run / f"checkpoint-{s}" for s in range(start, end + 1, a.snapshot_every)]
+        if not all(f.is_dir() for f in folders):
+            break
+        base = load_file(str(folders[0] / "model.safetensors"))
+        snapshots = [(s - start, load_file(str(f / "model.safetensors")))
+                     for s, f in zip(range(start, end + 1, a.snapshot_every), folders)][1:]
+        # what LeapCallback passes: the rewards logged inside the segment before its last step
+        inside = [(s - start, r) for s, r in rewards if start < s < end]
+        fit = fit_segment(base, snapshots, a.every + a.leap, rewards=inside)
+        reward = ((fit.diagnostics.calibration or {}).get("reward") if fit.diagnostics is not None else None)
+        print(json.dumps({"real_step": end, "segment": [start, end], "target": start + a.every + a.leap,
+                          "verdict": fit.verdict, "plausible": fit.plausible, "passes_gate": fit.passes_gate,
+                          "message": fit.message, "reward": None if reward is None else reward["text"],
+                          "figures": fit.figures, "seconds": round(fit.seconds, 1)}), flush=True)
+
+
 def main(argv=None) -> None:
     a = parse_args(argv)
+    if a.replay is not None:
+        replay(a)
+        return
     if a.pairs is not None:
         score = Path(__file__).resolve().parent / "score.py"
         for real, plain, leap in pairs(a.pairs, a.plain):
