@@ -31,7 +31,7 @@ def check(
     run_dir: RunDirArgument,
     target_step: Annotated[Optional[str], typer.Option("--target-step", metavar="N", help="The step to extrapolate to (default: judge the window alone, as far as its backtest reached).", rich_help_panel=GATE, show_default=False)] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Fail (exit 3) on anything but a drift-dominated verdict: mixed and inconclusive too.", rich_help_panel=GATE)] = False,
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write every figure printed (verdict, message, drift share, statistics with their nulls, backtest, target, horizon, steps, sources) to this JSON file.", rich_help_panel=GATE, show_default=False)] = None,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write every figure printed (verdict, message, drift share, statistics with their nulls, backtest, target, horizon, training reward, steps, sources) to this JSON file.", rich_help_panel=GATE, show_default=False)] = None,
     summary: SummaryOption = None,
     base: BaseOption = None,
     steps: StepsOption = None,
