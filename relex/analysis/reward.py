@@ -50,14 +50,14 @@ def read_reward_log(path: str | Path, key: str = DEFAULT_KEY) -> RewardLog:
         text = path.read_text()
     except OSError as exc:
         raise RelexInputError(f"{path}: cannot read the reward log ({exc.strerror or exc})") from None
-    try:
-        if text.lstrip().startswith("{") and "\n{" not in text.strip():
-            document = json.loads(text)
-            entries = document.get("log_history", [document]) if isinstance(document, dict) else None
-        else:
+    try:  # one JSON document (a trainer_state.json), else JSON Lines
+        document = json.loads(text)
+        entries = document.get("log_history", [document]) if isinstance(document, dict) else document
+    except json.JSONDecodeError:
+        try:
             entries = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as exc:
-        raise RelexInputError(f"{path}: not JSON or JSON Lines ({exc.msg}, line {exc.lineno})") from None
+        except json.JSONDecodeError as exc:
+            raise RelexInputError(f"{path}: not JSON or JSON Lines ({exc.msg}, line {exc.lineno})") from None
     if not isinstance(entries, list):
         raise RelexInputError(f"{path}: expected a trainer_state.json or JSON Lines of objects")
     by_step: dict[float, float] = {}

@@ -32,8 +32,9 @@ from typing import Mapping
 
 import numpy as np
 
-from relex.analysis.drift import (DRIFT, MIXED, DriftDiagnostics, apply_backtest, coherent_share, diagnose,
-                                  pace_ratio, verdict_holdout, MAX_PACE_RATIO, MIN_PACE_RATIO, DRIFT_THRESHOLD)
+from relex.analysis.drift import (DRIFT, MIXED, DriftDiagnostics, apply_backtest, balanced_gram, coherent_share,
+                                  diagnose, pace_ratio, verdict_holdout, MAX_PACE_RATIO, MIN_PACE_RATIO,
+                                  DRIFT_THRESHOLD)
 from relex.analysis.reward import RewardTrend
 from relex.backtest import gram_errors
 from relex.methods import get_method
@@ -58,18 +59,15 @@ class RunVerdict:
         self.matrices = 0
         self.vectors = np.zeros(2)  # the same over the other tensors (used when no matrix moved)
         self.others = 0
-        self.balanced = {True: None, False: None}  # Σ G / G[-1, -1] over matrices (True) and other tensors
+        self.grams: dict[str, np.ndarray] = {}  # each moving tensor's T×T Gram matrix, for the balance check
+        self.ndims: dict[str, int] = {}
         if self.holdout is not None:
             self.line, self.stop = get_method("relex"), get_method("last")
 
     def add(self, name: str, gram: np.ndarray, ndim: int) -> None:
         if not np.any(gram):
             return
-        gram = np.asarray(gram, dtype=np.float64)
-        if np.all(np.isfinite(gram)) and gram[-1, -1] > 0:  # see relex.analysis.drift.balanced_gram
-            part = gram / gram[-1, -1]
-            kind = ndim >= 2
-            self.balanced[kind] = part if self.balanced[kind] is None else self.balanced[kind] + part
+        self.grams[name], self.ndims[name] = gram, ndim
         if self.holdout is None:
             return
         line, true_sq = gram_errors(gram, self.steps, self.line, self.holdout, tensor=name, ndim=ndim)
@@ -120,7 +118,7 @@ class RunVerdict:
         """Balanced drift share, pace ratio and the reward's trend: recorded in ``diagnostics.calibration``;
         each can turn a drift-dominated verdict into a mixed one."""
         steps = self.steps
-        balanced = self.balanced[True] if self.balanced[True] is not None else self.balanced[False]
+        balanced = balanced_gram(self.grams, self.ndims)
         share = coherent_share(balanced, steps, factors=1).share if balanced is not None else float("nan")
         pace = pace_ratio(balanced, steps) if balanced is not None else float("nan")
         whole_pace = pace_ratio(run_gram, steps)
