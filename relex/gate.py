@@ -245,10 +245,11 @@ def check(run_dir: str | Path | None = None, *, target_step: int | None = None, 
     ``allow_interpolation``, a target inside the window) the window alone is judged: as far as its backtest
     reached. ``rewards`` says where the training reward's trend comes from (:mod:`relex.analysis.reward`):
     ``"auto"`` the ``trainer_state.json`` of the last observed checkpoint when it logs ``reward_key`` (else
-    the weights alone), a file (``trainer_state.json`` or JSON Lines; it must log ``reward_key``), or ``None``
+    the weights alone), a file (``trainer_state.json`` or JSON Lines; it must log ``reward_key`` at 4 steps or
+    more inside the observed window), or ``None``
     (the weights alone); ``reward_max`` is the reward's ceiling. Raises :class:`RelexInputError` on bad input,
     including a target not beyond the last observed step without ``allow_interpolation``."""
-    from relex.analysis.reward import checkpoint_reward_trend, read_reward_log, reward_trend
+    from relex.analysis.reward import MIN_POINTS, checkpoint_reward_trend, read_reward_log, reward_trend
     from relex.analysis.verdict import run_verdict
     from relex.engine import collect_grams
 
@@ -272,6 +273,11 @@ def check(run_dir: str | Path | None = None, *, target_step: int | None = None, 
         reward = checkpoint_reward_trend(grams.series.observed[-1].path, observed, beyond, reward_key, reward_max)
     else:
         reward = None if log is None else reward_trend(log, observed, beyond, reward_max)
+        if log is not None and reward is None:  # a file the user named must weigh in, or say why not
+            inside = sum(observed[0] < s <= observed[-1] for s in log.steps)
+            raise RelexInputError(f"{log.source}: {inside} rewards logged under {log.key!r} after step "
+                                  f"{observed[0]} up to step {observed[-1]} (the observed window); the trend needs "
+                                  f"at least {MIN_POINTS}")
     diagnostics = run_verdict(grams.grams, ndims, observed, beyond, reward=reward)
     parameters = sum(math.prod(grams.shapes[name]) for name in grams.grams)
     return CheckResult(run=run_label if run_label is not None else str(run_dir), series=grams.series,

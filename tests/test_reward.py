@@ -161,6 +161,13 @@ def test_a_bad_reward_file_is_refused_before_anything_is_read(toy, tmp_path, cap
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and str(bad) in err and "'reward'" in err
     assert not report.exists()
+    # A file whose steps miss the observed window (steps 5..20) cannot weigh in: refused, not ignored.
+    bad.write_text("".join(json.dumps({"step": s, "reward": 0.5}) + "\n" for s in range(100, 120)))
+    code, out, err = _run(["check", toy["demo"], "--target-step", TARGET, "--rewards", bad, "--json", report],
+                          capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert str(bad) in err and "0 rewards logged under 'reward' after step 5 up to step 20" in err
+    assert not report.exists()
 
 
 def test_checkpoint_reward_trend_of_a_folder_without_a_log(tmp_path):
