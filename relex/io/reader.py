@@ -212,7 +212,7 @@ class CheckpointReader(Source):
             super().read_range(name, first, count, out)
             return
         info = self.tensors[name]
-        size = info.nbytes // info.numel if info.numel else 0
+        size = info.dtype.itemsize
         self._pread(info, info.offset + first * size, out[: count * size])
 
     def _pread(self, info: TensorInfo, offset: int, buffer: torch.Tensor) -> None:

@@ -44,7 +44,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+        return self.numel * self.dtype.itemsize
 
     @property
     def is_float(self) -> bool:
