@@ -8,6 +8,7 @@ alone prints (errors included), so a run prints what one process would.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -43,6 +44,25 @@ def _root() -> None:
     """Extrapolate RLVR checkpoints along their low-rank trajectory, and tell whether that is safe."""
 
 
+def _load_torch(args: list[str]) -> None:
+    """Import torch before a command runs, with the garbage collector paused, and freeze what it allocated.
+
+    Importing torch creates about 170,000 long-lived objects; the collector's full passes over them while it
+    loads took 0.15-0.35 s of a 1.2-1.5 s start-up, and each later full pass (during a command's work,
+    holding every thread up) another 50 ms. Frozen objects are left out of every later pass. Nothing is done
+    for help (no command needs torch there) or in a process that has loaded torch already (a notebook, a
+    test session: its objects are not for this command to freeze).
+    """
+    if not args or {"--help", "-h"} & set(args) or "torch" in sys.modules or not gc.isenabled():
+        return
+    gc.disable()
+    try:
+        import torch  # noqa: F401  (start-up: every command's work needs it, help does not)
+    finally:
+        gc.freeze()
+        gc.enable()
+
+
 # Commands that would repeat their whole work (and write the same files) on every rank of a launch.
 SINGLE_PROCESS_COMMANDS = ("eval", "demo", "materialize")
 
@@ -51,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit code (0 ok, 3 a gate failed, 2 bad input or usage, 1 internal
     error)."""
     _register_commands()
+    _load_torch(sys.argv[1:] if argv is None else list(argv))
     launched = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
     joined = False
     try:
