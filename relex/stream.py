@@ -513,9 +513,9 @@ class SlotPool:
         if pin:  # page-locked host memory, for asynchronous copies to the GPU
             slots = [torch.empty((n_rows, row_bytes), dtype=torch.uint8, pin_memory=True) for _ in range(n_slots)]
         else:
-            # Ordinary pages: asking for transparent huge pages (madvise) makes the kernel compact memory to find
-            # them once the page cache fills it, as reading a run does (a 7 GB run then took 12 s instead of
-            # 6.5; a 1.6 GB run took 0.1-0.3 s longer in every one of three tries).
+            # Ordinary pages: getting transparent huge pages (madvise) can make the kernel compact memory, or a
+            # virtual machine fault in fresh host memory, before the first byte is read (a 1.6 GB run took
+            # 0.2-0.4 s longer in each of three tries, one 7 GB run 12 s instead of about 6.5).
             slots = list(torch.empty((n_slots, n_rows, row_bytes), dtype=torch.uint8))
         for slot in slots:
             self._free.put(slot)
