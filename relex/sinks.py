@@ -27,7 +27,6 @@ from relex.io.lora import LoraAdapterWriter, mix_factors
 from relex.io.steps import MAX_STEP
 from relex.io.writer import OutputTensor, ShardedWriter, aux_bytes, copy_aux_files, write_index
 from relex.stream import OUTPUT_DTYPES, Chunk, RunReaders, Sink, TensorState, combine
-from relex.subspace import GRAM_CHUNK
 
 
 def parse_targets(target_step) -> list[int]:
@@ -100,10 +99,11 @@ class _Pieces:
 class _Buffers(threading.local):
     """Per compute thread float32 chunk buffers of a sink (on the pass's device)."""
 
-    def get(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if not hasattr(self, "out"):
-            self.out = torch.empty(GRAM_CHUNK, dtype=torch.float32, device=device)
-            self.tmp = torch.empty(GRAM_CHUNK, dtype=torch.float32, device=device)
+    def get(self, device: torch.device, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two buffers of at least ``count`` entries."""
+        if not hasattr(self, "out") or self.out.numel() < count:
+            self.out = torch.empty(count, dtype=torch.float32, device=device)
+            self.tmp = torch.empty(count, dtype=torch.float32, device=device)
         return self.out, self.tmp
 
 
@@ -145,7 +145,7 @@ class _PredictionSink(Sink):
             for piece in span:
                 _value_into(piece[lo:hi], chunk.value)
             return
-        out, tmp = self.buffers.get(self.device)
+        out, tmp = self.buffers.get(self.device, chunk.count)
         factors = state.prepared["factors"]
         for piece, coefficients in zip(span, state.prepared["coefficients"]):
             piece[lo:hi].copy_(combine(chunk.w0, coefficients, chunk.basis, factors, chunk.first, out, tmp))

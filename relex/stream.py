@@ -53,10 +53,8 @@ DEFAULT_BLOCK_BYTES = 2 * 1024**3  # the pool of stored-dtype copies one pass ho
 OUTPUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 TIED_HEAD = "lm_head.weight"
 ROW_BYTES = 2 * 1024**2  # bytes of one checkpoint in one slot (fewer when T is large, see slot_row_bytes)
-# Entries mixed at a time. The mixing's arithmetic is entry by entry (unlike the Gram matrix, summed over
-# GRAM_CHUNK entries), so any size gives the same numbers; smaller chunks fit the core's cache better but
-# cost more Python dispatch per entry, and on two cores the Gram chunk's size is the better balance.
-MIX_CHUNK = GRAM_CHUNK
+# Float32 bytes of w_0 and the T deltas mixed at a time (see mix_chunk).
+MIX_BYTES = 6 * 1024**2
 READER_THREADS = 2
 
 ProgressCallback = Callable[[str, int, int], None]
@@ -365,23 +363,36 @@ def combine(w0: torch.Tensor, coefficients: Sequence[float], basis: torch.Tensor
     return out
 
 
+def mix_chunk(n_rows: int) -> int:
+    """Entries mixed at a time for ``n_rows`` inputs: whole Gram chunks whose float32 rows fit ``MIX_BYTES``.
+
+    The mixing's arithmetic is entry by entry (unlike the Gram matrix, summed over GRAM_CHUNK entries), so any
+    size gives the same numbers. Larger chunks cost less Python dispatch and fewer hand-offs between threads
+    while the rows stay in the processor's cache: on the 164M-parameter run of
+    ``benchmarks/extrapolate_speed.py --whole-process`` (T = 4; three runs each, alternated), the pass took
+    1.65-1.66 s mixing four Gram chunks at a time, 1.91-1.98 s one, 1.66-1.69 s eight, 1.73-1.76 s sixteen.
+    """
+    return max(1, MIX_BYTES // (4 * max(1, n_rows) * GRAM_CHUNK)) * GRAM_CHUNK
+
+
 class _Scratch:
-    """One compute thread's reused chunk buffers (float32, on the pass's device)."""
+    """One thread's reused chunk buffers (float32, on the pass's device), for a Gram chunk or a mixing chunk."""
 
     def __init__(self, n_rows: int, n_basis: int, device: torch.device):
-        c = GRAM_CHUNK
-        self.w0 = torch.empty(c, dtype=torch.float32, device=device)
-        self.x = torch.empty(max(1, n_rows) * c, dtype=torch.float32, device=device)  # w_0 and X of one chunk
-        self.basis = torch.empty(max(1, n_basis) * c, dtype=torch.float32, device=device)
         self.device = device
+        self.w0 = self.x = self.basis = torch.empty(0, dtype=torch.float32, device=device)
         self._views: dict = {}
+        self.ensure(n_rows, n_basis)
 
     def ensure(self, n_rows: int, n_basis: int) -> None:
-        if self.x.numel() < n_rows * GRAM_CHUNK:
-            self.x = torch.empty(n_rows * GRAM_CHUNK, dtype=torch.float32, device=self.device)
+        c = mix_chunk(n_rows)
+        if self.w0.numel() < c:
+            self.w0 = torch.empty(c, dtype=torch.float32, device=self.device)
+        if self.x.numel() < max(1, n_rows) * c:
+            self.x = torch.empty(max(1, n_rows) * c, dtype=torch.float32, device=self.device)  # w_0 and X
             self._views.clear()
-        if self.basis.numel() < n_basis * GRAM_CHUNK:
-            self.basis = torch.empty(n_basis * GRAM_CHUNK, dtype=torch.float32, device=self.device)
+        if self.basis.numel() < max(1, n_basis) * c:
+            self.basis = torch.empty(max(1, n_basis) * c, dtype=torch.float32, device=self.device)
             self._views.clear()
 
     def chunk(self, n_rows: int, c: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -462,8 +473,9 @@ def _mix_span(slot: torch.Tensor, state: TensorState, first: int, count: int, sc
     n_basis = 0 if model is None else model.n_basis
     scratch.ensure(len(state.rows), n_basis)
     norm_sq = torch.zeros((), dtype=torch.float64, device=scratch.device)
-    for lo in range(0, count, MIX_CHUNK):
-        hi = min(count, lo + MIX_CHUNK)
+    step = mix_chunk(len(state.rows))
+    for lo in range(0, count, step):
+        hi = min(count, lo + step)
         c = hi - lo
         basis = value = None
         if stored:

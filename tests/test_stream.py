@@ -15,6 +15,7 @@ import torch
 
 import relex
 import relex.io.writer
+import relex.stream
 from relex.errors import RelexInputError
 from relex.synthetic import make_run
 from relex.testing import load_state
@@ -69,6 +70,23 @@ def test_results_do_not_depend_on_the_number_of_threads(run, tmp_path):
     finally:
         torch.set_num_threads(threads)
     identical(tmp_path / "one", tmp_path / "two")
+
+
+def test_mixing_chunk_size_changes_no_bit(tmp_path, monkeypatch):
+    """Spans of several Gram chunks are mixed a few chunks at a time (``mix_chunk``); one chunk at a time must
+    give the same bits, through both predictors of a checkpoint (basis vectors and per-matrix factors)."""
+    root = tmp_path / "run"
+    # 4M entries: spans of four Gram chunks, mixed three and one at a time
+    shapes = {"model.layers.0.mlp.up_proj.weight": (4096, 1024), "model.norm.weight": (1024,)}
+    make_run(root, STEPS, shapes=shapes, noise=0.2, noise_kind="walk", dtype=torch.bfloat16)
+    assert relex.stream.mix_chunk(len(STEPS) + 1) >= 2 * relex.stream.GRAM_CHUNK
+    for method in ("relex", "matrix-rank1"):
+        relex.extrapolate(root, target_step=90, method=method, out_dir=tmp_path / f"{method}-large")
+        with monkeypatch.context() as patch:
+            patch.setattr(relex.stream, "MIX_BYTES", 1)
+            assert relex.stream.mix_chunk(len(STEPS) + 1) == relex.stream.GRAM_CHUNK
+            relex.extrapolate(root, target_step=90, method=method, out_dir=tmp_path / f"{method}-one")
+        identical(tmp_path / f"{method}-large", tmp_path / f"{method}-one")
 
 
 def test_gram_matrices_do_not_depend_on_the_pool(run):
