@@ -6,8 +6,8 @@ For each tensor, in the base's storage order, a pass
    stored dtype (bf16 is half the bytes of float32) — into one *slot* of a pool of buffers allocated once;
    several reader threads ``pread`` straight into the slots;
 2. accumulates the Gram matrix G = X Xᵀ of the float32 deltas x_i = w_i − w_0: right after reading a span,
-   its reader thread converts and differences it in chunks of 65,536 entries into small reused buffers and
-   takes each chunk's float32 product; the products are added to G in float64, chunk after chunk from the
+   its reader thread converts and differences it a few chunks of 65,536 entries at a time into small reused
+   buffers and takes each chunk's float32 product; the products are added to G in float64, chunk after chunk from the
    tensor's first entry. Every thread runs its BLAS on one core, so the numbers depend neither on the number
    of threads nor on how the tensor is cut into spans;
 3. hands G — and, in per-matrix modes, the top singular triple of each 2-D delta — to ``decide``, which
@@ -53,7 +53,7 @@ DEFAULT_BLOCK_BYTES = 2 * 1024**3  # the pool of stored-dtype copies one pass ho
 OUTPUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 TIED_HEAD = "lm_head.weight"
 ROW_BYTES = 2 * 1024**2  # bytes of one checkpoint in one slot (fewer when T is large, see slot_row_bytes)
-# Float32 bytes of w_0 and the T deltas mixed at a time (see mix_chunk).
+# Float32 bytes of w_0 and the T deltas converted, and mixed, at a time (see mix_chunk).
 MIX_BYTES = 6 * 1024**2
 READER_THREADS = 2
 
@@ -364,19 +364,21 @@ def combine(w0: torch.Tensor, coefficients: Sequence[float], basis: torch.Tensor
 
 
 def mix_chunk(n_rows: int) -> int:
-    """Entries mixed at a time for ``n_rows`` inputs: whole Gram chunks whose float32 rows fit ``MIX_BYTES``.
+    """Entries converted and mixed at a time for ``n_rows`` inputs: whole Gram chunks whose float32 rows fit
+    ``MIX_BYTES``.
 
-    The mixing's arithmetic is entry by entry (unlike the Gram matrix, summed over GRAM_CHUNK entries), so any
-    size gives the same numbers. Larger chunks cost less Python dispatch and fewer hand-offs between threads
-    while the rows stay in the processor's cache: on the 164M-parameter run of
+    The conversion and the mixing are entry by entry (unlike the Gram products, still taken chunk by chunk),
+    so any size gives the same numbers. Larger chunks cost less Python dispatch and fewer hand-offs between
+    threads while the rows stay in the processor's cache: on the 164M-parameter run of
     ``benchmarks/extrapolate_speed.py --whole-process`` (T = 4; three runs each, alternated), the pass took
-    1.65-1.66 s mixing four Gram chunks at a time, 1.91-1.98 s one, 1.66-1.69 s eight, 1.73-1.76 s sixteen.
+    1.65-1.66 s mixing four Gram chunks at a time, 1.91-1.98 s one, 1.66-1.69 s eight, 1.73-1.76 s sixteen;
+    converting the Gram stage's inputs four chunks at a time too, 1.58-1.69 s against 1.64-1.74 s.
     """
     return max(1, MIX_BYTES // (4 * max(1, n_rows) * GRAM_CHUNK)) * GRAM_CHUNK
 
 
 class _Scratch:
-    """One thread's reused chunk buffers (float32, on the pass's device), for a Gram chunk or a mixing chunk."""
+    """One thread's reused float32 buffers (on the pass's device) for the entries it converts or mixes at a time."""
 
     def __init__(self, n_rows: int, n_basis: int, device: torch.device):
         self.device = device
@@ -403,6 +405,16 @@ class _Scratch:
         if views is None:
             both = self.x[: n_rows * c].view(n_rows, c)
             views = self._views[key] = (both, both[0], both[1:])
+        return views
+
+    def gram_views(self, n_rows: int, c: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(w_0, X, Xᵀ) of each Gram chunk of the ``c`` entries :meth:`chunk` holds, made once per shape."""
+        key = ("g", n_rows, c)
+        views = self._views.get(key)
+        if views is None:
+            _, w0, x = self.chunk(n_rows, c)
+            views = self._views[key] = [(w0[lo: lo + GRAM_CHUNK], x[:, lo: lo + GRAM_CHUNK], x[:, lo: lo + GRAM_CHUNK].T)
+                                        for lo in range(0, c, GRAM_CHUNK)]
         return views
 
     def basis_view(self, n_basis: int, c: int) -> torch.Tensor:
@@ -453,11 +465,15 @@ def _gram_span(slot: torch.Tensor, state: TensorState, count: int, scratch: _Scr
     n_chunks = -(-count // GRAM_CHUNK)
     products = torch.empty((n_chunks, t, t), dtype=torch.float32, device=scratch.device)
     norms = torch.empty(n_chunks, dtype=torch.float32, device=scratch.device)
-    for k in range(n_chunks):
-        lo, hi = k * GRAM_CHUNK, min(count, (k + 1) * GRAM_CHUNK)
-        w0, x = _deltas(slot, state, lo, hi, scratch, None)
-        torch.mm(x, x.T, out=products[k])
-        torch.dot(w0, w0, out=norms[k])
+    step = mix_chunk(t + 1)  # entries converted at a time: whole Gram chunks, products taken chunk by chunk
+    k = 0
+    for first in range(0, count, step):
+        c = min(count, first + step) - first
+        w0, x = _deltas(slot, state, first, first + c, scratch, None)
+        for w0_k, x_k, x_k_t in scratch.gram_views(t + 1, c):
+            torch.mm(x_k, x_k_t, out=products[k])
+            torch.dot(w0_k, w0_k, out=norms[k])
+            k += 1
     return products.cpu().numpy(), float(norms.double().sum())
 
 

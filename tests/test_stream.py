@@ -72,20 +72,26 @@ def test_results_do_not_depend_on_the_number_of_threads(run, tmp_path):
     identical(tmp_path / "one", tmp_path / "two")
 
 
-def test_mixing_chunk_size_changes_no_bit(tmp_path, monkeypatch):
-    """Spans of several Gram chunks are mixed a few chunks at a time (``mix_chunk``); one chunk at a time must
-    give the same bits, through both predictors of a checkpoint (basis vectors and per-matrix factors)."""
+def test_converting_and_mixing_several_gram_chunks_at_a_time_changes_no_bit(tmp_path, monkeypatch):
+    """Spans of several Gram chunks are converted and mixed a few chunks at a time (``mix_chunk``), the Gram
+    products still taken chunk by chunk; one chunk at a time must give the same Gram matrices and the same
+    checkpoints, through both predictors (basis vectors and per-matrix factors)."""
     root = tmp_path / "run"
-    # 4M entries: spans of four Gram chunks, mixed three and one at a time
+    # 4M entries: spans of four Gram chunks, converted and mixed three and one at a time
     shapes = {"model.layers.0.mlp.up_proj.weight": (4096, 1024), "model.norm.weight": (1024,)}
     make_run(root, STEPS, shapes=shapes, noise=0.2, noise_kind="walk", dtype=torch.bfloat16)
-    assert relex.stream.mix_chunk(len(STEPS) + 1) >= 2 * relex.stream.GRAM_CHUNK
+    assert relex.stream.mix_chunk(len(STEPS) + 1) == 3 * relex.stream.GRAM_CHUNK
+    grams = relex.engine.collect_grams(root).grams
     for method in ("relex", "matrix-rank1"):
         relex.extrapolate(root, target_step=90, method=method, out_dir=tmp_path / f"{method}-large")
-        with monkeypatch.context() as patch:
-            patch.setattr(relex.stream, "MIX_BYTES", 1)
-            assert relex.stream.mix_chunk(len(STEPS) + 1) == relex.stream.GRAM_CHUNK
+    with monkeypatch.context() as patch:
+        patch.setattr(relex.stream, "MIX_BYTES", 1)
+        assert relex.stream.mix_chunk(len(STEPS) + 1) == relex.stream.GRAM_CHUNK
+        for name, g in relex.engine.collect_grams(root).grams.items():
+            assert np.array_equal(g, grams[name]), name
+        for method in ("relex", "matrix-rank1"):
             relex.extrapolate(root, target_step=90, method=method, out_dir=tmp_path / f"{method}-one")
+    for method in ("relex", "matrix-rank1"):
         identical(tmp_path / f"{method}-large", tmp_path / f"{method}-one")
 
 
