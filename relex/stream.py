@@ -53,8 +53,10 @@ DEFAULT_BLOCK_BYTES = 2 * 1024**3  # the pool of stored-dtype copies one pass ho
 OUTPUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 TIED_HEAD = "lm_head.weight"
 ROW_BYTES = 2 * 1024**2  # bytes of one checkpoint in one slot (fewer when T is large, see slot_row_bytes)
-# Float32 bytes of w_0 and the T deltas converted, and mixed, at a time (see mix_chunk).
+# Float32 bytes of w_0 and the T deltas converted, and mixed, at a time (see mix_chunk): at most MIX_BYTES,
+# and at most 1/MIX_SHARE of the stored copies of the pass's largest tensor, which bound its memory.
 MIX_BYTES = 6 * 1024**2
+MIX_SHARE = 64
 READER_THREADS = 2
 
 ProgressCallback = Callable[[str, int, int], None]
@@ -363,9 +365,10 @@ def combine(w0: torch.Tensor, coefficients: Sequence[float], basis: torch.Tensor
     return out
 
 
-def mix_chunk(n_rows: int) -> int:
-    """Entries converted and mixed at a time for ``n_rows`` inputs: whole Gram chunks whose float32 rows fit
-    ``MIX_BYTES``.
+def mix_chunk(n_rows: int, budget: int) -> int:
+    """Entries converted and mixed at a time for ``n_rows`` inputs: whole Gram chunks (at least one) whose
+    float32 rows fit ``budget`` bytes (a pass gives at most ``MIX_BYTES``, and at most 1/``MIX_SHARE`` of its
+    largest tensor's stored copies: small models keep one Gram chunk, and their memory its bound).
 
     The conversion and the mixing are entry by entry (unlike the Gram products, still taken chunk by chunk),
     so any size gives the same numbers. Larger chunks cost less Python dispatch and fewer hand-offs between
@@ -374,20 +377,24 @@ def mix_chunk(n_rows: int) -> int:
     1.65-1.66 s mixing four Gram chunks at a time, 1.91-1.98 s one, 1.66-1.69 s eight, 1.73-1.76 s sixteen;
     converting the Gram stage's inputs four chunks at a time too, 1.58-1.69 s against 1.64-1.74 s.
     """
-    return max(1, MIX_BYTES // (4 * max(1, n_rows) * GRAM_CHUNK)) * GRAM_CHUNK
+    return max(1, budget // (4 * max(1, n_rows) * GRAM_CHUNK)) * GRAM_CHUNK
 
 
 class _Scratch:
     """One thread's reused float32 buffers (on the pass's device) for the entries it converts or mixes at a time."""
 
-    def __init__(self, n_rows: int, n_basis: int, device: torch.device):
-        self.device = device
+    def __init__(self, n_rows: int, n_basis: int, device: torch.device, budget: int):
+        self.device, self.budget = device, budget
         self.w0 = self.x = self.basis = torch.empty(0, dtype=torch.float32, device=device)
         self._views: dict = {}
         self.ensure(n_rows, n_basis)
 
+    def entries(self, n_rows: int) -> int:
+        """Entries of ``n_rows`` inputs converted or mixed at a time."""
+        return mix_chunk(n_rows, self.budget)
+
     def ensure(self, n_rows: int, n_basis: int) -> None:
-        c = mix_chunk(n_rows)
+        c = self.entries(n_rows)
         if self.w0.numel() < c:
             self.w0 = torch.empty(c, dtype=torch.float32, device=self.device)
         if self.x.numel() < max(1, n_rows) * c:
@@ -465,7 +472,7 @@ def _gram_span(slot: torch.Tensor, state: TensorState, count: int, scratch: _Scr
     n_chunks = -(-count // GRAM_CHUNK)
     products = torch.empty((n_chunks, t, t), dtype=torch.float32, device=scratch.device)
     norms = torch.empty(n_chunks, dtype=torch.float32, device=scratch.device)
-    step = mix_chunk(t + 1)  # entries converted at a time: whole Gram chunks, products taken chunk by chunk
+    step = scratch.entries(t + 1)  # converted at a time: whole Gram chunks, products taken chunk by chunk
     k = 0
     for first in range(0, count, step):
         c = min(count, first + step) - first
@@ -489,7 +496,7 @@ def _mix_span(slot: torch.Tensor, state: TensorState, first: int, count: int, sc
     n_basis = 0 if model is None else model.n_basis
     scratch.ensure(len(state.rows), n_basis)
     norm_sq = torch.zeros((), dtype=torch.float64, device=scratch.device)
-    step = mix_chunk(len(state.rows))
+    step = scratch.entries(len(state.rows))
     for lo in range(0, count, step):
         hi = min(count, lo + step)
         c = hi - lo
@@ -602,6 +609,8 @@ class StreamPass:
         self.n_slots = max(self.streaming, min(cap, need + 1))
         self.resident = self.n_slots - 1  # spans of one tensor that may stay for its mixing
         self.pin = device.type == "cuda"
+        largest = max([s.numel * sum(row.itemsize for row in s.rows) for s in tensors] + [0])
+        self.chunk_budget = min(MIX_BYTES, largest // MIX_SHARE)
         self._models: dict[int, threading.Event] = {}
 
     def _spans(self, state: TensorState) -> list[tuple[int, int]]:
@@ -732,7 +741,7 @@ class StreamPass:
         local = self._scratch
         n_basis = 0 if state.model is None else state.model.n_basis
         if not hasattr(local, "buffers"):
-            local.buffers = _Scratch(len(state.rows), n_basis, self.device)
+            local.buffers = _Scratch(len(state.rows), n_basis, self.device, self.chunk_budget)
         local.buffers.ensure(len(state.rows), n_basis)
         return local.buffers
 
