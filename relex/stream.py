@@ -7,9 +7,9 @@ For each tensor, in the base's storage order, a pass
    several reader threads ``pread`` straight into the slots;
 2. accumulates the Gram matrix G = X Xᵀ of the float32 deltas x_i = w_i − w_0: right after reading a span,
    its reader thread converts and differences it a few chunks of 65,536 entries at a time into small reused
-   buffers and takes each chunk's float32 product; the products are added to G in float64, chunk after chunk from the
-   tensor's first entry. Every thread runs its BLAS on one core, so the numbers depend neither on the number
-   of threads nor on how the tensor is cut into spans;
+   buffers and takes each chunk's float32 product; the products are added to G in float64, chunk after chunk
+   from the tensor's first entry. Every thread runs its BLAS on one core, so the numbers depend neither on the
+   number of threads nor on how the tensor is cut into spans;
 3. hands G — and, in per-matrix modes, the top singular triple of each 2-D delta — to ``decide``, which
    returns the tensor's model (:class:`relex.methods.TensorModel`);
 4. mixes the same spans, still in their slots, on compute threads: w_0 and the basis vectors
@@ -381,7 +381,7 @@ def mix_chunk(n_rows: int, budget: int) -> int:
 
 
 class _Scratch:
-    """One thread's reused float32 buffers (on the pass's device) for the entries it converts or mixes at a time."""
+    """One thread's reused float32 buffers (on the pass's device) for what it converts or mixes at a time."""
 
     def __init__(self, n_rows: int, n_basis: int, device: torch.device, budget: int):
         self.device, self.budget = device, budget
@@ -420,8 +420,8 @@ class _Scratch:
         views = self._views.get(key)
         if views is None:
             _, w0, x = self.chunk(n_rows, c)
-            views = self._views[key] = [(w0[lo: lo + GRAM_CHUNK], x[:, lo: lo + GRAM_CHUNK], x[:, lo: lo + GRAM_CHUNK].T)
-                                        for lo in range(0, c, GRAM_CHUNK)]
+            parts = [(w0[lo: lo + GRAM_CHUNK], x[:, lo: lo + GRAM_CHUNK]) for lo in range(0, c, GRAM_CHUNK)]
+            views = self._views[key] = [(w0_k, x_k, x_k.T) for w0_k, x_k in parts]
         return views
 
     def basis_view(self, n_basis: int, c: int) -> torch.Tensor:
