@@ -33,6 +33,7 @@ import math
 import os
 import queue
 import threading
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -305,7 +306,9 @@ class Sink:
     The pass calls, per tensor: ``on_model(state)`` (main thread); if ``wants_chunks(state)``, for each span
     ``open_span(state, first, count)`` → a span output, ``fill(state, span, lo, chunk)`` for each of its chunks
     (compute threads; ``lo`` is the offset of the chunk in the span), then ``emit(state, span)`` in span order
-    (main thread); then ``on_tensor_done(state)``. ``finish`` at the end of a successful pass, ``close``
+    (main thread); then ``on_tensor_done(state)``. ``emit`` and ``on_tensor_done`` come tensor after tensor,
+    in the pass's order; the next tensors' ``on_model`` and ``open_span`` may come before a tensor's last
+    ``emit`` (the pass goes on while a tensor is mixed). ``finish`` at the end of a successful pass, ``close``
     always.
     """
 
@@ -700,10 +703,13 @@ class StreamPass:
         prefetcher = threading.Thread(target=self._prefetch, args=(items, pool, readers), name="relex-prefetch",
                                       daemon=True)
         self._pool, self._items, self._compute, self._scratch = pool, items, compute, scratch
+        self._handed: deque[tuple[Future | None, object, TensorState]] = deque()  # spans mixing, tensor ends
+        self._mixing = 0  # spans among them
         prefetcher.start()
         try:
             for k, state in enumerate(self.tensors):
                 self._tensor(k, state)
+            self._hand_over(0)
         except BaseException:
             self._failed = True
             for event in self._models.values():
@@ -781,32 +787,44 @@ class StreamPass:
         if not self.sink.wants_chunks(state):
             for slot, _ in kept.values():
                 self._pool.release(slot)
-            self.sink.on_tensor_done(state)
+            self._handed.append((None, None, state))
             return
         if state.model is not None and state.model.n_basis and state.rows[1].kind in ("weight", "delta"):
             state.prepared["basis_weights"] = torch.as_tensor(state.model.basis, dtype=torch.float32,
                                                               device=self.device)
-        pending: list[tuple[Future, object]] = []
         for s, (a, b) in enumerate(spans):
             if s in kept:
                 slot, item = kept.pop(s)
                 rows = None  # every input of this span is in memory since the Gram stage
             else:
+                self._hand_over(self._mixing)
                 item, slot, read = self._next(k, "mix")
                 self._account(state, read.result()[0])
                 rows = state.mixed_rows()
             span = self.sink.open_span(state, a, b - a)
-            pending.append((self._compute.submit(self._mix_task, slot, item, state, span, rows), span))
-            while len(pending) > self.workers:
-                self._emit(state, pending.pop(0))
-        while pending:
-            self._emit(state, pending.pop(0))
-        self.sink.on_tensor_done(state)
+            self._handed.append((self._compute.submit(self._mix_task, slot, item, state, span, rows), span, state))
+            self._mixing += 1
+            self._hand_over(self.workers)
+        self._handed.append((None, None, state))  # its end, once every span before it went to the sink
 
-    def _emit(self, state: TensorState, entry) -> None:
-        future, span = entry
-        state.norm_sq += future.result()
-        self.sink.emit(state, span)
+    def _hand_over(self, busy: int) -> None:
+        """Give the sink the mixed spans (and tensor ends) at the head of the queue, in order: wait for the
+        oldest until at most ``busy`` spans are being mixed, then take those already done.
+
+        The next tensor's Gram stage and model go on while a tensor's last spans are mixed (small tensors are
+        a single span: waiting for each would leave all but one compute thread idle).
+        """
+        while self._handed:
+            future, span, state = self._handed[0]
+            if future is not None and self._mixing <= busy and not future.done():
+                return
+            self._handed.popleft()
+            if future is None:
+                self.sink.on_tensor_done(state)
+                continue
+            self._mixing -= 1
+            state.norm_sq += future.result()
+            self.sink.emit(state, span)
 
     def _mix_task(self, slot: torch.Tensor, item: _Read, state: TensorState, span, rows) -> float:
         try:
@@ -825,6 +843,7 @@ class StreamPass:
         gram = np.zeros((t, t))
         norm_sq = 0.0
         for s in range(len(spans)):
+            self._hand_over(self._mixing)  # what the previous tensor's mixing has done meanwhile
             item, slot, read = self._next(k, "gram")
             nbytes, products, span_norm = read.result()
             self._account(state, nbytes)

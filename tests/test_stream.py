@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ import torch
 
 import relex
 import relex.io.writer
+import relex.sinks
 import relex.stream
 from relex.errors import RelexInputError
 from relex.synthetic import make_run
@@ -148,3 +150,47 @@ def test_progress_counts_every_byte_once_and_ends_at_the_total(run, tmp_path):
     inputs = sum(os.path.getsize(run / f"checkpoint-{s}" / "model.safetensors") for s in [0, *STEPS])
     assert result.bytes_read <= inputs
     assert json.loads((tmp_path / "out" / "relex.json").read_text())["summary"]["bytes_read"] == result.bytes_read
+
+
+def test_the_next_tensor_goes_on_while_a_tensor_is_mixed_and_the_sink_sees_the_layout_order(run, tmp_path,
+                                                                                            monkeypatch):
+    """While the spans of one tensor are mixed, the pass reads the next tensor and decides its model (a
+    tensor of one span would otherwise leave every compute thread but one idle); the sink still gets each
+    tensor's spans in order, then its end, tensor after tensor, and the checkpoint is the same."""
+    relex.extrapolate(run, target_step=90, out_dir=tmp_path / "reference")
+    events = []
+    sink = relex.sinks.CheckpointSink
+    slow = "lm_head.weight"  # the first tensor of the pass (layout order), two spans
+
+    def on_model(self, state, original=sink.on_model):
+        events.append(("model", state.name, None))
+        original(self, state)
+
+    def fill(self, state, span, lo, chunk, original=sink.fill):
+        if state.name == slow:
+            time.sleep(0.3)
+        original(self, state, span, lo, chunk)
+
+    def emit(self, state, span, original=sink.emit):
+        events.append(("emit", state.name, None))
+        original(self, state, span)
+
+    def on_tensor_done(self, state, original=sink.on_tensor_done):
+        events.append(("done", state.name, None))
+        original(self, state)
+
+    for name, method in [("on_model", on_model), ("fill", fill), ("emit", emit), ("on_tensor_done", on_tensor_done)]:
+        monkeypatch.setattr(sink, name, method)
+    relex.extrapolate(run, target_step=90, out_dir=tmp_path / "out")
+    identical(tmp_path / "reference", tmp_path / "out")
+    names = [name for kind, name, _ in events if kind == "model"]
+    assert names[0] == slow and sorted(names) == sorted(SHAPES)
+    # the second tensor's model came before the first tensor's end: the pass did not wait for its mixing
+    assert events.index(("model", names[1], None)) < events.index(("done", slow, None))
+    handed = [(kind, name) for kind, name, _ in events if kind != "model"]
+    expected = []
+    for name in names:
+        spans = sum(1 for kind, n in handed if kind == "emit" and n == name)
+        assert spans >= (2 if name == slow else 1), name
+        expected += [("emit", name)] * spans + [("done", name)]
+    assert handed == expected
