@@ -1,5 +1,3 @@
-import sys
+from relex_cli.app import run
 
-from relex_cli.app import main
-
-sys.exit(main())
+run()

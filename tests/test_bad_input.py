@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -184,3 +186,26 @@ def test_unknown_method_and_dtype(run, tmp_path, capsys):
                      "unknown method 'magic'")
     assert_bad_input(capsys, tmp_path, [run, "--target-step", 50, "--out", tmp_path / "out", "--dtype", "int3"],
                      "unknown --dtype")
+
+
+def _relex_process(*args) -> subprocess.CompletedProcess:
+    """``relex ARGS`` started as users start it, in its own process, with an exit handler of a library."""
+    code = ("import atexit, sys; atexit.register(print, 'exit handler ran'); "
+            "from relex_cli.app import run; run()")
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_the_relex_process_ends_with_its_code_its_output_and_the_exit_handlers(run, tmp_path):
+    """The process skips Python's teardown of its modules, not what an exit does before it: exit code,
+    everything printed (stdout a pipe), ``atexit`` handlers run after the command."""
+    bad = _relex_process("extrapolate", tmp_path / "missing", "--target-step", 50, "--out", tmp_path / "out")
+    assert bad.returncode == 2, bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert bad.stderr.startswith("relex: error:") and "missing" in bad.stderr
+    assert bad.stdout == "exit handler ran\n"
+    good = _relex_process("extrapolate", run, "--target-step", 40, "--out", tmp_path / "out")
+    assert good.returncode == 0, good.stderr
+    lines = good.stdout.splitlines()
+    assert "relex extrapolate" in lines[0] and lines[-1] == "exit handler ran"
+    assert "wrote step 40" in good.stdout and json.loads((tmp_path / "out" / "relex.json").read_text())
