@@ -19,6 +19,7 @@ of one process.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,7 +91,7 @@ class ExtrapolationResult:
             "tensors_moved": len(moved),
             "explained_mean": float(np.mean(explained)),
             "explained_min": float(np.min(explained)),
-            "explained_median": float(np.median(explained)),
+            "explained_median": statistics.median(explained.tolist()),  # np.median imports numpy.ma: 10 ms
             "r2_mean": float(np.mean(r2)),
             "r2_min": float(np.min(r2)),
             "seconds": self.seconds,
