@@ -607,10 +607,9 @@ class StreamPass:
         self.workers = 1 if device.type == "cuda" else max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
         self.streaming = READER_THREADS + self.workers + 2  # slots in flight when spans are mixed as they come
         cap = max(self.streaming, block_bytes // slot_bytes)
-        # the largest tensor whole, and a slot for the readers to go on with the next one (they get more as
-        # its mixing frees them)
-        self.n_slots = max(self.streaming, min(cap, need + 1))
-        self.resident = self.n_slots - 1  # spans of one tensor that may stay for its mixing
+        # the largest tensor whole (the readers go on with the next one as its mixing frees slots)
+        self.n_slots = max(self.streaming, min(cap, need))
+        self.resident = self.n_slots  # spans of one tensor that may stay for its mixing
         self.pin = device.type == "cuda"
         largest = max([s.numel * sum(row.itemsize for row in s.rows) for s in tensors] + [0])
         self.chunk_budget = min(MIX_BYTES, largest // MIX_SHARE)
