@@ -16,9 +16,10 @@ For each tensor, in the base's storage order, a pass
    b_r = Σ_i B_ri x_i of each chunk go to the :class:`Sink`, which makes its outputs from them (a checkpoint
    per target step, an adapter, a trajectory store) and writes them in order.
 
-While a tensor is mixed, the readers fill the slots it frees with the next one (and take its Gram products);
-writers write and hash on their own threads. A tensor whose T + 1 stored copies do not fit the pool (``block_bytes``) is read twice:
-its Gram pass keeps its last spans, the mixing pass re-reads the others — only the checkpoints the model
+While a tensor is mixed, the readers fill the slots it frees with the next one (and take its Gram products),
+and the next tensors' models are decided; the sink gets the mixed spans in order. Writers write and hash on
+their own threads. A tensor whose T + 1 stored copies do not fit the pool (``block_bytes``) is read twice: its
+Gram pass keeps its last spans, the mixing pass re-reads the others — only the checkpoints the model
 mixes. With models known before reading (the writing pass after run-level choices, ``relex materialize``),
 each span is mixed as soon as it is read.
 
