@@ -704,7 +704,6 @@ class StreamPass:
                                       daemon=True)
         self._pool, self._items, self._compute, self._scratch = pool, items, compute, scratch
         self._handed: deque[tuple[Future | None, object, TensorState]] = deque()  # spans mixing, tensor ends
-        self._mixing = 0  # spans among them
         prefetcher.start()
         try:
             for k, state in enumerate(self.tensors):
@@ -803,9 +802,13 @@ class StreamPass:
                 rows = state.mixed_rows()
             span = self.sink.open_span(state, a, b - a)
             self._handed.append((self._compute.submit(self._mix_task, slot, item, state, span, rows), span, state))
-            self._mixing += 1
             self._hand_over(self.workers)
         self._handed.append((None, None, state))  # its end, once every span before it went to the sink
+
+    @property
+    def _mixing(self) -> int:
+        """Spans handed to the compute threads and not yet to the sink."""
+        return sum(future is not None for future, _, _ in self._handed)
 
     def _hand_over(self, busy: int) -> None:
         """Give the sink the mixed spans (and tensor ends) at the head of the queue, in order: wait for the
@@ -822,7 +825,6 @@ class StreamPass:
             if future is None:
                 self.sink.on_tensor_done(state)
                 continue
-            self._mixing -= 1
             state.norm_sq += future.result()
             self.sink.emit(state, span)
 
