@@ -52,8 +52,11 @@ _PICKLE_HINT = ("relex downloads safetensors only; convert the checkpoints to sa
 
 def _hf():
     """The ``huggingface_hub`` module, imported on first use."""
-    # start-up: huggingface_hub (and its HTTP client) take about 0.3 s to import, and most runs are local folders
+    # start-up: huggingface_hub (and its HTTP client) take about 0.3 s to import, and most runs are local folders.
+    # huggingface_hub 1.x and 2.x load their submodules lazily: ``constants`` and ``utils`` are imported by name,
+    # never reached as attributes of a package that may not have loaded them yet.
     import huggingface_hub
+    import huggingface_hub.constants
     import huggingface_hub.utils
 
     return huggingface_hub
