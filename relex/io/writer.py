@@ -379,6 +379,14 @@ def staged_folder(out_dir: str | Path, overwrite: bool = False, needed_bytes: in
 
 
 def _put_in_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    try:
+        _rename_into(tmp, out_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a complete-looking output never appears; nor does a partial one
+        raise
+
+
+def _rename_into(tmp: Path, out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists():
         if not overwrite:
             shutil.rmtree(tmp, ignore_errors=True)
