@@ -65,6 +65,27 @@ def _load_torch(args: list[str]) -> None:
         gc.enable()
 
 
+# click's exception classes as the installed typer raises them (typer 0.28 and later carry their own click).
+_CLICK_ERRORS = {cls.__name__: cls for cls in typer.BadParameter.__mro__}
+
+
+def _asks_for_help(error: Exception) -> bool:
+    """``relex`` or ``relex COMMAND`` with nothing else: click answers with the help, as an error."""
+    return type(error).__name__ == "NoArgsIsHelpError" and getattr(error, "ctx", None) is not None
+
+
+def _usage_error(error: Exception) -> str:
+    """One line for a usage error (``relex: error: …, see relex COMMAND --help``); the help when that was it."""
+    context = getattr(error, "ctx", None)
+    if _asks_for_help(error):
+        return context.get_help()
+    message = " ".join(error.format_message().split())
+    if isinstance(error, _CLICK_ERRORS["UsageError"]):
+        command = context.command_path if context is not None else "relex"
+        message += f" (see {command} --help)"
+    return f"relex: error: {message}"
+
+
 # Commands that would repeat their whole work (and write the same files) on every rank of a launch.
 SINGLE_PROCESS_COMMANDS = ("eval", "demo", "materialize")
 
@@ -87,12 +108,20 @@ def main(argv: list[str] | None = None) -> int:
             command = next((a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")), None)
             if command in SINGLE_PROCESS_COMMANDS:
                 raise RelexInputError(f"relex {command} runs in one process: start it without torchrun")
-        app(args=argv, prog_name="relex", standalone_mode=True)
+        # Not click's standalone mode: a usage error is one line like every other bad input, not a framed panel.
+        code = app(args=argv, prog_name="relex", standalone_mode=False)
+        return code if isinstance(code, int) else 0
     except RelexInputError as exc:
         if rank_zero():
             print(f"relex: error: {exc}", file=sys.stderr)
         return 2
-    except SystemExit as exc:  # click's standalone mode ends every run this way
+    except _CLICK_ERRORS["ClickException"] as exc:
+        if rank_zero():
+            print(_usage_error(exc), file=sys.stdout if _asks_for_help(exc) else sys.stderr)
+        return exc.exit_code
+    except typer.Abort:  # end of input while a prompt read it
+        return 1
+    except SystemExit as exc:
         if exc.code is None:
             return 0
         return exc.code if isinstance(exc.code, int) else 1
