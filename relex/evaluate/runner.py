@@ -9,6 +9,7 @@ problem with :mod:`relex.evaluate.answers` (or the toy's verifier).
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import math
 import tempfile
@@ -128,11 +129,21 @@ def module_available(name: str) -> bool:
 
 
 def check_dependencies(backend: str = "hf") -> None:
-    """Raise :class:`RelexInputError` when the evaluation extras (or vLLM) are not installed."""
-    if not module_available("lm_eval"):
-        raise RelexInputError(f"lm-eval is not installed; {INSTALL_HINT}")
-    if not module_available("math_verify"):
-        raise RelexInputError(f"math-verify is not installed; {INSTALL_HINT}")
+    """Raise :class:`RelexInputError` when the evaluation extras (or vLLM) are not installed, or do not import.
+
+    Installed is not enough: an environment can hold an lm-eval whose own dependencies fail to import (for
+    example a pyarrow built for NumPy 2 beside NumPy 1.x), which the workers would only meet one by one.
+    """
+    for module, package in (("lm_eval", "lm-eval"), ("math_verify", "math-verify")):
+        if not module_available(module):
+            raise RelexInputError(f"{package} is not installed; {INSTALL_HINT}")
+    # What the workers import (lm-eval's evaluator loads its data through datasets and pyarrow): 1-2 s, once.
+    for module, package in (("lm_eval.evaluator", "lm-eval"), ("datasets", "lm-eval"), ("math_verify", "math-verify")):
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # noqa: BLE001 - any failure of a third-party import is the environment's
+            raise RelexInputError(f"{package} is installed but cannot be imported ({_one_line(exc)}); repair this "
+                                  "environment's packages (pip check lists conflicts)") from None
     if backend == "vllm" and not module_available("vllm"):
         raise RelexInputError("--backend vllm needs vLLM, which is not installed; pip install vllm (needs a GPU)")
 

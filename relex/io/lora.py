@@ -684,9 +684,10 @@ class LoraAdapterWriter:
             alpha_pattern=dict(others),  # alpha = r per module: scaling 1
             use_rslora=False,
             init_lora_weights=True,
-            eva_config=None,
             inference_mode=True,
         )
+        if "eva_config" in config:  # only PEFT versions that write the key (0.14 and later) accept it when loading
+            config["eva_config"] = None
         (self.folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
     def digests(self) -> dict[str, str]:

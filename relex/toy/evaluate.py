@@ -6,6 +6,8 @@ padding: prompts are encoded once, and four decoding steps finish every completi
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Sequence
 
 import torch
@@ -24,8 +26,16 @@ def answer_ids(problems: Sequence[_task.Problem]) -> torch.Tensor:
     return torch.tensor([encode(p.answer)[1:] + [EOS_ID] for p in problems], dtype=torch.long)
 
 
+@functools.lru_cache(maxsize=None)
+def _keep_last_argument(model_class: type) -> str:
+    """The forward argument that computes the last position's logits alone (``num_…`` before transformers 4.50)."""
+    parameters = inspect.signature(model_class.forward).parameters
+    return "logits_to_keep" if "logits_to_keep" in parameters else "num_logits_to_keep"
+
+
 def _last_logits(model, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids, logits_to_keep=1, use_cache=False).logits[:, -1, :].float()
+    keep = {_keep_last_argument(type(model)): 1}
+    return model(input_ids=ids, use_cache=False, **keep).logits[:, -1, :].float()
 
 
 @torch.no_grad()
