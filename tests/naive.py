@@ -180,3 +180,28 @@ def naive_relex(base, checkpoints, steps, targets, rank: int = 1, scale: float =
                 update += (intercept + slope * target) * vt[j]
             outputs[k][name] = (w0 + scale * update).reshape(w0_tensor.shape)
     return outputs
+
+
+def naive_toy_greedy(folder) -> list[bool]:
+    """Held-out verdicts of the toy checkpoint in ``folder`` by a route independent of ``relex.toy.evaluate``
+    and of lm-eval: the checkpoint's own tokenizer, ``transformers``' ``generate`` (greedy, KV cache), and
+    exact match of the generated ids with the answer's digits followed by ``<eos>``. One flag per problem of
+    the held-out split, in its order."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from relex.toy.task import heldout_problems
+
+    problems = heldout_problems()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    prompts = tokenizer([p.prompt for p in problems], return_tensors="pt")  # same length: no padding
+    with torch.no_grad():
+        out = model.generate(**prompts, do_sample=False, max_new_tokens=4, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)
+    completions = out[:, prompts["input_ids"].shape[1]:].tolist()
+    flags = []
+    for ids, problem in zip(completions, problems):
+        wanted = tokenizer(problem.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        flags.append(ids[:len(wanted)] == wanted)
+    return flags
