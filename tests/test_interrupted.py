@@ -62,18 +62,36 @@ def writing(parent: Path) -> bool:
         return False
 
 
-def stop_when(process: subprocess.Popen, ready, timeout: float = 300) -> None:
-    """SIGSTOP ``process`` as soon as ``ready()`` holds (polled every millisecond)."""
+def stop_when(process: subprocess.Popen, ready, timeout: float = 300) -> bool:
+    """SIGSTOP ``process`` as soon as ``ready()`` holds (polled every millisecond); False when the process
+    ended first without error (it finished within a poll: the caller tries again)."""
     deadline = time.monotonic() + timeout
     while not ready():
         if process.poll() is not None:
-            raise AssertionError(f"relex ended (exit {process.returncode}) before the test could stop it: "
-                                 f"{process.stderr.read()}")
+            assert process.returncode == 0, f"relex failed (exit {process.returncode}): {process.stderr.read()}"
+            return False
         if time.monotonic() > deadline:
             process.kill()
             raise AssertionError("relex did not reach the point the test waits for")
         time.sleep(0.001)
     os.kill(process.pid, signal.SIGSTOP)
+    return True
+
+
+def stopped_while_writing(folder: Path, *args, attempts: int = 3) -> subprocess.Popen:
+    """``relex ARGS`` (its output ``folder / "out"``) stopped while it writes its first shard. A run that
+    finishes between two polls (the pass takes a tenth of a second) is removed and started again."""
+    for _ in range(attempts):
+        process = start(*args)
+        try:
+            if stop_when(process, lambda: writing(folder)):
+                return process
+        except BaseException:
+            process.kill()
+            raise
+        process.communicate()
+        shutil.rmtree(folder / "out")
+    raise AssertionError(f"relex finished before it could be stopped, {attempts} times")
 
 
 def start(*args) -> subprocess.Popen:
@@ -90,10 +108,9 @@ def assert_same_checkpoint(folder: Path, reference: Path) -> None:
 
 def test_a_killed_run_leaves_no_output_and_the_next_run_works(run, reference, tmp_path):
     out = tmp_path / "out"
-    process = start("extrapolate", run, "--target-step", TARGET, "--out", out, "--quiet")
+    # Stopped once its staging folder holds a shard: the pass is writing.
+    process = stopped_while_writing(tmp_path, "extrapolate", run, "--target-step", TARGET, "--out", out, "--quiet")
     try:
-        # Stopped once its staging folder holds a shard: the pass is writing.
-        stop_when(process, lambda: writing(tmp_path))
         [staging] = partial_folders(tmp_path)
         assert staging.name == f".out.relex-partial-{process.pid}"
         assert not out.exists() and not (staging / "relex.json").exists(), "the run had already finished"
@@ -174,9 +191,8 @@ def test_a_disk_that_fills_while_writing(run, small_disk):
     """The disk has room when relex checks it; once relex writes its first shard, the test fills the disk."""
     disk = small_disk("64m")
     out = disk / "out"
-    process = start("extrapolate", run, "--target-step", TARGET, "--out", out, "--quiet")
+    process = stopped_while_writing(disk, "extrapolate", run, "--target-step", TARGET, "--out", out, "--quiet")
     try:
-        stop_when(process, lambda: writing(disk))
         [staging] = partial_folders(disk)
         assert not (staging / "relex.json").exists(), "the run had already written everything"
         fill(disk)
