@@ -18,6 +18,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
+def toy(request, tmp_path_factory) -> dict[str, Path]:
+    """The toy runs of tests/toy_runs.py (the demo's whole run, its first 20 steps, the noisy twin's), kept
+    in pytest's cache folder across sessions."""
+    from toy_runs import toy_runs
+
+    cache = getattr(request.config, "cache", None)  # None with -p no:cacheprovider
+    folder = Path(cache.mkdir("relex-toy-runs")) if cache is not None else tmp_path_factory.mktemp("toy-runs")
+    return toy_runs(folder)
+
+
+@pytest.fixture(scope="session")
 def math_data_dir() -> Path:
     """The offline copies of the real math benchmarks (``RELEX_MATH_DATA``, default ``../shared/data/math``).
 

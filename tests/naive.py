@@ -180,3 +180,146 @@ def naive_relex(base, checkpoints, steps, targets, rank: int = 1, scale: float =
                 update += (intercept + slope * target) * vt[j]
             outputs[k][name] = (w0 + scale * update).reshape(w0_tensor.shape)
     return outputs
+
+
+def naive_toy_greedy(folder) -> list[bool]:
+    """Held-out verdicts of the toy checkpoint in ``folder`` by a route independent of ``relex.toy.evaluate``
+    and of lm-eval: the checkpoint's own tokenizer, ``transformers``' ``generate`` (greedy, KV cache), and
+    exact match of the generated ids with the answer's digits followed by ``<eos>``. One flag per problem of
+    the held-out split, in its order."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from relex.toy.task import heldout_problems
+
+    problems = heldout_problems()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    prompts = tokenizer([p.prompt for p in problems], return_tensors="pt")  # same length: no padding
+    with torch.no_grad():
+        out = model.generate(**prompts, do_sample=False, max_new_tokens=4, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)
+    completions = out[:, prompts["input_ids"].shape[1]:].tolist()
+    flags = []
+    for ids, problem in zip(completions, problems):
+        wanted = tokenizer(problem.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        flags.append(ids[:len(wanted)] == wanted)
+    return flags
+
+
+# -- the run verdict's figures, from explicit deltas ------------------------------------------------------
+
+
+def naive_coherent_share(x: np.ndarray, steps) -> float:
+    """Share of ‖x_T‖² that is coherent motion (the drift share), from the explicit deltas ``x`` (T×D).
+
+    The model of ``relex.analysis.drift.coherent_share`` (rank 1, windows of at most 24 checkpoints), fitted
+    by a different route: the increments d_i = x_i − x_{i−1}, whitened by √Δt_i, give H = D Dᵀ; one factor f
+    minimises Σ (H_ij − f_i f_j)² over the pairs more than T // 5 checkpoints apart, plus (f_i² − H_ii)² where
+    f_i² exceeds H_ii (the coherent part stays inside the data), with scipy's BFGS from several starts; the
+    coherent path is c_T = Σ_i f_i √Δt_i and the share ‖c_T‖² / ‖x_T‖², clipped to [0, 1]."""
+    from scipy.optimize import minimize
+
+    t = np.asarray(steps, dtype=np.float64)
+    n = len(t)
+    assert n <= 24, "the naive fit does not subsample long windows"
+    dt = np.diff(np.concatenate([[0.0], t]))
+    d = np.diff(np.vstack([np.zeros(x.shape[1]), x]), axis=0) / np.sqrt(dt)[:, None]
+    h = d @ d.T
+    diagonal = np.diag(h)
+    i, j = np.triu_indices(n, k=n // 5 + 1)
+    scale = np.sqrt(diagonal.max())
+
+    def loss(g):  # in units of the largest whitened increment
+        f = g * scale
+        residual = h[i, j] - f[i] * f[j]
+        over = np.clip(f * f - diagonal, 0.0, None)
+        return (2 * residual @ residual + over @ over) / scale**4
+
+    values, vectors = np.linalg.eigh(h)
+    starts = [np.sqrt(np.clip(diagonal, 0.0, None)), vectors[:, -1] * np.sqrt(max(values[-1], 0.0))]
+    starts += list(np.random.default_rng(0).standard_normal((8, n)) * np.sqrt(diagonal.mean()))
+    best = min((minimize(loss, s / scale, method="BFGS", options={"gtol": 1e-12, "maxiter": 10000})
+                for s in starts), key=lambda r: r.fun)
+    path = float(best.x @ np.sqrt(dt)) * scale
+    return float(np.clip(path * path / (x[-1] @ x[-1]), 0.0, 1.0))
+
+
+def _pace(x: np.ndarray, t: np.ndarray) -> float:
+    """Pace of the second half of the window over the first, along the last delta's direction: the rise of the
+    projection p_i = ⟨x_i, x_T⟩/‖x_T‖ from the middle checkpoint to the last, per step, over the slope of a line
+    through the base fitted to the first half."""
+    p = x @ x[-1] / np.linalg.norm(x[-1])
+    mid = len(t) // 2 - 1
+    first_half = float(p[: mid + 1] @ t[: mid + 1] / (t[: mid + 1] @ t[: mid + 1]))
+    return float((p[-1] - p[mid]) / (t[-1] - t[mid])) / first_half
+
+
+def naive_run_figures(base, checkpoints, steps, target=None) -> dict:
+    """The figures of relex's verdict on a run, from whole tensors in float64 (``base``: name -> tensor,
+    ``checkpoints``: one such map per step), each by its textbook definition:
+
+    ``explained_rank1`` σ₁²/Σσ² of the stacked deltas; ``r2_rank1`` the R² of a line through their rank-1
+    coefficient; ``alpha`` the slope of log ‖x_t‖ against log t; ``drift_ratio`` ‖x_T‖²/Σ‖x_i − x_{i−1}‖²;
+    ``cos_first_last``; ``drift_share`` (:func:`naive_coherent_share`) of the whole model and of the moving
+    matrices each scaled to a unit last delta (``balanced_drift_share``); ``pace`` (both ways); and the window
+    backtest: the first ``max(2, (T + 1) // 2)`` checkpoints fitted, the last one predicted by RELEX rank 1
+    linear (:func:`naive_relex`, tensor by tensor) and by stopping at the last fitted checkpoint, errors
+    relative over the whole model, carried to ``target`` by the documented factors."""
+    import torch
+
+    t = np.asarray(steps, dtype=np.float64)
+    names = sorted(base)
+    deltas = {name: np.stack([c[name].double().numpy().reshape(-1) - base[name].double().numpy().reshape(-1)
+                              for c in checkpoints]) for name in names}
+    moving = [name for name in names if np.any(deltas[name])]
+    x = np.hstack([deltas[name] for name in moving])
+    matrices = [name for name in moving if base[name].dim() >= 2] or moving
+    balanced = np.hstack([deltas[name] / np.linalg.norm(deltas[name][-1]) for name in matrices])
+    norms = np.linalg.norm(x, axis=1)
+    u, s, _ = np.linalg.svd(x, full_matrices=False)
+    coefficient = u[:, 0] * s[0]
+    fitted = np.polyval(np.polyfit(t, coefficient, 1), t)
+    increments = np.diff(np.vstack([np.zeros(x.shape[1]), x]), axis=0)
+    figures = {
+        "step": float(t[-1]), "checkpoints": float(len(t)),
+        "drift_share": naive_coherent_share(x, t),
+        "explained_rank1": float(s[0] ** 2 / (s**2).sum()),
+        "r2_rank1": float(1 - ((coefficient - fitted) ** 2).sum() / ((coefficient - coefficient.mean()) ** 2).sum()),
+        "alpha": float(np.polyfit(np.log(t), np.log(norms), 1)[0]),
+        "drift_ratio": float(norms[-1] ** 2 / (increments**2).sum()),
+        "cos_first_last": float(x[0] @ x[-1] / (norms[0] * norms[-1])),
+        "balanced_drift_share": naive_coherent_share(balanced, t),
+    }
+    if len(t) >= 4:
+        figures["pace"] = _pace(balanced, t)
+        figures["whole_pace"] = _pace(x, t)
+        p = max(2, (len(t) + 1) // 2)
+        line_sq = stop_sq = true_sq = 0.0
+        for name in moving:
+            d = deltas[name]
+            (predicted,) = naive_relex({name: torch.zeros(d.shape[1], dtype=torch.float64)},
+                                       [{name: torch.from_numpy(row)} for row in d[:p]], t[:p], [t[-1]])
+            line_sq += float(((predicted[name] - d[-1]) ** 2).sum())
+            stop_sq += float(((d[p - 1] - d[-1]) ** 2).sum())
+            true_sq += float((d[-1] ** 2).sum())
+        figures["backtest_line_error"] = line = float(np.sqrt(line_sq / true_sq))
+        figures["backtest_stop_error"] = stop = float(np.sqrt(stop_sq / true_sq))
+        figures["fit_last_step"], figures["held_out_step"] = float(t[p - 1]), float(t[-1])
+        if target is not None and target > t[-1]:
+            h_backtest, h_target = t[-1] / t[p - 1], target / t[-1]
+            figures["backtest_projected_line_error"] = line * (h_target - 1) / (h_backtest - 1)
+            figures["backtest_projected_stop_error"] = stop * (1 - 1 / h_target) / (1 - 1 / h_backtest)
+    return figures
+
+
+def naive_plausible(figures: dict) -> bool:
+    """Whether the documented rules call these figures drift-dominated (extrapolation plausible): a drift
+    share of at least 0.8, whole-model and balanced; a pace between 0.75 and 1.5 both ways; and a line that
+    beats stopping, carried to the target, by at least the 20% margin (the reward rule is left out: the runs
+    it is used on log no reward)."""
+    line = figures.get("backtest_projected_line_error", figures.get("backtest_line_error"))
+    stop = figures.get("backtest_projected_stop_error", figures.get("backtest_stop_error"))
+    return (figures["checkpoints"] >= 3 and figures["drift_share"] >= 0.8 and figures["balanced_drift_share"] >= 0.8
+            and all(0.75 <= figures.get(k, 1.0) <= 1.5 for k in ("pace", "whole_pace"))
+            and (line is None or line < 0.8 * stop))

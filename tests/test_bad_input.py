@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from command import one_error_line, relex
 from relex.synthetic import make_run, write_checkpoint
 from relex.testing import load_state
 from relex_cli.app import main
@@ -209,3 +210,52 @@ def test_the_relex_process_ends_with_its_code_its_output_and_the_exit_handlers(r
     lines = good.stdout.splitlines()
     assert "relex extrapolate" in lines[0] and lines[-1] == "exit handler ran"
     assert "wrote step 40" in good.stdout and json.loads((tmp_path / "out" / "relex.json").read_text())
+
+
+def _no_output_left(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith((".out", "out", ".results", "results")))
+
+
+@pytest.mark.parametrize("command", ["extrapolate", "check", "analyze", "fit", "materialize", "eval"])
+def test_device_cuda_without_cuda_is_refused_by_the_relex_command(command, run, tmp_path):
+    """``--device cuda`` on a machine without CUDA: exit 2, one line saying so, nothing written, from every
+    command that takes the option (through the installed ``relex`` command)."""
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here: --device cuda is not refused")
+    from relex.testing import save_tiny_model
+
+    out = tmp_path / "out"
+    if command == "materialize":
+        assert main(["fit", str(run), "--out", str(tmp_path / "trajectory"), "--quiet"]) == 0
+        args = [tmp_path / "trajectory", "--target-step", 50, "--out", out]
+    elif command == "eval":
+        save_tiny_model(tmp_path / "model", arch="llama", seed=0)
+        args = [tmp_path / "model", "--tasks", "toy", "--limit", 2, "--out", tmp_path / "results.json"]
+    elif command == "check":
+        args = [run, "--target-step", 50, "--json", tmp_path / "results.json"]
+    elif command in ("analyze", "fit"):
+        args = [run, "--out", out]
+    else:
+        args = [run, "--target-step", 50, "--out", out]
+    done = relex(command, *args, "--device", "cuda", timeout=300)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "--device cuda requested but CUDA is not available" in one_error_line(done)
+    assert _no_output_left(tmp_path) == []
+
+
+def test_backend_vllm_without_vllm_is_refused_by_the_relex_command(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here: --backend vllm is not refused")
+    pytest.importorskip("lm_eval", reason="relex eval needs lm-eval (pip install 'relex-rlvr[eval]')")
+    pytest.importorskip("math_verify", reason="relex eval needs math-verify (pip install 'relex-rlvr[eval]')")
+    from relex.testing import save_tiny_model
+
+    save_tiny_model(tmp_path / "model", arch="llama", seed=0)
+    done = relex("eval", tmp_path / "model", "--tasks", "toy", "--limit", 2, "--backend", "vllm",
+                 "--out", tmp_path / "results.json", timeout=300)
+    assert done.returncode == 2, done.stdout + done.stderr
+    line = one_error_line(done)
+    assert "--backend vllm needs vLLM, which is not installed" in line and "pip install vllm" in line
+    assert _no_output_left(tmp_path) == []

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,20 +12,12 @@ from relex.analysis.drift import DRIFT, MIXED, NOISE, apply_backtest, diagnose, 
 from relex.gate import BEYOND, HURT, INCONCLUSIVE, MIXED_OUTCOME, PLAUSIBLE, judge
 from relex_cli.app import main
 from test_hub import cache, publish_branches  # noqa: F401 - the offline Hugging Face cache fixture
-from toy_runs import toy_runs
 
 # The demo's run, observed for its first 20 steps (steps 5..20), predicting step 60: 3x the window. Its
 # verdict at the demo's own target (step 100, 5x) sits close to the backtest's threshold (carried errors
 # 0.79 against 0.85 with two threads, 1.00 against 0.77 with one), so the tests use a horizon where the
 # drift-dominated run passes and its noisy twin fails with margin on both.
 TARGET = 60
-
-
-@pytest.fixture(scope="session")
-def toy(request, tmp_path_factory) -> dict[str, Path]:
-    cache = getattr(request.config, "cache", None)  # None with -p no:cacheprovider
-    folder = Path(cache.mkdir("relex-toy-runs")) if cache is not None else tmp_path_factory.mktemp("toy-runs")
-    return toy_runs(folder)
 
 
 def _run(argv, capsys) -> tuple[int, str, str]:

@@ -17,17 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from toy_runs import WINDOW, toy_runs
+from toy_runs import WINDOW
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "ci.md"
 TOY = {"MAX_STEP": str(WINDOW), "TARGET": "60", "TASKS": "toy"}  # see tests/test_check.py for the horizon
-
-
-@pytest.fixture(scope="session")
-def toy(request, tmp_path_factory) -> dict[str, Path]:
-    cache = getattr(request.config, "cache", None)  # None with -p no:cacheprovider
-    folder = Path(cache.mkdir("relex-toy-runs")) if cache is not None else tmp_path_factory.mktemp("toy-runs")
-    return toy_runs(folder)
 
 
 def _workflow() -> dict:

@@ -12,6 +12,8 @@ import pytest
 pytest.importorskip("lm_eval")
 pytest.importorskip("math_verify")
 
+from command import relex  # noqa: E402
+from naive import naive_toy_greedy  # noqa: E402
 from relex.evaluate.tasks import DEFAULT_TASKS  # noqa: E402
 from relex.testing import save_tiny_model  # noqa: E402
 from relex_cli.app import main  # noqa: E402
@@ -225,35 +227,49 @@ def test_packaged_task_yamls_register_in_lm_eval():
     assert {f"relex_{name}" for name in DEFAULT_TASKS} <= set(manager.all_tasks)
 
 
-
-def test_toy_task_scores_like_the_toy(tmp_path, capsys):
-    """The toy held-out split through lm-eval gives, problem by problem, the toy's own greedy verdicts."""
-    import torch
+def test_relex_eval_scores_trained_toy_checkpoints_and_fails_if_worse(toy, tmp_path):
+    """The installed ``relex eval`` on the toy task, on two checkpoints of the demo's run with a large known gap:
+    the trained step 100 (~0.84 greedy) and its base (~0.34-0.38). Each score, problem by problem, is the one
+    an independent greedy decode gives (transformers' ``generate`` + exact match, tests/naive.py), and equals
+    the toy's own evaluator's; ``--fail-if-worse`` exits 3 when the second checkpoint is the worse one, naming
+    it and the gap, and 0 in the other order."""
+    from relex.toy import greedy_accuracy
+    from relex.toy.task import heldout_problems
     from transformers import AutoModelForCausalLM
 
-    from relex.toy import ToyConfig, train_run
-    from relex.toy.evaluate import generate, prompt_ids
-    from relex.toy.model import decode
-    from relex.toy.task import heldout_problems, score
-
-    run = train_run(tmp_path / "run", ToyConfig.ci(steps=2, checkpoint_every=2, num_threads=1))
-    checkpoint = Path(run["checkpoints"][-1]["path"])
-    out = tmp_path / "toy.json"
-    code, stdout, stderr = _run(["eval", str(checkpoint), "--tasks", "toy", "--out", str(out), "--quiet"], capsys)
-    assert code == 0, stderr
-    data = json.loads(out.read_text())
-    result = data["tasks"]["toy"]["results"][checkpoint.name]
-    assert data["checkpoints"][0]["prompt_format"] == "plain"
-    assert result["prompt_example"] == heldout_problems()[0].prompt
-    flags = [p["correct"][0] for p in result["problems"]]
-    assert len(flags) == 300
-
-    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    run = toy["demo-final"]
+    final, base = run / "checkpoint-100", run / "checkpoint-0"
     problems = heldout_problems()
-    with torch.no_grad():
-        completions = generate(model, prompt_ids(problems))
-    expected = [score(decode(ids), p.answer) for ids, p in zip(completions, problems)]
-    assert flags == expected
-    assert result["summary"]["accuracy"] == pytest.approx(sum(expected) / 300)
-    assert [p["reference"] for p in result["problems"]] == [p.answer for p in problems]
-    assert "toy" in stdout
+    oracle = {"final": naive_toy_greedy(final), "base": naive_toy_greedy(base)}
+    accuracy = {label: sum(flags) / len(problems) for label, flags in oracle.items()}
+    for label, folder in (("final", final), ("base", base)):
+        assert accuracy[label] == greedy_accuracy(AutoModelForCausalLM.from_pretrained(folder)), label
+    assert accuracy["final"] >= 0.7 and accuracy["base"] <= 0.5  # a gap of 0.46-0.53 in the runs seen
+
+    out = tmp_path / "worse.json"
+    worse = relex("eval", f"final={final}", f"base={base}", "--tasks", "toy", "--fail-if-worse", "--margin", "10",
+                  "--out", out)
+    assert worse.returncode == 3, worse.stdout + worse.stderr
+    data = json.loads(out.read_text())
+    block = data["tasks"]["toy"]
+    assert [c["label"] for c in data["checkpoints"]] == ["final", "base"]
+    assert [c["prompt_format"] for c in data["checkpoints"]] == ["plain", "plain"]
+    for label in ("final", "base"):
+        result = block["results"][label]
+        assert result["prompt_example"] == problems[0].prompt
+        assert [p["reference"] for p in result["problems"]] == [p.answer for p in problems]
+        assert [p["correct"][0] for p in result["problems"]] == oracle[label], label
+        assert result["summary"]["accuracy"] == pytest.approx(accuracy[label], abs=1e-12), label
+    difference = block["comparison"]["differences"]["base"]
+    assert difference["diff"] == pytest.approx(accuracy["base"] - accuracy["final"], abs=1e-12)
+    printed = " ".join(worse.stdout.split())
+    gap = f"{100 * (accuracy['base'] - accuracy['final']):.1f}"
+    assert ("gate: failed (exit 3): worse than final by more than 10 points with confidence (on toy): "
+            f"base {gap} points") in printed, printed
+    for label in ("final", "base"):
+        assert f"{100 * accuracy[label]:.1f}" in printed
+
+    better = relex("eval", f"base={base}", f"final={final}", "--tasks", "toy", "--fail-if-worse", "--margin", "10",
+                   "--quiet")
+    assert better.returncode == 0, better.stdout + better.stderr
+    assert "gate: passed (exit 0)" in " ".join(better.stdout.split())

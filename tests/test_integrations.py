@@ -1,9 +1,11 @@
 """relex in the training loop (relex.integrations): RelexCallback in a real transformers Trainer.
 
 Every run here is a real ``transformers.Trainer`` (and, when TRL is installed, a TRL ``SFTTrainer``) training
-a tiny Llama on CPU for 10 steps with a checkpoint every 2. Whatever the callback logs is checked against
-what relex computes independently on the same checkpoints afterwards: ``collect_grams`` + ``run_verdict``,
-and ``relex.engine.extrapolate`` for the checkpoints it writes.
+a tiny Llama on CPU for 10 steps with a checkpoint every 2. Whatever the callback logs is checked against an
+independent oracle on the same checkpoints, read from their files afterwards: every figure of the verdict
+computed from the whole tensors in float64 by its textbook definition (tests/naive.py; LoRA adapters merged
+by hand), the verdict against the documented rules applied to those figures; and the checkpoints it writes
+against ``relex.engine.extrapolate`` run afterwards.
 """
 
 from __future__ import annotations
@@ -17,12 +19,12 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from relex.analysis.drift import DRIFT
-from relex.analysis.verdict import run_verdict
-from relex.engine import collect_grams, extrapolate
+from relex.analysis.drift import DRIFT, MIXED, NOISE
+from relex.engine import extrapolate
 from relex.integrations import RelexCallback, assess
 from relex.integrations.trainer import BASE_FOLDER
 from relex.testing import byte_level_tokenizer, load_state, save_tiny_model, tiny_config
+from naive import naive_plausible, naive_run_figures
 
 TARGET = 20
 SAVES = [2, 4, 6, 8, 10]
@@ -79,24 +81,78 @@ def train(run: Path, callbacks, *, optim, learning_rate, lr_scheduler_type, fixe
     return trainer
 
 
-def independent_verdict(run: Path, step: int, base=None, target=TARGET):
-    """The verdict relex extrapolate gives on the run's checkpoints up to ``step``, computed afresh."""
-    grams = collect_grams(run, base=base, max_step=step, device="cpu")
-    ndims = {name: len(grams.shapes[name]) for name in grams.grams}
-    return grams.steps, run_verdict(grams.grams, ndims, grams.steps, target)
+def window(run: Path, step: int, base=None) -> tuple[list[int], dict, list[dict]]:
+    """The run's checkpoints up to ``step`` read from their files: (steps, base tensors, tensors of each step).
+    A LoRA checkpoint is merged by hand: W = W_0 + (lora_alpha / r) B A for each adapted module, the base from
+    ``base`` or from the adapter's ``base_model_name_or_path``."""
+    found = sorted((int(p.name.split("-")[1]), p) for p in run.glob("checkpoint-*"))
+    found = [(s, p) for s, p in found if s <= step]
+    steps = [s for s, _ in found]
+    adapter = found[0][1] / "adapter_config.json"
+    if not adapter.is_file():
+        return steps, load_state(base), [load_state(p) for _, p in found]
+    config = json.loads(adapter.read_text())
+    base_state = load_state(base if base is not None else config["base_model_name_or_path"])
+    merged = []
+    for _, folder in found:
+        state = dict(base_state)
+        lora = load_state(folder)
+        for key in [k for k in lora if k.endswith(".lora_A.weight")]:
+            module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            b = lora[key.replace(".lora_A.", ".lora_B.")].double()
+            state[f"{module}.weight"] = (base_state[f"{module}.weight"].double()
+                                         + config["lora_alpha"] / config["r"] * b @ lora[key].double())
+        merged.append(state)
+    return steps, base_state, merged
 
 
-def assert_figures_match(figures: dict, steps, diagnostics):
+def naive_verdict(run: Path, step: int, base=None, target=TARGET) -> tuple[list[int], dict]:
+    """The steps of the window and the verdict's figures computed from the files (tests/naive.py)."""
+    steps, base_state, states = window(run, step, base)
+    return steps, naive_run_figures(base_state, states, steps, target)
+
+
+FIGURES = ("drift_share", "explained_rank1", "r2_rank1", "alpha", "drift_ratio", "cos_first_last",
+           "backtest_line_error", "backtest_stop_error", "backtest_projected_line_error",
+           "backtest_projected_stop_error")
+# The relex figures come from float32 deltas, the oracle's from float64 ones: they agree to a few 1e-6.
+NAIVE_REL = 2e-5
+
+
+def assert_figures_match(figures: dict, steps, oracle: dict, skip=()):
     assert figures["relex/step"] == steps[-1] and figures["relex/checkpoints"] == len(steps)
-    assert figures["relex/plausible"] == (1.0 if diagnostics.verdict == DRIFT else 0.0)
-    assert figures["relex/drift_share"] == pytest.approx(diagnostics.drift_share, rel=REL)
-    assert figures["relex/explained_rank1"] == pytest.approx(diagnostics.observed.explained_rank1, rel=REL)
-    assert figures["relex/alpha"] == pytest.approx(diagnostics.observed.alpha, rel=REL)
-    backtest = diagnostics.backtest
-    assert figures["relex/backtest_line_error"] == pytest.approx(backtest["line_error"], rel=REL)
-    assert figures["relex/backtest_stop_error"] == pytest.approx(backtest["stop_error"], rel=REL)
-    assert figures["relex/backtest_projected_line_error"] == pytest.approx(backtest["projected_line_error"], rel=REL)
-    assert figures["relex/backtest_projected_stop_error"] == pytest.approx(backtest["projected_stop_error"], rel=REL)
+    assert figures["relex/plausible"] == (1.0 if naive_plausible(oracle) else 0.0)
+    for key in FIGURES:
+        if key in skip:
+            continue
+        if key in oracle:
+            assert figures[f"relex/{key}"] == pytest.approx(oracle[key], rel=NAIVE_REL), key
+        else:
+            assert f"relex/{key}" not in figures, key
+
+
+def assert_verdict_matches(verdict: str, message: str, steps, oracle: dict, target=TARGET):
+    """The verdict the documented rules give on the oracle's figures, and its evidence in the message."""
+    plausible = naive_plausible(oracle)
+    assert (verdict == DRIFT) == plausible, (verdict, message)
+    if plausible:
+        assert message.startswith("drift-dominated"), message
+    line = oracle.get("backtest_projected_line_error", oracle.get("backtest_line_error"))
+    stop = oracle.get("backtest_projected_stop_error", oracle.get("backtest_stop_error"))
+    if line is not None and line >= stop:
+        if oracle["drift_share"] < 0.8:
+            assert verdict == NOISE and message.startswith("noise-dominated: extrapolation will likely hurt"), message
+        else:
+            assert verdict == MIXED and message.startswith("extrapolation this far will likely hurt"), message
+    if "backtest_line_error" in oracle:
+        assert (f"on the observed window a line fitted up to step {oracle['fit_last_step']:.0f} predicted step "
+                f"{oracle['held_out_step']:.0f} with weight error {oracle['backtest_line_error']:.2f}, stopping "
+                f"{oracle['backtest_stop_error']:.2f}") in message, message
+    if target is not None and "backtest_projected_line_error" in oracle:
+        assert (f"the target is {target / steps[-1]:.3g}× the observed window (step {target} from steps "
+                f"{steps[0]}..{steps[-1]})") in message, message
+        assert (f"carried to step {target}: {oracle['backtest_projected_line_error']:.2f} against "
+                f"{oracle['backtest_projected_stop_error']:.2f}") in message, message
 
 
 def assert_same_checkpoint(folder: Path, reference: Path):
@@ -129,11 +185,11 @@ def test_the_logged_verdict_is_the_verdict_of_the_checkpoints(steady):
     # Saves at 2 and 4 and 6 hold fewer than min_checkpoints=4 checkpoints: nothing is assessed there.
     assert [a.step for a in callback.history] == [8, 10]
     for assessment in callback.history:
-        steps, diagnostics = independent_verdict(run, assessment.step, base=run / BASE_FOLDER)
+        steps, oracle = naive_verdict(run, assessment.step, base=run / BASE_FOLDER)
         assert assessment.steps == steps == [s for s in SAVES if s <= assessment.step]
-        assert assessment.verdict == diagnostics.verdict == DRIFT and assessment.plausible
-        assert assessment.message == diagnostics.message
-        assert_figures_match(assessment.figures, steps, diagnostics)
+        assert assessment.verdict == DRIFT and assessment.plausible
+        assert_verdict_matches(assessment.verdict, assessment.message, steps, oracle)
+        assert_figures_match(assessment.figures, steps, oracle)
     # What a logger placed before the callback (as TensorBoard / W&B are) received: the same figures,
     # logged at the step of the save (blocking mode), all plain numbers.
     logged = [(step, logs) for step, logs in recorder.logs if "relex/written" in logs]  # the background
@@ -188,22 +244,35 @@ def test_background_mode_logs_the_same_figures(steady):
     assert logged[0][0] in (9, 10) and logged[1][0] == 10
 
 
-def test_a_noise_dominated_run_writes_nothing_unless_asked(tmp_path):
-    gated = RelexCallback(target_steps=TARGET, out_dir=tmp_path / "gated")
-    forced = RelexCallback(target_steps=TARGET, out_dir=tmp_path / "forced", require_plausible=False)
-    run = tmp_path / "run"
-    train(run, [gated, forced], **NOISY)
-    steps, diagnostics = independent_verdict(run, 10, base=run / BASE_FOLDER)
-    assert diagnostics.verdict != DRIFT
+@pytest.fixture(scope="module")
+def noisy(tmp_path_factory):
+    """A noise-dominated run watched by a callback that writes only a plausible prediction, and by one that
+    writes it anyway."""
+    root = tmp_path_factory.mktemp("noisy")
+    gated = RelexCallback(target_steps=TARGET, out_dir=root / "gated")
+    forced = RelexCallback(target_steps=TARGET, out_dir=root / "forced", require_plausible=False)
+    train(root / "run", [gated, forced], **NOISY)
+    return dict(root=root, run=root / "run", gated=gated, forced=forced)
+
+
+def test_a_noise_dominated_run_writes_nothing_unless_asked(noisy, tmp_path):
+    root, run, gated, forced = noisy["root"], noisy["run"], noisy["gated"], noisy["forced"]
     for callback in (gated, forced):
-        assert callback.latest.verdict == diagnostics.verdict and not callback.latest.plausible
-        assert_figures_match(callback.latest.figures, steps, diagnostics)
-        assert callback.latest.figures["relex/plausible"] == 0.0
-    assert gated.latest.figures["relex/written"] == 0.0 and not (tmp_path / "gated").exists()
+        assert [a.step for a in callback.history] == [8, 10]
+        for assessment in callback.history:
+            steps, oracle = naive_verdict(run, assessment.step, base=run / BASE_FOLDER)
+            assert not naive_plausible(oracle) and not assessment.plausible
+            assert_verdict_matches(assessment.verdict, assessment.message, steps, oracle)
+            # the drift share of the 10-step window: see test_the_drift_share_is_the_converged_factor_fit
+            assert_figures_match(assessment.figures, steps, oracle,
+                                 skip=("drift_share",) if assessment.step == 10 else ())
+            assert assessment.figures["relex/plausible"] == 0.0
+    assert gated.latest.verdict == NOISE  # the carried line loses to stopping
+    assert gated.latest.figures["relex/written"] == 0.0 and not (root / "gated").exists()
     assert forced.latest.figures["relex/written"] == 1.0
     reference = extrapolate(run, target_step=TARGET, out_dir=tmp_path / "reference", base=run / BASE_FOLDER,
                             device="cpu")
-    assert_same_checkpoint(tmp_path / "forced" / f"step-{TARGET}", reference.out_dirs[TARGET])
+    assert_same_checkpoint(root / "forced" / f"step-{TARGET}", reference.out_dirs[TARGET])
     from relex_cli.app import main
 
     code = main(["check", str(run), "--base", str(run / BASE_FOLDER), "--target-step", str(TARGET),
@@ -211,6 +280,16 @@ def test_a_noise_dominated_run_writes_nothing_unless_asked(tmp_path):
     report = json.loads((tmp_path / "check.json").read_text())
     assert code == 3 and not report["gate"]["passed"] and report["verdict"] == gated.latest.verdict
     assert gated.latest.figures["relex/drift_share"] == pytest.approx(report["drift_share"], rel=REL)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "relex.analysis.drift._masked_factors stops after 300 alternating-least-squares iterations, before it "
+    "converges on this window (steps 2..10 of the noisy run): the drift share it gives is 0.61, the converged "
+    "fit's 0.56 (the same minimum scipy's BFGS and relex's own ALS run for 3000 iterations reach)"))
+def test_the_drift_share_is_the_converged_factor_fit(noisy):
+    run = noisy["run"]
+    steps, oracle = naive_verdict(run, 10, base=run / BASE_FOLDER)
+    assert noisy["gated"].latest.figures["relex/drift_share"] == pytest.approx(oracle["drift_share"], rel=NAIVE_REL)
 
 
 @pytest.mark.parametrize("explicit_base", [False, True])
@@ -235,9 +314,10 @@ def test_peft_lora_checkpoints_are_read_in_merged_space(tmp_path, explicit_base)
     assert not (run / BASE_FOLDER).exists()  # a LoRA run needs no saved base
     assert [a.step for a in callback.history] == [8, 10]
     for assessment in callback.history:
-        steps, diagnostics = independent_verdict(run, assessment.step)  # base from the adapter config
-        assert assessment.verdict == diagnostics.verdict
-        assert_figures_match(assessment.figures, steps, diagnostics)
+        # merged by hand; the base from the adapter config, or given
+        steps, oracle = naive_verdict(run, assessment.step, base=base if explicit_base else None)
+        assert_verdict_matches(assessment.verdict, assessment.message, steps, oracle)
+        assert_figures_match(assessment.figures, steps, oracle)
     written = tmp_path / "out" / f"step-{TARGET}"
     provenance = json.loads((written / "relex.json").read_text())
     assert provenance["sources"]["observed_kind"] == "lora" and provenance["observed_steps"] == SAVES
@@ -271,8 +351,9 @@ def first_byte_parity(completions, **kwargs):
 
 def assert_trl_run(trainer, callback, run: Path):
     assert [a.step for a in callback.history] == [8]
-    steps, diagnostics = independent_verdict(run, 8, base=run / BASE_FOLDER)
-    assert_figures_match(callback.latest.figures, steps, diagnostics)
+    steps, oracle = naive_verdict(run, 8, base=run / BASE_FOLDER)
+    assert_verdict_matches(callback.latest.verdict, callback.latest.message, steps, oracle)
+    assert_figures_match(callback.latest.figures, steps, oracle)
     entries = [e for e in trainer.state.log_history if "relex/step" in e]
     # Only relex's figures: the metrics TRL accumulates between its own logs stay in its own entries.
     assert [e["step"] for e in entries] == [8]
@@ -329,9 +410,10 @@ def test_with_save_total_limit_the_window_is_the_kept_checkpoints(tmp_path):
     train(run, [callback], save_total_limit=4, **STEADY)
     assert [a.steps for a in callback.history] == [[2, 4, 6, 8], [4, 6, 8, 10]]
     assert (run / BASE_FOLDER).is_dir()  # the saved base is no checkpoint: never rotated away
-    steps, diagnostics = independent_verdict(run, 10, base=run / BASE_FOLDER, target=None)
-    assert steps == [4, 6, 8, 10]
-    assert callback.latest.figures["relex/drift_share"] == pytest.approx(diagnostics.drift_share, rel=REL)
+    steps, oracle = naive_verdict(run, 10, base=run / BASE_FOLDER, target=None)
+    assert steps == [4, 6, 8, 10] and callback.latest.steps == steps
+    assert_verdict_matches(callback.latest.verdict, callback.latest.message, steps, oracle, target=None)
+    assert_figures_match(callback.latest.figures, steps, oracle)
 
 
 def test_errors_never_stop_training(tmp_path, caplog):
@@ -428,14 +510,18 @@ def test_assess_is_the_same_outside_a_trainer(steady):
     mine = {k: v for k, v in assessment.figures.items() if k != "relex/seconds"}
     theirs = {k: v for k, v in steady["blocking"].latest.figures.items() if k not in ("relex/seconds", "relex/written")}
     assert mine == pytest.approx(theirs, rel=REL)
+    steps, oracle = naive_verdict(run, 10, base=run / BASE_FOLDER)
+    assert_verdict_matches(assessment.verdict, assessment.message, steps, oracle)
+    assert_figures_match(assessment.figures, steps, oracle)
 
 
 def test_a_target_the_run_has_passed_is_left_out(steady, tmp_path):
     run = steady["run"]
     assessment = assess(run, base=run / BASE_FOLDER, max_step=10, target_steps=[6], out_dir=tmp_path / "out",
                         require_plausible=False)
-    steps, diagnostics = independent_verdict(run, 10, base=run / BASE_FOLDER, target=None)
-    assert assessment.message == diagnostics.message and assessment.verdict == diagnostics.verdict
+    steps, oracle = naive_verdict(run, 10, base=run / BASE_FOLDER, target=None)
+    assert_verdict_matches(assessment.verdict, assessment.message, steps, oracle, target=None)
+    assert_figures_match(assessment.figures, steps, oracle)
     assert not any("projected" in k for k in assessment.figures)
     assert assessment.figures["relex/written"] == 0.0 and not (tmp_path / "out").exists()
 

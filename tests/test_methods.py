@@ -8,6 +8,7 @@ import torch
 
 import relex
 from relex.backtest import mixing_weights
+from relex.engine import collect_grams
 from relex.methods import TensorData, get_method
 from relex.methods.matrix_rank1 import FactorAccumulator
 from relex.trajectory import ModelSelector, ModelSpec
@@ -164,22 +165,33 @@ def test_matrix_rank1_coefficient_reads_the_newest_direction():
 
 
 def test_gram_mixing_weights_for_backtests(run):
-    """The Gram-only mixing weights of the temporal modes (what backtests use) agree with the engine's model,
-    and a predictor chosen per tensor by backtest is that predictor fitted on the whole window."""
+    """The Gram-only mixing weights of the temporal modes (what backtests use), applied to the run's explicit
+    deltas, give the naive implementations' predictions (tests/naive.py: whole tensors, float64, full SVDs);
+    and the predictor chosen per tensor by backtest is the run's true one (saturating), fitted on the whole
+    window."""
     root, base, observed = run
-    grams = relex.engine.collect_grams(root)
+    grams = collect_grams(root)
     selector = ModelSelector(ModelSpec(regressor="auto", auto_scope="tensor"), STEPS)
-    targets = np.array([50.0, 90.0])
+    targets = [50.0, 90.0]
+    naive = {"anchored": naive_temporal(base, observed, STEPS, targets, anchored=True, shrink="model"),
+             "elementwise": naive_elementwise(base, observed, STEPS, targets),
+             "saturating": naive_temporal(base, observed, STEPS, targets, predictor="saturating")}
+    methods = {"anchored": get_method("relex", regressor="anchored"), "elementwise": get_method("elementwise"),
+               "last": get_method("last")}
+    assert set(grams.grams) == set(DEFAULT_SHAPES)
     for name, g in grams.grams.items():
         shape = DEFAULT_SHAPES[name]
-        data = TensorData(name, shape, np.array(STEPS, float), g)
-        chosen = selector.model(data)
-        for method in [get_method("relex", regressor="anchored"), get_method("elementwise"), get_method("last")]:
+        w0 = base[name].double().numpy().reshape(-1)
+        deltas = np.stack([c[name].double().numpy().reshape(-1) - w0 for c in observed])  # T x d
+        expected = {label: np.stack([out[name].reshape(-1) - w0 for out in naive[label]]) for label in naive}
+        expected["last"] = np.stack([deltas[-1]] * len(targets))
+        for label, method in methods.items():
             weights = mixing_weights(method, g, STEPS, targets, tensor=name, ndim=len(shape))
-            np.testing.assert_allclose(weights, method.fit_tensor(data).mixing(targets))
-        best = get_method("relex", regressor=chosen.stats["regressor"])
-        np.testing.assert_allclose(mixing_weights(best, g, STEPS, targets, tensor=name, ndim=len(shape)),
-                                   chosen.mixing(targets))
+            assert weights.shape == (len(targets), len(STEPS))
+            assert relative(weights @ deltas, expected[label]) < 1e-5, (name, label)
+        chosen = selector.model(TensorData(name, shape, np.array(STEPS, float), g))
+        assert chosen.stats["regressor"] == "saturating", (name, chosen.stats["auto"])
+        assert relative(chosen.mixing(np.array(targets)) @ deltas, expected["saturating"]) < 1e-4, name
 
 
 def test_never_moving_matrix_stays_at_base_in_matrix_rank1(tmp_path):

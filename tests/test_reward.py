@@ -16,7 +16,7 @@ from relex.analysis.reward import (RewardLog, checkpoint_reward_trend, find_rewa
 from relex.analysis.verdict import run_verdict
 from relex.errors import RelexInputError
 from relex_cli.app import main
-from test_check import TARGET, toy  # noqa: F401 - the demo's run and its noisy twin, steps 5..20
+from test_check import TARGET  # the toy fixture (conftest.py): the demo's run and its noisy twin, steps 5..20
 
 STEPS = [5, 10, 15, 20, 25, 30]
 

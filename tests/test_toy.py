@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -130,3 +131,25 @@ def test_presets():
     assert ci.steps * ci.prompts_per_step * ci.samples_per_prompt < demo.prompts_per_step * demo.samples_per_prompt
     assert ToyConfig.from_dict(demo.to_dict()) == demo
     assert ToyConfig.demo(lr=0.5).lr == 0.5
+
+
+def test_the_tests_toy_runs_are_retrained_when_the_trainer_changes(toy, tmp_path):
+    """tests/toy_runs.py keys each cached run on its config and on the toy trainer's source: a run trained by
+    other code (one byte changed in relex/toy/) is not reused."""
+    import shutil
+
+    import relex.toy
+    from toy_runs import finished, run_key, trainer_digest
+
+    source = Path(relex.toy.__file__).resolve().parent
+    copy = tmp_path / "toy"
+    shutil.copytree(source, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert trainer_digest(copy) == trainer_digest()
+    train = copy / "train.py"
+    train.write_text(train.read_text() + "\n")
+    changed = trainer_digest(copy)
+    assert changed != trainer_digest()
+    config = ToyConfig.demo(steps=20)
+    assert finished(toy["demo"], run_key(config, trainer_digest()))
+    assert not finished(toy["demo"], run_key(config, changed))
+    assert not finished(toy["demo"], run_key(config.replace(lr=0.002), trainer_digest()))

@@ -94,6 +94,9 @@ class EvalSettings:
             raise RelexInputError(f"--limit must be at least 1, got {self.limit}")
         if self.backend not in BACKENDS:
             raise RelexInputError(f"unknown backend '{self.backend}'; known backends: {', '.join(BACKENDS)}")
+        if self.backend == "hf" and str(self.device).startswith("cuda") and not _cuda_available():
+            # said before any model is loaded, not as a checkpoint that "does not load"
+            raise RelexInputError(f"--device {self.device} requested but CUDA is not available")
         if self.prompt not in PROMPT_FORMATS:
             raise RelexInputError(f"unknown prompt format '{self.prompt}'; known: {', '.join(PROMPT_FORMATS)}")
         if self.dtype not in DTYPES:
@@ -146,6 +149,12 @@ def check_dependencies(backend: str = "hf") -> None:
                                   "environment's packages (pip check lists conflicts)") from None
     if backend == "vllm" and not module_available("vllm"):
         raise RelexInputError("--backend vllm needs vLLM, which is not installed; pip install vllm (needs a GPU)")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def resolve_device(device: str) -> str:
