@@ -17,7 +17,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import textwrap
 import zlib
 from datetime import timedelta
@@ -26,34 +25,31 @@ from pathlib import Path
 import pytest
 import torch
 
+import command
 from relex.synthetic import make_run
 from relex.testing import load_state, save_tiny_model, tiny_config
 
 pytestmark = pytest.mark.installed
 
-RELEX = Path(sys.executable).parent / "relex"
 STEPS = [2, 4, 6, 8]
 TARGET = 16
 COMMANDS = ("extrapolate", "check", "analyze", "fit", "materialize", "eval", "demo")
 
 
-def relex(*args, env: dict | None = None, code: int = 0, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def relex(*args, env: dict | None = None, code: int = 0) -> subprocess.CompletedProcess:
     """Run the installed command; assert its exit code (and, for exit 2, one line on stderr)."""
-    assert RELEX.is_file(), f"the relex console script is not installed beside {sys.executable}"
-    done = subprocess.run([str(RELEX), *map(str, args)], env=env or command_env(), cwd=cwd, capture_output=True,
-                          text=True, timeout=600)
+    done = command.relex(*args, env=env or command_env(), timeout=600)
     assert done.returncode == code, (done.returncode, done.stdout[-3000:], done.stderr[-3000:])
     if code == 2:
-        lines = done.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("relex: error: "), done.stderr
+        command.one_error_line(done)
     return done
 
 
 def command_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "HF_HUB_CACHE", "HUGGINGFACE"))}
-    env.update(OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TRANSFORMERS_VERBOSITY="error", PYTHONDONTWRITEBYTECODE="1")
-    env.pop("PYTHONPATH", None)
+    """The tests' environment, without what the test process itself was given (its Hub cache, its paths)."""
+    env = command.environment(OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error")
+    for name in ("PYTHONPATH", "HF_HUB_CACHE", "HF_HOME", "HUGGINGFACE_HUB_CACHE"):
+        env.pop(name, None)
     env.update(extra)
     return env
 
