@@ -60,22 +60,29 @@ class Recorder:
         self.notes: list[str] = []
         self.versions: dict = {}
 
-    def run(self, argv, log: str, cwd: Path | None = None, ok_codes=(0,)) -> subprocess.CompletedProcess:
-        """Run ``argv`` (output to ``work/logs/<log>.log``); raise when its exit code is not in ``ok_codes``."""
+    def run(self, argv, log: str, cwd: Path | None = None, ok_codes=(0,), env: dict | None = None,
+            ) -> subprocess.CompletedProcess:
+        """Run ``argv`` (output to ``work/logs/<log>.log``); raise when its exit code is not in ``ok_codes``.
+
+        ``env`` adds variables to the environment (shown before the command)."""
         logs = self.work / "logs"
         logs.mkdir(exist_ok=True)
-        shown = " ".join(shlex.quote(self.short(a)) for a in argv)
+        shown = " ".join([f"{k}={shlex.quote(self.short(v))}" for k, v in (env or {}).items()]
+                         + [shlex.quote(self.short(a)) for a in argv])
         print(f"$ {shown}", flush=True)
         start = time.perf_counter()
         with open(logs / f"{log}.log", "w") as out:
-            done = subprocess.run([str(a) for a in argv], cwd=cwd or self.work, env=quiet_env(), stdout=out,
-                                  stderr=subprocess.STDOUT, text=True)
+            done = subprocess.run([str(a) for a in argv], cwd=cwd or self.work, env={**quiet_env(), **(env or {})},
+                                  stdout=out, stderr=subprocess.STDOUT, text=True)
         seconds = round(time.perf_counter() - start, 1)
         self.commands.append({"argv": shown, "exit": done.returncode, "seconds": seconds, "log": f"logs/{log}.log"})
         if done.returncode not in ok_codes:
             tail = (logs / f"{log}.log").read_text().splitlines()[-15:]
             raise RuntimeError(f"exit {done.returncode} from {shown}:\n" + "\n".join(tail))
         return done
+
+    def log_text(self, log: str) -> str:
+        return (self.work / "logs" / f"{log}.log").read_text()
 
     def short(self, arg) -> str:
         """Paths inside the work folder relative to it, the venv's commands by name: logs read the same anywhere."""
