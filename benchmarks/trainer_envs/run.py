@@ -90,13 +90,15 @@ class Installer:
 
 
 def key_error(log: Path) -> str:
-    """The most telling line of a failed pip run: the exception that stopped a build, else pip's error line."""
+    """The most telling line of a failed pip run: the exception that stopped a build (with the package being
+    built), else pip's last error line."""
     lines = [line.strip() for line in log.read_text(errors="replace").splitlines()
              if not line.startswith("WARNING: Location")]
     for marker in ("OSError:", "ModuleNotFoundError:", "RuntimeError:", "subprocess.CalledProcessError:"):
-        hits = [line for line in lines if line.startswith(marker)]
+        hits = [i for i, line in enumerate(lines) if line.startswith(marker)]
         if hits:
-            return hits[-1]
+            building = [line.split()[1] for line in lines[:hits[-1]] if line.startswith("Collecting ")]
+            return (f"building {building[-1]}: " if building else "") + lines[hits[-1]]
     hits = [line for line in lines if line.startswith("ERROR:") or line.startswith("error:")]
     return hits[-1] if hits else (lines[-1] if lines else "")
 
@@ -147,14 +149,13 @@ def prepare(trainer: str, venv: Path, logs: Path, python: str, reinstall: bool) 
 
 
 def freeze(venv: Path, names) -> list[str]:
-    lines = subprocess.run([str(venv / "bin" / "pip"), "freeze", "--all"], capture_output=True, text=True).stdout
-    wanted = {n.lower().replace("_", "-") for n in names}
-    keep = []
-    for line in lines.splitlines():
-        name = line.split("==")[0].split(" @ ")[0].strip().lower().replace("_", "-")
-        if name in wanted:
-            keep.append(line if not line.startswith("-e ") else "relex-rlvr (editable, this checkout)")
-    return keep
+    """``name==version`` of each of ``names`` installed in the venv (as pip freeze would print them)."""
+    script = ("import importlib.metadata as m, sys\n"
+              "for name in sys.argv[1:]:\n"
+              "    try: print(f'{name}=={m.version(name)}')\n"
+              "    except m.PackageNotFoundError: print(f'{name}: not installed')\n")
+    return subprocess.run([str(venv / "bin" / "python"), "-c", script, *names], capture_output=True, text=True,
+                          check=True).stdout.splitlines()
 
 
 def main() -> int:
