@@ -25,7 +25,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from common import HERE, Recorder, compare_states, load_folder, venv_bin
+from common import HERE, Recorder, compare_states, load_folder, venv_bin, versions
 
 PACKAGES = ("verl", "torch", "transformers", "accelerate", "peft", "ray", "tensordict", "numpy", "safetensors",
             "typer", "relex-rlvr")
@@ -131,7 +131,7 @@ def main() -> int:
     parser.add_argument("--target-step", type=int, default=24)
     args = parser.parse_args()
     rec = Recorder("verl", args.work.resolve())
-    rec.versions = __import__("common").versions(PACKAGES)
+    rec.versions = versions(PACKAGES)
     print(f"verl check in {rec.work}; versions: {rec.versions}", flush=True)
     try:
         from relex.testing import save_tiny_model
