@@ -4,8 +4,8 @@ For each trainer this makes a venv of its own (torch first, then the trainer wit
 this checkout with ``pip install -e``), runs the trainer's own checkpoint-writing code on a tiny model on CPU,
 runs the ``relex`` command on what it wrote and compares the result with the trainer's own tools.
 Results: the lines printed, ``WORK/<trainer>/result.json`` and ``WORK/<trainer>/freeze.txt``; the exit
-code is 1 when a check failed or an install that should work did not. Slow (downloads several hundred MB
-of wheels on first use; then 5-10 minutes on two cores) and not part of CI. See docs/trainers.md.
+code is 1 when a check failed or an install that should work did not. Slow (several hundred MB of wheels
+on first use; with cached wheels about 17 minutes on two busy cores) and not part of CI. See docs/trainers.md.
 
     python benchmarks/trainer_envs/run.py                          # all three, in <tmp>/relex-trainer-envs
     python benchmarks/trainer_envs/run.py --root DIR --only verl   # venvs in DIR/venvs, outputs in DIR/work
