@@ -1,6 +1,6 @@
 """The streaming engine: from a checkpoint series to the checkpoint(s) of later steps, or to its Gram matrices.
 
-:func:`extrapolate` and :func:`collect_grams` open the run (:class:`relex.stream.RunReaders`), choose each
+:func:`extrapolate` and :func:`collect_grams` open the run (:class:`relex.io.run_readers.RunReaders`), choose each
 tensor's trajectory model (:class:`relex.trajectory.ModelSelector`) as its Gram matrix comes in, and stream
 the tensors through one pass (:class:`relex.stream.StreamPass`) into a sink (:mod:`relex.sinks`): a
 checkpoint per target step, a LoRA adapter, or nothing but the Gram matrices. Memory holds the T + 1 stored
@@ -31,15 +31,16 @@ import torch
 from relex.analysis.drift import DriftDiagnostics
 from relex.analysis.reward import checkpoint_reward_trend
 from relex.analysis.verdict import RunVerdict
+from relex.device import OUTPUT_DTYPES, check_dtype, resolve_device
 from relex.distributed import SINGLE, Ranks, current, shares
 from relex.errors import RelexInputError
 from relex.io.discover import CheckpointSeries, discover_series, is_checkpoint_name
+from relex.io.run_readers import RunReaders
 from relex.io.writer import check_output_folder, require_free_space, staged_folder
 from relex.methods import TensorModel, method_class
 from relex.sinks import (AdapterSink, CheckpointSink, GramSink, check_targets, checkpoint_layout, parse_targets,
                          run_record, target_folders)
-from relex.stream import (DEFAULT_BLOCK_BYTES, OUTPUT_DTYPES, ProgressCallback, RunReaders, Sink, StreamPass,
-                          TensorState, check_dtype, resolve_device)
+from relex.stream import DEFAULT_BLOCK_BYTES, ProgressCallback, Sink, StreamPass, TensorState
 from relex.trajectory import ModelSelector, ModelSpec, model_spec
 
 __all__ = ["DEFAULT_BLOCK_BYTES", "OUTPUT_DTYPES", "ExtrapolationResult", "GramSet", "ModelPassResult",
