@@ -37,7 +37,7 @@ from relex.errors import RelexInputError
 from relex.io.discover import CheckpointSeries, discover_series, is_checkpoint_name
 from relex.io.run_readers import RunReaders
 from relex.io.writer import check_output_folder, require_free_space, staged_folder
-from relex.methods import TensorModel, method_class
+from relex.methods import DeltaAccumulator, TensorModel, method_class
 from relex.sinks import (AdapterSink, CheckpointSink, GramSink, check_targets, checkpoint_layout, parse_targets,
                          run_record, target_folders)
 from relex.stream import DEFAULT_BLOCK_BYTES, ProgressCallback, Sink, StreamPass, TensorState
@@ -226,8 +226,8 @@ def stream_models(readers: RunReaders, selector: ModelSelector, make_sink: Calla
         state.model = selector.model(state.data)
         return state.model
 
-    def factorised(state: TensorState) -> bool:
-        return state.is_float and selector.factorised(state.info.shape)
+    def factor_accumulator(state: TensorState) -> DeltaAccumulator | None:
+        return selector.method.factor_accumulator(state.info.shape, state.n_observed, selector.p)
 
     def part(sink: Sink) -> dict | None:
         return sink.part() if ranks.distributed else None
@@ -240,7 +240,7 @@ def stream_models(readers: RunReaders, selector: ModelSelector, make_sink: Calla
             measured: list[_Measured] = []
             recording = _Recording(sink, lambda state: measured.append(_measured(state, keep_grams, targets)))
             bytes_read = StreamPass(tensor_states(readers, mine), recording, device, block_bytes=block_bytes,
-                                    decide=decide, factorised=factorised, factor_p=selector.p, progress=progress,
+                                    decide=decide, factor_accumulator=factor_accumulator, progress=progress,
                                     total_bytes=own_bytes).run()
             sink.finish()
             return bytes_read, measured, part(sink)
@@ -250,7 +250,7 @@ def stream_models(readers: RunReaders, selector: ModelSelector, make_sink: Calla
     def gram_pass() -> tuple[int, list]:
         grams = GramSink()
         bytes_read = StreamPass(tensor_states(readers, mine), grams, device, block_bytes=block_bytes,
-                                factorised=factorised, factor_p=selector.p, progress=progress,
+                                factor_accumulator=factor_accumulator, progress=progress,
                                 total_bytes=2 * own_bytes).run()
         return bytes_read, [grams.datas[name] for name in mine]
 

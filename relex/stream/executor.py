@@ -16,8 +16,7 @@ import numpy as np
 import torch
 
 from relex.errors import RelexInputError
-from relex.methods.base import MatrixFactors, TensorData, TensorModel
-from relex.methods.matrix_rank1 import FactorAccumulator, matrix_shape
+from relex.methods.base import DeltaAccumulator, MatrixFactors, TensorData, TensorModel
 from relex.stream.contract import Sink, TensorState
 from relex.stream.kernels import Scratch, gram_span, mix_span, row_view
 from relex.stream.pool import DEFAULT_BLOCK_BYTES, SlotPool, slot_row_bytes
@@ -49,16 +48,17 @@ class StreamPass:
     """One pass over ``tensors`` (see :mod:`relex.stream`); :meth:`run` returns the bytes read.
 
     ``decide(state)`` returns the model of a tensor whose Gram matrix (and singular triples) are known;
-    ``factorised(state)`` says whether a tensor needs the singular triples of its 2-D deltas (``factor_p``:
-    the checkpoints a backtest of them fits on). Tensors whose ``known`` flag is set skip the Gram stage.
+    ``factor_accumulator(state)``, asked for each floating-point tensor, gives what measures the singular
+    triples of its 2-D deltas from the whole deltas (:meth:`relex.methods.Method.factor_accumulator`), or None
+    when its model needs none. Tensors whose ``known`` flag is set skip the Gram stage.
     """
 
     def __init__(self, tensors: list[TensorState], sink: Sink, device: torch.device, *,
                  block_bytes: int = DEFAULT_BLOCK_BYTES, decide: Callable[[TensorState], TensorModel | None] | None = None,
-                 factorised: Callable[[TensorState], bool] = lambda state: False, factor_p: int | None = None,
+                 factor_accumulator: Callable[[TensorState], DeltaAccumulator | None] = lambda state: None,
                  progress: ProgressCallback | None = None, bytes_before: int = 0, total_bytes: int = 0):
         self.tensors, self.sink, self.device = tensors, sink, device
-        self.decide, self.factorised, self.factor_p = decide, factorised, factor_p
+        self.decide, self.factor_accumulator = decide, factor_accumulator
         self.progress, self.bytes_read, self.total_bytes = progress, bytes_before, total_bytes
         n_rows = max([len(s.rows) for s in tensors] + [1])
         self.row_bytes = slot_row_bytes(tensors, block_bytes)
@@ -233,8 +233,9 @@ class StreamPass:
         kept: dict[int, tuple[torch.Tensor, _Read]] = {}
         if not state.known:
             kept = self._gram_stage(k, state)
-            if self.factorised(state) and state.is_float:
-                state.factors = self._factors(state, kept, spans)
+            accumulator = self.factor_accumulator(state) if state.is_float else None
+            if accumulator is not None:
+                state.factors = self._factors(state, kept, spans, accumulator)
             t = state.n_observed
             gram = state.gram if state.gram is not None else np.zeros((t, t))
             state.data = TensorData(state.name, state.info.shape, state.steps, gram, state.is_float,
@@ -325,10 +326,8 @@ class StreamPass:
                 _raise_non_finite(state)
         return kept
 
-    def _factors(self, state: TensorState, kept: dict, spans) -> MatrixFactors:
-        """Top singular triples of each 2-D delta: whole deltas, one checkpoint at a time."""
-        rows_, cols = matrix_shape(state.info.shape)
-        accumulator = FactorAccumulator(state.n_observed, self.factor_p)
+    def _factors(self, state: TensorState, kept: dict, spans, accumulator: DeltaAccumulator) -> MatrixFactors:
+        """Top singular triples of each 2-D delta: ``accumulator`` fed whole deltas, one checkpoint at a time."""
         if len(kept) == len(spans):  # every span is in memory
             x = torch.empty(state.numel, dtype=torch.float32)
             for i in range(1, len(state.rows)):
@@ -338,7 +337,7 @@ class StreamPass:
                     part.copy_(row_view(slot, state, i, 0, b - a))
                     if state.rows[i].kind == "weight":
                         part.sub_(row_view(slot, state, 0, 0, b - a).to(torch.float32))
-                accumulator.add(x.reshape(rows_, cols))
+                accumulator.add(x)
             return accumulator.result()
         w0 = state.rows[0].read_whole().to(torch.float32).reshape(-1)
         self._account(state, w0.numel() * state.rows[0].itemsize)
@@ -349,7 +348,7 @@ class StreamPass:
             del raw
             if row.kind == "weight":
                 x.sub_(w0)
-            accumulator.add(x.reshape(rows_, cols))
+            accumulator.add(x)
             del x
         return accumulator.result()
 
