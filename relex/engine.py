@@ -1,6 +1,6 @@
 """The streaming engine: from a checkpoint series to the checkpoint(s) of later steps, or to its Gram matrices.
 
-:func:`extrapolate` and :func:`collect_grams` open the run (:class:`relex.stream.RunReaders`), choose each
+:func:`extrapolate` and :func:`collect_grams` open the run (:class:`relex.io.run_readers.RunReaders`), choose each
 tensor's trajectory model (:class:`relex.trajectory.ModelSelector`) as its Gram matrix comes in, and stream
 the tensors through one pass (:class:`relex.stream.StreamPass`) into a sink (:mod:`relex.sinks`): a
 checkpoint per target step, a LoRA adapter, or nothing but the Gram matrices. Memory holds the T + 1 stored
@@ -31,15 +31,16 @@ import torch
 from relex.analysis.drift import DriftDiagnostics
 from relex.analysis.reward import checkpoint_reward_trend
 from relex.analysis.verdict import RunVerdict
+from relex.device import OUTPUT_DTYPES, check_dtype, resolve_device
 from relex.distributed import SINGLE, Ranks, current, shares
 from relex.errors import RelexInputError
 from relex.io.discover import CheckpointSeries, discover_series, is_checkpoint_name
+from relex.io.run_readers import RunReaders
 from relex.io.writer import check_output_folder, require_free_space, staged_folder
-from relex.methods import TensorModel, method_class
+from relex.methods import DeltaAccumulator, TensorModel, method_class
 from relex.sinks import (AdapterSink, CheckpointSink, GramSink, check_targets, checkpoint_layout, parse_targets,
                          run_record, target_folders)
-from relex.stream import (DEFAULT_BLOCK_BYTES, OUTPUT_DTYPES, ProgressCallback, RunReaders, Sink, StreamPass,
-                          TensorState, check_dtype, resolve_device)
+from relex.stream import DEFAULT_BLOCK_BYTES, ProgressCallback, Sink, StreamPass, TensorState
 from relex.trajectory import ModelSelector, ModelSpec, model_spec
 
 __all__ = ["DEFAULT_BLOCK_BYTES", "OUTPUT_DTYPES", "ExtrapolationResult", "GramSet", "ModelPassResult",
@@ -225,8 +226,8 @@ def stream_models(readers: RunReaders, selector: ModelSelector, make_sink: Calla
         state.model = selector.model(state.data)
         return state.model
 
-    def factorised(state: TensorState) -> bool:
-        return state.is_float and selector.factorised(state.info.shape)
+    def factor_accumulator(state: TensorState) -> DeltaAccumulator | None:
+        return selector.method.factor_accumulator(state.info.shape, state.n_observed, selector.p)
 
     def part(sink: Sink) -> dict | None:
         return sink.part() if ranks.distributed else None
@@ -239,7 +240,7 @@ def stream_models(readers: RunReaders, selector: ModelSelector, make_sink: Calla
             measured: list[_Measured] = []
             recording = _Recording(sink, lambda state: measured.append(_measured(state, keep_grams, targets)))
             bytes_read = StreamPass(tensor_states(readers, mine), recording, device, block_bytes=block_bytes,
-                                    decide=decide, factorised=factorised, factor_p=selector.p, progress=progress,
+                                    decide=decide, factor_accumulator=factor_accumulator, progress=progress,
                                     total_bytes=own_bytes).run()
             sink.finish()
             return bytes_read, measured, part(sink)
@@ -249,7 +250,7 @@ def stream_models(readers: RunReaders, selector: ModelSelector, make_sink: Calla
     def gram_pass() -> tuple[int, list]:
         grams = GramSink()
         bytes_read = StreamPass(tensor_states(readers, mine), grams, device, block_bytes=block_bytes,
-                                factorised=factorised, factor_p=selector.p, progress=progress,
+                                factor_accumulator=factor_accumulator, progress=progress,
                                 total_bytes=2 * own_bytes).run()
         return bytes_read, [grams.datas[name] for name in mine]
 

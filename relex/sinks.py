@@ -22,11 +22,13 @@ import numpy as np
 import torch
 
 from relex import __version__
+from relex.device import OUTPUT_DTYPES
 from relex.errors import RelexInputError
 from relex.io.lora import LoraAdapterWriter, mix_factors
+from relex.io.run_readers import RunReaders
 from relex.io.steps import MAX_STEP
 from relex.io.writer import OutputTensor, ShardedWriter, aux_bytes, copy_aux_files, write_index
-from relex.stream import OUTPUT_DTYPES, Chunk, RunReaders, Sink, TensorState, combine
+from relex.stream import Chunk, Sink, TensorState, combine
 
 
 def parse_targets(target_step) -> list[int]:

@@ -39,18 +39,19 @@ import numpy as np
 import torch
 
 from relex import __version__
+from relex.device import OUTPUT_DTYPES, check_dtype, resolve_device
 from relex.distributed import current
 from relex.engine import stream_models
 from relex.errors import RelexInputError
 from relex.io.discover import discover_series
 from relex.io.reader import DTYPE_NAMES, DTYPES, CheckpointReader
+from relex.io.run_readers import Row, RunReaders
 from relex.io.writer import (OutputTensor, aux_bytes, check_output_folder, require_free_space, staged_folder,
                              write_index)
 from relex.methods import TensorModel
 from relex.sinks import (CheckpointSink, TrajectorySink, basis_key, check_targets, factor_keys, parse_targets,
                          run_record, target_folders, value_key)
-from relex.stream import (DEFAULT_BLOCK_BYTES, OUTPUT_DTYPES, ProgressCallback, Row, RunReaders, StreamPass,
-                          TensorState, check_dtype, resolve_device)
+from relex.stream import DEFAULT_BLOCK_BYTES, ProgressCallback, StreamPass, TensorState
 from relex.trajectory import ModelSelector, ModelSpec, model_spec
 
 FORMAT = "relex-trajectory"

@@ -172,13 +172,6 @@ class ModelSelector:
         self.decisions: dict[str, Decision] = {}
         self.selection: dict | None = {"scope": "tensor", **self._window()} if self.backtests and self.scope == "tensor" else None
 
-    @property
-    def needs_factors(self) -> bool:
-        return bool(getattr(self.method, "needs_factors", False))
-
-    def factorised(self, shape) -> bool:
-        return self.needs_factors and self.method.factorised(shape)
-
     def key(self, name: str) -> str:
         return "run" if self.scope == "run" else group_of(name) if self.scope == "group" else name
 

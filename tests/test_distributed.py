@@ -24,8 +24,8 @@ from relex.distributed import Ranks, shares
 from relex.engine import rank_names
 from relex.gate import check
 from relex.io.discover import discover_series
+from relex.io.run_readers import RunReaders
 from relex.store import fit_trajectory, materialize
-from relex.stream import RunReaders
 from relex.synthetic import write_checkpoint
 from relex.testing import load_state, save_tiny_model
 

@@ -19,9 +19,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "relex"
 
 LAYERS = [
-    ["relex", "relex.errors", "relex.io.files", "relex.io.steps", "relex.distributed"],
+    ["relex", "relex.errors", "relex.device", "relex.io.files", "relex.io.steps", "relex.distributed"],
     ["relex.io.source", "relex.io.reader", "relex.io.hub", "relex.io.fsdp", "relex.io.lora", "relex.io.writer",
-     "relex.io.discover", "relex.io.sources", "relex.io"],
+     "relex.io.discover", "relex.io.sources", "relex.io.run_readers", "relex.io"],
     ["relex.subspace", "relex.regressors.base"],
     ["relex.regressors.*"],
     ["relex.regressors"],
@@ -32,13 +32,17 @@ LAYERS = [
     ["relex.trajectory"],
     ["relex.analysis.drift", "relex.analysis.nulls", "relex.analysis.tables", "relex.analysis.reward"],
     ["relex.analysis.verdict", "relex.analysis"],
+    ["relex.stream.contract"],
+    ["relex.stream.kernels", "relex.stream.pool"],
+    ["relex.stream.executor"],
     ["relex.stream"],
     ["relex.sinks"],
     ["relex.engine"],
     ["relex.store"],
 ]
-ENGINE = {"relex.distributed", "relex.stream", "relex.sinks", "relex.engine", "relex.store", "relex.subspace", "relex.backtest",
-          "relex.trajectory", "relex.io.reader", "relex.io.writer", "relex.methods", "relex.regressors"}
+ENGINE = {"relex.device", "relex.distributed", "relex.stream", "relex.sinks", "relex.engine", "relex.store", "relex.subspace",
+          "relex.backtest", "relex.trajectory", "relex.io.reader", "relex.io.run_readers", "relex.io.writer", "relex.methods",
+          "relex.regressors"}
 DEFER_REASONS = ("start-up", "optional")
 # Private names other modules import today, owned outside the engine; listed so that no new one appears.
 KNOWN_PRIVATE = {("relex.decoding.spec", "relex.io.discover", "_step_of"),
@@ -172,3 +176,29 @@ def test_engine_modules_say_why_an_import_is_deferred(name):
         if not any(reason in text for reason in DEFER_REASONS):
             unexplained.append(f"{name}:{line}: {lines[line - 1].strip()}")
     assert not unexplained, "deferred imports need a comment saying why (start-up or optional):\n" + "\n".join(unexplained)
+
+
+def relex_imports(prefix: str):
+    """(importer:line, imported module) of every relex import of ``prefix`` and the modules under it."""
+    for name in MODULES:
+        if name == prefix or name.startswith(prefix + "."):
+            for line, node, _, _ in imports(name):
+                for target, _ in resolve(name, node):
+                    yield f"{name}:{line}", target
+
+
+def test_the_pass_knows_the_method_interface_not_a_method():
+    """The pass imports no concrete method (``relex.methods.<name>``): what a method needs of it comes through
+    the interface of :mod:`relex.methods.base` (``Method.factor_accumulator``)."""
+    found = [f"{where} imports {target}" for where, target in relex_imports("relex.stream")
+             if target.startswith("relex.methods.") and target != "relex.methods.base"]
+    assert not found, "\n".join(found)
+
+
+def test_the_run_readers_know_only_the_inputs():
+    """Reading a run's tensors as rows needs the sources (``relex.io``), errors and dtypes: no pass, sink,
+    engine, nor the processes of a distributed run."""
+    allowed = ("relex.io", "relex.errors", "relex.device")
+    found = [f"{where} imports {target}" for where, target in relex_imports("relex.io.run_readers")
+             if not any(target == a or target.startswith(a + ".") for a in allowed)]
+    assert not found, "\n".join(found)

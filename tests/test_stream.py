@@ -18,7 +18,9 @@ import relex
 import relex.io.writer
 import relex.sinks
 import relex.stream
+import relex.stream.executor
 from relex.errors import RelexInputError
+from relex.subspace import GRAM_CHUNK
 from relex.synthetic import make_run
 from relex.testing import load_state
 from relex_cli.app import main
@@ -82,13 +84,13 @@ def test_converting_and_mixing_several_gram_chunks_at_a_time_changes_no_bit(tmp_
     # 4M entries: spans of four Gram chunks, converted and mixed three and one at a time
     shapes = {"model.layers.0.mlp.up_proj.weight": (4096, 1024), "model.norm.weight": (1024,)}
     make_run(root, STEPS, shapes=shapes, noise=0.2, noise_kind="walk", dtype=torch.bfloat16)
-    monkeypatch.setattr(relex.stream, "MIX_SHARE", 1)  # this run is small: let its chunks grow anyway
-    assert relex.stream.mix_chunk(len(STEPS) + 1, relex.stream.MIX_BYTES) == 3 * relex.stream.GRAM_CHUNK
+    monkeypatch.setattr(relex.stream.executor, "MIX_SHARE", 1)  # this run is small: let its chunks grow anyway
+    assert relex.stream.mix_chunk(len(STEPS) + 1, relex.stream.executor.MIX_BYTES) == 3 * GRAM_CHUNK
     grams = relex.engine.collect_grams(root).grams
     for method in ("relex", "matrix-rank1"):
         relex.extrapolate(root, target_step=90, method=method, out_dir=tmp_path / f"{method}-large")
     with monkeypatch.context() as patch:
-        patch.setattr(relex.stream, "MIX_BYTES", 1)
+        patch.setattr(relex.stream.executor, "MIX_BYTES", 1)
         for name, g in relex.engine.collect_grams(root).grams.items():
             assert np.array_equal(g, grams[name]), name
         for method in ("relex", "matrix-rank1"):

@@ -39,14 +39,15 @@ from transformers import TrainerCallback
 
 from relex.analysis.reward import DEFAULT_CEILING, DEFAULT_KEY, RewardLog, reward_trend
 from relex.analysis.verdict import run_verdict
+from relex.device import resolve_device
 from relex.engine import stream_models
 from relex.gate import judge
 from relex.integrations.assess import PREFIX, figures_of, is_plausible
 from relex.integrations.trainer import calling_trainer, log_through, one_line
 from relex.io.discover import Checkpoint, CheckpointSeries
+from relex.io.run_readers import RunReaders
 from relex.io.source import Source, TensorInfo
 from relex.sinks import TensorSink
-from relex.stream import RunReaders, resolve_device
 from relex.trajectory import ModelSelector, ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ class SnapshotSource(Source):
 
 
 class SnapshotReaders(RunReaders):
-    """:class:`relex.stream.RunReaders` over sources already open in memory (nothing to open or close)."""
+    """:class:`relex.io.run_readers.RunReaders` over sources already open in memory (nothing to open or close)."""
 
     def __init__(self, base: SnapshotSource, observed: Sequence[tuple[int, SnapshotSource]]):
         # Not RunReaders.__init__: it opens each checkpoint's files; these sources are the tensors themselves.

@@ -19,13 +19,13 @@ is one small module registered by name with :func:`register` (:mod:`relex.method
 from __future__ import annotations
 
 from relex.errors import RelexInputError
-from relex.methods.base import (REGISTRY, MatrixFactors, Method, TemporalMethod, TensorData, TensorModel, method_class,
-                                register, unit_rows)
+from relex.methods.base import (REGISTRY, DeltaAccumulator, MatrixFactors, Method, TemporalMethod, TensorData,
+                                TensorModel, method_class, register, unit_rows)
 # Every model module registers itself on import.
 from relex.methods import elementwise, last, matrix_rank1, relex  # noqa: E402,F401
 
-__all__ = ["REGISTRY", "MatrixFactors", "Method", "TemporalMethod", "TensorData", "TensorModel", "available",
-           "get_method", "method_class", "register", "unit_rows"]
+__all__ = ["REGISTRY", "DeltaAccumulator", "MatrixFactors", "Method", "TemporalMethod", "TensorData", "TensorModel",
+           "available", "get_method", "method_class", "register", "unit_rows"]
 
 
 def available() -> list[str]:

@@ -89,9 +89,28 @@ class TensorModel:
         return coef[:, : self.n_basis] @ self.basis
 
 
+class DeltaAccumulator(Protocol):
+    """What a method measures on one tensor's whole deltas while a pass reads them: per-matrix modes, the top
+    singular triples of each (:class:`MatrixFactors`).
+
+    The pass calls :meth:`add` with Δ_0 … Δ_{T−1} in order, each the whole float32 delta of one checkpoint
+    flattened in storage order (a buffer the pass reuses once ``add`` returns), then :meth:`result`.
+    """
+
+    def add(self, delta) -> None: ...
+
+    def result(self) -> MatrixFactors: ...
+
+
 class Method(Protocol):
     name: str
-    needs_factors: bool
+
+    def factor_accumulator(self, shape: tuple[int, ...], n_observed: int,
+                           p: int | None) -> DeltaAccumulator | None:
+        """What measures the :class:`MatrixFactors` of a floating-point tensor of ``shape`` from its
+        ``n_observed`` whole deltas as a pass reads them (``p``: the checkpoints a backtest fits on, or None),
+        or None when the model of such a tensor needs none (it sees the tensor through G alone)."""
+        ...
 
     def fit_tensor(self, data: TensorData, *, regressor=None, scale: float | None = None,
                    shared=None) -> TensorModel: ...
@@ -106,8 +125,11 @@ class Method(Protocol):
 class TemporalMethod:
     """Shared behaviour of models that see a tensor through G alone."""
 
-    needs_factors = False
     scale: float = 1.0
+
+    def factor_accumulator(self, shape: tuple[int, ...], n_observed: int, p: int | None) -> None:
+        """None: G is all a temporal model needs."""
+        return None
 
     def series(self, data: TensorData) -> np.ndarray | None:
         """The coefficient series (T, k) a shared learned predictor trains on (None: none)."""

@@ -51,16 +51,21 @@ class FactorAccumulator:
     """Fed the deltas Δ_0 … Δ_{T−1} of one matrix in order, gives its :class:`MatrixFactors`.
 
     Keeps T pairs of singular vectors (T·(m + n) floats), never the deltas. ``p`` (the number of
-    checkpoints a backtest fits on) also records ⟨Δ_i, u_{p−1} v_{p−1}ᵀ⟩ for i ≥ p.
+    checkpoints a backtest fits on) also records ⟨Δ_i, u_{p−1} v_{p−1}ᵀ⟩ for i ≥ p. With ``shape`` (the
+    2-D view, :func:`matrix_shape`) it takes flattened deltas, as a pass gives them
+    (:class:`relex.methods.DeltaAccumulator`).
     """
 
-    def __init__(self, n_steps: int, p: int | None = None):
+    def __init__(self, n_steps: int, p: int | None = None, shape: tuple[int, int] | None = None):
         self.n_steps = n_steps
         self.p = p if p is not None and 2 <= p < n_steps else None
+        self.shape = shape
         self.us, self.vs, self.sigmas, self.projections = [], [], [], {}
         self.residual = 0.0
 
     def add(self, delta) -> None:
+        if self.shape is not None:
+            delta = delta.reshape(self.shape)
         a = delta.detach().cpu().numpy() if hasattr(delta, "detach") else np.asarray(delta)
         a = a.reshape(a.shape[0], -1) if a.ndim > 2 else a
         triple = top_singular_triple(a)
@@ -96,8 +101,6 @@ class FactorAccumulator:
 
 @register("matrix-rank1")
 class MatrixRankOne:
-    needs_factors = True
-
     def __init__(self, rank: int = 1, regressor: str = "linear", scale: float = 1.0, copy_norms: bool = False,
                  first: int | None = None, **_ignored):
         if rank != 1:
@@ -109,6 +112,12 @@ class MatrixRankOne:
     @staticmethod
     def factorised(shape) -> bool:
         return matrix_shape(shape) is not None
+
+    @staticmethod
+    def factor_accumulator(shape, n_observed: int, p: int | None) -> FactorAccumulator | None:
+        """The top singular triples of each 2-D delta; none for 1-D tensors and scalars (element-wise)."""
+        view = matrix_shape(shape)
+        return None if view is None else FactorAccumulator(n_observed, p, view)
 
     def series(self, data: TensorData) -> np.ndarray | None:
         f = data.factors
