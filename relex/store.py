@@ -44,11 +44,12 @@ from relex.engine import stream_models
 from relex.errors import RelexInputError
 from relex.io.discover import discover_series
 from relex.io.reader import DTYPE_NAMES, DTYPES, CheckpointReader
-from relex.io.writer import (OutputTensor, aux_bytes, check_output_folder, require_free_space, staged_folder,
-                             write_index)
+from relex.io.staging import check_output_folder, require_free_space
+from relex.io.writer import OutputTensor, aux_bytes, write_index
 from relex.methods import TensorModel
 from relex.sinks import (CheckpointSink, TrajectorySink, basis_key, check_targets, factor_keys, parse_targets,
                          run_record, target_folders, value_key)
+from relex.staging import staged_folder
 from relex.stream import (DEFAULT_BLOCK_BYTES, OUTPUT_DTYPES, ProgressCallback, Row, RunReaders, StreamPass,
                           TensorState, check_dtype, resolve_device)
 from relex.trajectory import ModelSelector, ModelSpec, model_spec

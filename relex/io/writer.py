@@ -1,41 +1,31 @@
-"""Streaming writer of a Hugging Face sharded safetensors checkpoint, and the staged output folder.
+"""Streaming writer of a Hugging Face sharded safetensors checkpoint.
 
 Shards are laid out from the tensors' sizes before anything is written, so each shard's header (and every
 byte offset) is known up front: tensors arrive in pieces, in order, and go to disk with ``pwrite`` on a
 background thread that also hashes them; nothing is held beyond the pieces in flight. A writer that does not
-hash (a trajectory store) accepts pieces in any order. :func:`staged_folder` gives a temporary folder beside
-the target that is renamed into place only when everything succeeded and removed otherwise, so an
-interrupted run never leaves a folder that looks complete; before anything is read it checks that the disk
-has room for the output (:func:`require_free_space`), and a disk that fills anyway gets the same one-line
-error.
+hash (a trajectory store) accepts pieces in any order. The folder written into is a staging folder
+(:mod:`relex.io.staging`).
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
-import logging
 import os
 import shutil
 import struct
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 
-from relex.distributed import SINGLE, Ranks
-from relex.errors import RelexInputError
 from relex.io.files import AUX_FILES
 from relex.io.reader import DTYPE_NAMES
 
-log = logging.getLogger("relex")
 INDEX = "model.safetensors.index.json"
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 PENDING_PIECES = 4  # pieces queued for the writer thread before the producer waits
 
 
@@ -308,140 +298,3 @@ def aux_bytes(sources: Sequence[Path]) -> int:
                 total += (source / name).stat().st_size
                 break
     return total
-
-
-def free_bytes(path: Path) -> int:
-    """Free bytes on the disk holding ``path`` (or its nearest existing parent)."""
-    probe = Path(path)
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    return shutil.disk_usage(probe).free
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
-
-
-def require_free_space(out_dir: Path, needed: int) -> None:
-    """Refuse, before any work, an output that does not fit the free space of its disk."""
-    free = free_bytes(out_dir)
-    if needed > free:
-        raise RelexInputError(f"not enough free disk space: the output needs {_gb(needed)}, the disk has "
-                              f"{_gb(free)} free", out_dir)
-
-
-@contextmanager
-def staged_folder(out_dir: str | Path, overwrite: bool = False, needed_bytes: int = 0,
-                  ranks: Ranks = SINGLE) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out_dir``; rename it to ``out_dir`` on success, delete it on failure.
-
-    Refuses an existing ``out_dir`` unless ``overwrite``, an unwritable location, and (with ``needed_bytes``) a
-    disk with less free space than that, before yielding. Staging folders of this output left by relex
-    processes that no longer run (killed, e.g. by SIGKILL) are removed first. A disk that fills while
-    writing raises :class:`RelexInputError` (one line), and the partial folder is removed.
-
-    Across ``ranks`` (the output is on a file system every rank sees): rank 0 checks, creates the folder
-    under its own pid and hands its name to every rank; the body must end at a sync point, after which rank 0
-    renames (or, when any rank failed, removes) the folder, and every rank learns how that went.
-    """
-    out_dir = Path(out_dir)
-
-    def create() -> tuple[Path, list[Path]]:
-        check_output_folder(out_dir, overwrite)
-        remove_stale_staging(out_dir)
-        if needed_bytes:
-            require_free_space(out_dir, needed_bytes)
-        tmp = out_dir.parent / f".{out_dir.name}.relex-partial-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        created = [p for p in [out_dir.parent, *out_dir.parent.parents] if not p.exists()]
-        try:
-            tmp.mkdir(parents=True)
-        except OSError as exc:
-            raise RelexInputError(f"output folder is not writable ({exc.strerror})", out_dir) from None
-        return tmp, created
-
-    tmp, created = ranks.from_leader(create)
-    try:
-        yield tmp
-    except BaseException as exc:
-        if ranks.leader:
-            shutil.rmtree(tmp, ignore_errors=True)
-            for folder in created:  # parents made for this output only
-                try:
-                    folder.rmdir()
-                except OSError:
-                    pass
-        if isinstance(exc, OSError) and exc.errno in NO_SPACE:
-            raise RelexInputError(f"the output's disk is full ({exc.strerror}); nothing was written, and "
-                                  f"{_gb(free_bytes(out_dir))} are free now", out_dir) from None
-        raise
-    ranks.step(lambda: _put_in_place(tmp, out_dir, overwrite) if ranks.leader else None)
-
-
-def _put_in_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
-    try:
-        _rename_into(tmp, out_dir, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a complete-looking output never appears; nor does a partial one
-        raise
-
-
-def _rename_into(tmp: Path, out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists():
-        if not overwrite:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise RelexInputError("output folder appeared while writing; not replacing it", out_dir)
-        old = out_dir.parent / f".{out_dir.name}.relex-old-{os.getpid()}"
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
-
-
-def remove_stale_staging(out_dir: Path) -> list[Path]:
-    """Remove ``.OUT.relex-partial-PID`` / ``.OUT.relex-old-PID`` folders of ``out_dir`` whose process is gone.
-
-    A run killed outright (SIGKILL, out of memory) cannot clean up after itself; the next run for the same
-    output does. Folders of processes still running are left alone. Each removal is logged (``relex``).
-    """
-    parent = out_dir.parent
-    removed = []
-    if not parent.is_dir():
-        return removed
-    for marker in ("relex-partial", "relex-old"):
-        for folder in parent.glob(f".{out_dir.name}.{marker}-*"):
-            pid_text = folder.name.rsplit("-", 1)[-1]
-            if not pid_text.isdigit() or _process_alive(int(pid_text)):
-                continue
-            shutil.rmtree(folder, ignore_errors=True)
-            if not folder.exists():
-                removed.append(folder)
-                log.warning("removed %s, left by relex process %s, which no longer runs", folder, pid_text)
-    return removed
-
-
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # a folder of this process is from an earlier, finished call
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
-
-
-def check_output_folder(out_dir: Path, overwrite: bool) -> None:
-    """Refuse an existing output folder (unless overwriting) and an unwritable parent, before any work."""
-    if out_dir.exists() and not overwrite:
-        raise RelexInputError("output folder exists (pass --overwrite to replace it)", out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise RelexInputError("output path exists and is not a folder", out_dir)
-    parent = out_dir.parent
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise RelexInputError("output folder is not writable", out_dir)
