@@ -23,7 +23,8 @@ import torch
 
 from relex import __version__
 from relex.errors import RelexInputError
-from relex.io.lora import LoraAdapterWriter, mix_factors
+from relex.io.lora_factors import mix_factors
+from relex.io.lora_writer import LoraAdapterWriter
 from relex.io.steps import MAX_STEP
 from relex.io.writer import OutputTensor, ShardedWriter, aux_bytes, copy_aux_files, write_index
 from relex.stream import OUTPUT_DTYPES, Chunk, RunReaders, Sink, TensorState, combine

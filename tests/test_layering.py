@@ -20,8 +20,9 @@ ROOT = Path(__file__).resolve().parents[1] / "relex"
 
 LAYERS = [
     ["relex", "relex.errors", "relex.io.files", "relex.io.steps"],
-    ["relex.io.source", "relex.io.reader", "relex.io.hub", "relex.io.fsdp", "relex.io.lora", "relex.io.writer",
-     "relex.io.staging", "relex.io.discover", "relex.io.sources", "relex.io"],
+    ["relex.io.source", "relex.io.reader", "relex.io.hub", "relex.io.fsdp", "relex.io.lora_config",
+     "relex.io.lora_factors", "relex.io.lora", "relex.io.writer", "relex.io.lora_writer", "relex.io.staging",
+     "relex.io.discover", "relex.io.sources", "relex.io"],
     ["relex.distributed"],
     ["relex.staging"],
     ["relex.subspace", "relex.regressors.base"],
