@@ -252,7 +252,7 @@ class CheckpointSink(_ShardedOutput, _PredictionSink):
         writer = self.writers[target]
         writer.copy_aux_files(config_folders)
         if parts is None:
-            digests = writer.shard_digests()
+            digests = writer.digests()
         else:
             write_index(writer.folder, [p[target] for p in parts])
             digests = {shard: digest for p in parts for shard, digest in p[target]["sha256"].items()}

@@ -1,10 +1,10 @@
-"""Streaming writer of a Hugging Face sharded safetensors checkpoint.
+"""Streaming writer of safetensors files: a Hugging Face sharded checkpoint, or any files laid out up front.
 
-Shards are laid out from the tensors' sizes before anything is written, so each shard's header (and every
-byte offset) is known up front: tensors arrive in pieces, in order, and go to disk with ``pwrite`` on a
-background thread that also hashes them; nothing is held beyond the pieces in flight. A writer that does not
-hash (a trajectory store) accepts pieces in any order. The folder written into is a staging folder
-(:mod:`relex.io.staging`).
+Every file is laid out from its tensors' shapes before anything is written, so its header (and every byte
+offset) is known up front: tensors arrive in pieces and go to disk with ``pwrite`` on a background thread that
+also hashes them; nothing is held beyond the pieces in flight. :class:`SafetensorsWriter` writes the files;
+:class:`ShardedWriter` lays a checkpoint out in ``model-0000i-of-0000N.safetensors`` shards with their index.
+The folder written into is a staging folder (:mod:`relex.io.staging`).
 """
 
 from __future__ import annotations
@@ -56,7 +56,10 @@ class OutputTensor:
         return n
 
 
-class _Shard:
+class _File:
+    """One safetensors file being written: its tensors' byte ranges, its header and, once opened, its descriptor
+    (-1 once complete)."""
+
     def __init__(self, filename: str, tensors: list[OutputTensor]):
         self.filename = filename
         self.tensors = tensors
@@ -89,71 +92,41 @@ class _Shard:
         return struct.pack("<Q", len(raw)) + raw
 
 
-class ShardedWriter:
-    """Write tensors, whole or in pieces, into ``model-0000i-of-0000N.safetensors`` shards.
+class SafetensorsWriter:
+    """Write tensors, whole or in pieces, into safetensors files laid out before anything is written.
 
-    With ``hashed`` (the default) pieces must come in layout order — each tensor from its first byte to its
-    last, tensors in the order of ``layout`` — and every shard's sha256 is computed as it is written;
-    without, pieces may come in any order (``offset`` says where).
+    ``files`` maps the name of each file (in ``folder``) to the tensors it holds, in their order in the file.
+    Pieces are written with ``pwrite`` on one background thread while the caller computes the next ones; a
+    write that fails there (e.g. a full disk) is raised by a later call of this writer. Calls come from one
+    thread.
 
-    With ``part``, the writer holds one rank's share of a checkpoint: :meth:`number_shards` names its shards
-    among every rank's, it writes no index (rank 0 writes one from every :meth:`part`, :func:`write_index`),
-    and a share without tensors has no shard.
+    With ``ordered`` (the default), pieces must come in layout order — each tensor from its first byte to its
+    last, the tensors of every file and the files in the order of ``files`` — and with ``hashed`` (the default)
+    each file's sha256 is computed as it is written. Without ``ordered``, pieces may come in any order
+    (``offset`` says where), and with ``hashed`` each file is synced and hashed by reading it back once its
+    last byte is written.
     """
 
-    def __init__(self, folder: str | Path, layout: Sequence[OutputTensor], max_shard_bytes: int | str = "5GB", *,
-                 hashed: bool = True, part: bool = False):
+    def __init__(self, folder: str | Path, files: dict[str, Sequence[OutputTensor]], *, ordered: bool = True,
+                 hashed: bool = True):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.shards = self._group_into_shards(list(layout), parse_size(max_shard_bytes))
-        for shard in self.shards:
-            shard.path = self.folder / shard.filename
-        self._where = {t.name: shard for shard in self.shards for t in shard.tensors}
+        self.files = [_File(filename, list(tensors)) for filename, tensors in files.items()]
+        for file in self.files:
+            file.path = self.folder / file.filename
+        layout = [t for file in self.files for t in file.tensors]
+        self._where = {t.name: file for file in self.files for t in file.tensors}
         self._layout = {t.name: t for t in layout}
         self._order = [t.name for t in layout]
         self._done = {t.name: 0 for t in layout}  # bytes of each tensor handed over
-        self._next = 0  # index in _order of the tensor hashed pieces must continue
+        self._next = 0  # index in _order of the tensor ordered pieces must continue
+        self.ordered = ordered
         self.hashed = hashed
-        self.is_part = part
-        if part and not self._order:
-            self.shards = []
         self.bytes_written = 0
         # Writing and hashing run on one background thread (both release the GIL), so the next pieces are
         # computed while these go to disk.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relex-write")
         self._pending: deque[Future] = deque()
-
-    @staticmethod
-    def _group_into_shards(layout: list[OutputTensor], limit: int) -> list[_Shard]:
-        groups: list[list[OutputTensor]] = [[]]
-        size = 0
-        for t in layout:
-            if groups[-1] and size + t.nbytes > limit:
-                groups.append([])
-                size = 0
-            groups[-1].append(t)
-            size += t.nbytes
-        n = len(groups)
-        return [_Shard(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
-
-    def number_shards(self, first: int, total: int) -> None:
-        """Name the shards ``model-{first + 1}-of-{total}`` onwards (before anything is written)."""
-        for i, shard in enumerate(self.shards):
-            shard.filename = f"model-{first + i + 1:05d}-of-{total:05d}.safetensors"
-            shard.path = self.folder / shard.filename
-
-    def part(self) -> dict:
-        """What this writer wrote, for the index: tensor → shard, data bytes, each shard's sha256 (hashed)."""
-        self._wait()
-        return {"weight_map": {t.name: s.filename for s in self.shards for t in s.tensors},
-                "total_size": sum(s.data_bytes for s in self.shards),
-                "sha256": {s.filename: s.sha256.hexdigest() for s in self.shards} if self.hashed else {},
-                "bytes_written": self.bytes_written}
-
-    @property
-    def total_bytes(self) -> int:
-        """Bytes of every shard file (headers and data) and the index."""
-        return sum(shard.file_bytes for shard in self.shards) + 128 * len(self._order) + 1024
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write a whole tensor."""
@@ -174,7 +147,7 @@ class ShardedWriter:
         if raw.device.type != "cpu":
             raw = raw.cpu()
         position = self._done[name] if offset is None else offset
-        if self.hashed:
+        if self.ordered:
             self._skip_complete()
             expected = self._order[self._next] if self._next < len(self._order) else "nothing"
             if name != expected or position != self._done[name]:
@@ -183,11 +156,11 @@ class ShardedWriter:
         if position + raw.numel() > planned.nbytes:
             raise RuntimeError(f"tensor {name!r} gets more bytes than its layout holds")
         self._done[name] += raw.numel()
-        shard = self._where[name]
-        at = len(shard.header) + shard.offsets[name][0] + position
+        file = self._where[name]
+        at = len(file.header) + file.offsets[name][0] + position
         while len(self._pending) >= PENDING_PIECES:
             self._pending.popleft().result()  # re-raises a failed write (e.g. disk full)
-        self._pending.append(self._pool.submit(self._pwrite, shard, at, raw.numpy(), done))
+        self._pending.append(self._pool.submit(self._pwrite, file, at, raw.numpy(), done))
         self.bytes_written += raw.numel()
 
     def _skip_complete(self) -> None:
@@ -197,27 +170,125 @@ class ShardedWriter:
                 return
             self._next += 1
 
-    def _pwrite(self, shard: _Shard, at: int, data, done) -> None:
+    def _pwrite(self, file: _File, at: int, data, done) -> None:
+        hash_now = self.hashed and self.ordered
         try:
-            if shard.fd is None:
-                shard.fd = os.open(shard.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                _pwrite_all(shard.fd, shard.header, 0)
-                if self.hashed:
-                    shard.sha256.update(shard.header)
-            _pwrite_all(shard.fd, memoryview(data), at)
-            if self.hashed:
-                shard.sha256.update(data)
-            shard.written += data.nbytes
-            if shard.written == shard.data_bytes:
-                os.close(shard.fd)
-                shard.fd = -1  # complete
+            if file.fd is None:
+                file.fd = os.open(file.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                _pwrite_all(file.fd, file.header, 0)
+                if hash_now:
+                    file.sha256.update(file.header)
+            _pwrite_all(file.fd, memoryview(data), at)
+            if hash_now:
+                file.sha256.update(data)
+            file.written += data.nbytes
+            if file.written == file.data_bytes and file.fd >= 0:
+                self._complete(file)
         finally:
             if done is not None:
                 done()
 
+    def _complete(self, file: _File) -> None:
+        fd, file.fd = file.fd, -1
+        try:
+            if self.hashed and not self.ordered:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        if self.hashed and not self.ordered:
+            with open(file.path, "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    file.sha256.update(chunk)
+
     def _wait(self) -> None:
         while self._pending:
             self._pending.popleft().result()
+
+    def digests(self) -> dict[str, str]:
+        """Each file's sha256 (``hashed``), once every piece handed over is written."""
+        self._wait()
+        if not self.hashed:
+            raise RuntimeError("this writer does not hash its files")
+        return {f.filename: f.sha256.hexdigest() for f in self.files}
+
+    def finish(self) -> None:
+        """Check that every tensor was written whole, and create the files holding nothing but a header."""
+        self._wait()
+        missing = [n for n in self._order if self._done[n] != self._layout[n].nbytes]
+        if missing:
+            raise RuntimeError(f"{len(missing)} output tensors were never written, e.g. {missing[0]!r}")
+        for file in self.files:
+            if file.fd is None:  # only empty tensors
+                self._pwrite(file, len(file.header), memoryview(b""), None)
+
+    def close(self) -> None:
+        """Wait for the pieces in flight (raising a failed write), stop the writer thread, close the files."""
+        try:
+            self._wait()
+        finally:
+            self._pool.shutdown(wait=True)
+            for file in self.files:
+                if file.fd is not None and file.fd >= 0:
+                    os.close(file.fd)
+                    file.fd = None
+
+
+class ShardedWriter(SafetensorsWriter):
+    """Write tensors, whole or in pieces, into ``model-0000i-of-0000N.safetensors`` shards.
+
+    ``layout`` is split, in order, into shards of at most ``max_shard_bytes`` (a larger tensor gets a shard of
+    its own). With ``hashed`` (the default) pieces must come in layout order — each tensor from its first byte
+    to its last, tensors in the order of ``layout`` — and every shard's sha256 is computed as it is written;
+    without, pieces may come in any order (``offset`` says where).
+
+    With ``part``, the writer holds one rank's share of a checkpoint: :meth:`number_shards` names its shards
+    among every rank's, it writes no index (rank 0 writes one from every :meth:`part`, :func:`write_index`),
+    and a share without tensors has no shard.
+    """
+
+    def __init__(self, folder: str | Path, layout: Sequence[OutputTensor], max_shard_bytes: int | str = "5GB", *,
+                 hashed: bool = True, part: bool = False):
+        layout = list(layout)
+        groups = [] if part and not layout else self._group_into_shards(layout, parse_size(max_shard_bytes))
+        files = {f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors": g for i, g in enumerate(groups)}
+        super().__init__(folder, files, ordered=hashed, hashed=hashed)
+        self.is_part = part
+
+    @staticmethod
+    def _group_into_shards(layout: list[OutputTensor], limit: int) -> list[list[OutputTensor]]:
+        groups: list[list[OutputTensor]] = [[]]
+        size = 0
+        for t in layout:
+            if groups[-1] and size + t.nbytes > limit:
+                groups.append([])
+                size = 0
+            groups[-1].append(t)
+            size += t.nbytes
+        return groups
+
+    @property
+    def shards(self) -> list[_File]:
+        """The shard files, in order."""
+        return self.files
+
+    def number_shards(self, first: int, total: int) -> None:
+        """Name the shards ``model-{first + 1}-of-{total}`` onwards (before anything is written)."""
+        for i, shard in enumerate(self.shards):
+            shard.filename = f"model-{first + i + 1:05d}-of-{total:05d}.safetensors"
+            shard.path = self.folder / shard.filename
+
+    def part(self) -> dict:
+        """What this writer wrote, for the index: tensor → shard, data bytes, each shard's sha256 (hashed)."""
+        self._wait()
+        return {"weight_map": {t.name: s.filename for s in self.shards for t in s.tensors},
+                "total_size": sum(s.data_bytes for s in self.shards),
+                "sha256": {s.filename: s.sha256.hexdigest() for s in self.shards} if self.hashed else {},
+                "bytes_written": self.bytes_written}
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of every shard file (headers and data) and the index."""
+        return sum(shard.file_bytes for shard in self.shards) + 128 * len(self._order) + 1024
 
     def copy_aux_files(self, sources: Sequence[Path]) -> list[str]:
         """Copy config/tokenizer files, each from the first source folder that has it."""
@@ -226,37 +297,12 @@ class ShardedWriter:
     def write_json(self, filename: str, payload: dict) -> None:
         (self.folder / filename).write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
 
-    def shard_digests(self) -> dict[str, str]:
-        self._wait()
-        if not self.hashed:
-            raise RuntimeError("this writer does not hash its shards")
-        return {s.filename: s.sha256.hexdigest() for s in self.shards}
-
     def finish(self) -> None:
         """Check that every tensor was written whole, create shards holding nothing but a header, and write
         the index json (not for a ``part``)."""
-        self._wait()
-        missing = [n for n in self._order if self._done[n] != self._layout[n].nbytes]
-        if missing:
-            raise RuntimeError(f"{len(missing)} output tensors were never written, e.g. {missing[0]!r}")
-        for shard in self.shards:
-            if shard.fd is None:  # only empty tensors
-                self._pwrite(shard, len(shard.header), memoryview(b""), None)
-                if shard.fd is not None and shard.fd >= 0:
-                    os.close(shard.fd)
-                    shard.fd = -1
+        super().finish()
         if not self.is_part:
             write_index(self.folder, [self.part()])
-
-    def close(self) -> None:
-        try:
-            self._wait()
-        finally:
-            self._pool.shutdown(wait=True)
-            for shard in self.shards:
-                if shard.fd is not None and shard.fd >= 0:
-                    os.close(shard.fd)
-                    shard.fd = None
 
 
 def write_index(folder: Path, parts: Sequence[dict]) -> None:
