@@ -133,6 +133,23 @@ def test_every_import_points_down():
     assert not wrong, "\n".join(wrong)
 
 
+# What the io layer must never import: coordination across processes, the pass and its sinks, the commands
+# built on them.
+ABOVE_IO = ("relex.distributed", "relex.staging", "relex.stream", "relex.sinks", "relex.engine", "relex.store")
+
+
+def test_io_imports_no_coordination_or_pass_code():
+    io_layer = layer("relex.io")
+    wrong = []
+    for name in (n for n in MODULES if n == "relex.io" or n.startswith("relex.io.")):
+        for line, node, _, _ in imports(name):
+            for target, _ in resolve(name, node):
+                if (any(target == m or target.startswith(m + ".") for m in ABOVE_IO)
+                        or (target in MODULES and layer(target) > io_layer)):
+                    wrong.append(f"{name}:{line} imports {target}")
+    assert not wrong, "\n".join(wrong)
+
+
 def test_no_import_cycles():
     graph = edges()
     state: dict[str, int] = {}
