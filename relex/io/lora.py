@@ -12,8 +12,9 @@ The factors themselves are not a trajectory — ``(B Q)(Q⁻¹ A)`` is the same 
 ``Q``, and Adam moves A and B in a gauge of its own — so relex extrapolates in merged weight space:
 :class:`LoraSource` presents an adapter checkpoint as the full set of base tensors, and its
 :meth:`LoraSource.delta` gives ``ΔW_t`` exactly (a float64 product of the factors, cast to float32) without
-ever subtracting two rounded merged weights. :meth:`LoraSource.factors` gives ``ΔW_t = P Q`` as its factors
-(``P = s·B``, ``Q = A``) for the factor algebra of :mod:`relex.io.lora_factors`.
+ever subtracting two rounded merged weights. :meth:`LoraSource.factors` gives the factors of ``ΔW_t = P Q``
+(``P = s·B``, ``Q = A``; ``s·Aᵀ`` and ``Bᵀ`` with fan_in_fan_out) for the factor algebra of
+:mod:`relex.io.lora_factors`.
 
 What relex refuses, because the update is then not ``s·B A`` over the saved base: what
 :func:`relex.io.lora_config.read_adapter_config` refuses, and, seen only in the weights, LoRA on embeddings or
