@@ -160,7 +160,7 @@ def analyze(
     """
     from relex.analysis import analyze as run_analysis
     from relex.errors import RelexInputError
-    from relex.io.writer import check_output_folder
+    from relex.io.staging import check_output_folder
 
     from relex.io.hub import parse_hub_run
 

@@ -131,7 +131,7 @@ def extrapolate(
     """
     from relex.engine import extrapolate as run_extrapolation
 
-    from relex.io.writer import check_output_folder
+    from relex.io.staging import check_output_folder
 
     from relex_cli.console import byte_progress, resolve_run
 

@@ -39,7 +39,7 @@ def fit(
     model's size in float32 (matrix-rank1: only u and v per matrix). Reads the run twice (a Gram pass,
     then the pass that forms the vectors).
     """
-    from relex.io.writer import check_output_folder
+    from relex.io.staging import check_output_folder
     from relex.store import fit_trajectory
 
     from relex_cli.console import byte_progress, rank_zero, resolve_run

@@ -36,10 +36,11 @@ from relex.distributed import SINGLE, Ranks, current, shares
 from relex.errors import RelexInputError
 from relex.io.discover import CheckpointSeries, discover_series, is_checkpoint_name
 from relex.io.run_readers import RunReaders
-from relex.io.writer import check_output_folder, require_free_space, staged_folder
+from relex.io.staging import check_output_folder, require_free_space
 from relex.methods import DeltaAccumulator, TensorModel, method_class
 from relex.sinks import (AdapterSink, CheckpointSink, GramSink, check_targets, checkpoint_layout, parse_targets,
                          run_record, target_folders)
+from relex.staging import staged_folder
 from relex.stream import DEFAULT_BLOCK_BYTES, ProgressCallback, Sink, StreamPass, TensorState
 from relex.trajectory import ModelSelector, ModelSpec, model_spec
 

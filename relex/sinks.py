@@ -24,7 +24,8 @@ import torch
 from relex import __version__
 from relex.device import OUTPUT_DTYPES
 from relex.errors import RelexInputError
-from relex.io.lora import LoraAdapterWriter, mix_factors
+from relex.io.lora_factors import mix_factors
+from relex.io.lora_writer import LoraAdapterWriter
 from relex.io.run_readers import RunReaders
 from relex.io.steps import MAX_STEP
 from relex.io.writer import OutputTensor, ShardedWriter, aux_bytes, copy_aux_files, write_index
@@ -253,7 +254,7 @@ class CheckpointSink(_ShardedOutput, _PredictionSink):
         writer = self.writers[target]
         writer.copy_aux_files(config_folders)
         if parts is None:
-            digests = writer.shard_digests()
+            digests = writer.digests()
         else:
             write_index(writer.folder, [p[target] for p in parts])
             digests = {shard: digest for p in parts for shard, digest in p[target]["sha256"].items()}

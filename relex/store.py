@@ -46,11 +46,12 @@ from relex.errors import RelexInputError
 from relex.io.discover import discover_series
 from relex.io.reader import DTYPE_NAMES, DTYPES, CheckpointReader
 from relex.io.run_readers import Row, RunReaders
-from relex.io.writer import (OutputTensor, aux_bytes, check_output_folder, require_free_space, staged_folder,
-                             write_index)
+from relex.io.staging import check_output_folder, require_free_space
+from relex.io.writer import OutputTensor, aux_bytes, write_index
 from relex.methods import TensorModel
 from relex.sinks import (CheckpointSink, TrajectorySink, basis_key, check_targets, factor_keys, parse_targets,
                          run_record, target_folders, value_key)
+from relex.staging import staged_folder
 from relex.stream import DEFAULT_BLOCK_BYTES, ProgressCallback, StreamPass, TensorState
 from relex.trajectory import ModelSelector, ModelSpec, model_spec
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import relex
+import relex.io.staging
 import relex.io.writer
 import relex.sinks
 import relex.stream
@@ -108,7 +109,7 @@ def test_gram_matrices_do_not_depend_on_the_pool(run):
 
 
 def test_a_full_disk_is_refused_before_reading(run, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(relex.io.writer, "free_bytes", lambda path: 10_000)
+    monkeypatch.setattr(relex.io.staging, "free_bytes", lambda path: 10_000)
     read = []
     with pytest.raises(RelexInputError, match="not enough free disk space"):
         relex.extrapolate(run, target_step=90, out_dir=tmp_path / "out", progress=lambda *a: read.append(a))

@@ -120,7 +120,7 @@ class RunAnalysis:
     def write(self, out_dir: str | Path, plots: bool = True, overwrite: bool = False) -> Path:
         """Write ``analysis.json``, ``tensors.csv``, ``backtest.csv`` (and ``logprob.csv``) and the PNG plots
         into ``out_dir`` (through a temporary folder renamed at the end)."""
-        from relex.io.writer import staged_folder
+        from relex.staging import staged_folder
 
         out_dir = Path(out_dir)
         with staged_folder(out_dir, overwrite) as staging:

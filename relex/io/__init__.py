@@ -4,7 +4,7 @@ from relex.io.discover import Checkpoint, CheckpointSeries, discover_series, par
 from relex.io.reader import CheckpointReader, open_checkpoint
 from relex.io.source import Source, TensorInfo
 from relex.io.sources import open_source
-from relex.io.writer import ShardedWriter, staged_folder
+from relex.io.writer import ShardedWriter
 
 __all__ = [
     "Checkpoint",
@@ -17,5 +17,4 @@ __all__ = [
     "CheckpointReader",
     "open_checkpoint",
     "ShardedWriter",
-    "staged_folder",
 ]

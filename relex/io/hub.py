@@ -40,7 +40,7 @@ ProgressCallback = Callable[[str, int, int], None]
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
-# Besides the weights, the files relex reads or copies into its output (relex.io.writer.AUX_FILES).
+# Besides the weights, the files relex reads or copies into its output (relex.io.files.AUX_FILES).
 _ADAPTER_CONFIG = "adapter_config.json"
 _WEIGHT_INDEX = "model.safetensors.index.json"
 # Safetensors files a trainer may save beside the model that are not model weights.
