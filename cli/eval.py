@@ -216,7 +216,7 @@ def eval_command(
     if fail_if_worse:
         gate = judge(results, margin)
         _print_gate(gate)
-    from relex.gate import eval_markdown, write_summary
+    from relex.summaries import eval_markdown, write_summary
 
     write_summary(eval_markdown(results, gate), summary_path)
     if gate is not None and not gate.passed:

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from relex.engine import extrapolate
+from relex.api import extrapolate
+from relex.jsonable import write_json
 
 FRACTIONS = (0.1, 0.2)
 
@@ -55,7 +56,7 @@ class DemoResult:
     config: dict
     rows: list[DemoRow]
     curve: list[dict]  # accuracy of every real checkpoint
-    verdicts: dict[str, dict] = field(default_factory=dict)  # prefix label -> diagnostics
+    verdicts: dict[str, dict] = field(default_factory=dict)  # prefix label -> the verdict (Verdict.to_dict())
     seconds: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -64,7 +65,7 @@ class DemoResult:
             "config": self.config,
             "rows": [r.__dict__ for r in self.rows],
             "curve": self.curve,
-            "diagnostics": self.verdicts,
+            "verdicts": self.verdicts,
             "seconds": self.seconds,
         }
 
@@ -147,9 +148,9 @@ def run_demo(
         label = f"{round(fraction * 100)}%"
         target_dir = out / "extrapolated" / f"relex-from-{label.rstrip('%')}pct"
         say(f"extrapolating from the first {label} (steps ≤ {last}) to step {final}")
-        result = extrapolate(run_dir, target_step=final, out_dir=target_dir, max_step=last, overwrite=True)
+        result = extrapolate(run_dir, target_dir, target_step=final, max_step=last, overwrite=True)
         extrapolated[label] = (last, target_dir)
-        verdicts[label] = result.diagnostics.to_dict() if result.diagnostics else {}
+        verdicts[label] = result.verdict.to_dict()
     seconds["extrapolate"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -174,7 +175,7 @@ def run_demo(
     seconds["total"] = time.perf_counter() - started
 
     demo = DemoResult(out, config.to_dict(), rows, curve, verdicts, seconds)
-    (out / "demo.json").write_text(json.dumps(demo.to_dict(), indent=2) + "\n")
+    write_json(out / "demo.json", demo.to_dict())
     plot_demo(demo, out / "demo.png")
     return demo
 
@@ -213,7 +214,8 @@ def plot_demo(demo: DemoResult, path: Path) -> None:
     width = 0.8 / (len(labels) + 1)
     for i, label in enumerate(labels):
         d = demo.verdicts[label]
-        values = [d["scores"].get(key, float("nan")) for key, _ in stats]
+        scores = (d.get("diagnostics") or {}).get("scores", {})
+        values = [scores.get(key, float("nan")) for key, _ in stats]
         shown = [min(max(v, low), high) if v == v else 0.0 for v in values]
         right.bar(x + i * width, shown, width, color=colors[i % len(colors)],
                   label=f"first {label}: {d['message'].split(':')[0].split(' (')[0]}")

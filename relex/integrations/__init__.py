@@ -10,10 +10,9 @@
 
 from __future__ import annotations
 
-from relex.integrations.assess import Assessment, assess, figures_of, is_plausible
+from relex.integrations.assess import Assessment, assess, figures_of
 
-__all__ = ["Assessment", "LeapCallback", "LeapOptions", "Leaper", "RelexCallback", "assess", "figures_of",
-           "is_plausible"]
+__all__ = ["Assessment", "LeapCallback", "LeapOptions", "Leaper", "RelexCallback", "assess", "figures_of"]
 
 
 def __getattr__(name: str):

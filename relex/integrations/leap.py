@@ -9,11 +9,11 @@ train on from there, repeat), as a component:
   steps is plausible — the predicted weights written into the live model;
 * :class:`LeapCallback` — the same for the Hugging Face ``Trainer`` and TRL's trainers (``GRPOTrainer``).
 
-The fit is relex's own engine, in memory: each snapshot is a :class:`SnapshotSource` (the
-:class:`relex.io.source.Source` interface over tensors), streamed through :func:`relex.engine.stream_models`
+The fit is relex's own engine, in memory: the snapshots are a run (:class:`relex.io.runs.Snapshots`), opened with
+:func:`relex.run.open_run` and streamed by :meth:`relex.run.Run.execute`
 with the same trajectory models and predictors as ``relex extrapolate`` — the jump writes exactly the weights
 ``relex extrapolate`` would write from the same snapshots saved as checkpoints (the segment's first weights
-as the base, steps counted from the segment's start). The verdict is :func:`relex.analysis.verdict.run_verdict`
+as the base, steps counted from the segment's start). The verdict is the one that pass computes
 on the same Gram matrices, carried to the jump's target, as ``relex check`` gives it, and it weighs the
 training reward logged inside the segment as ``relex check`` weighs a run's ``trainer_state.json``.
 
@@ -32,65 +32,27 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
-import numpy as np
 import torch
-from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from relex.analysis.reward import DEFAULT_CEILING, DEFAULT_KEY, RewardLog, reward_trend
-from relex.analysis.verdict import run_verdict
-from relex.device import resolve_device
-from relex.engine import stream_models
-from relex.gate import judge
-from relex.integrations.assess import PREFIX, figures_of, is_plausible
+from relex.analysis.verdict import Verdict
+from relex.errors import RelexInputError
+from relex.integrations.assess import PREFIX, figures_of
 from relex.integrations.trainer import calling_trainer, log_through, one_line
-from relex.io.discover import Checkpoint, CheckpointSeries
-from relex.io.run_readers import RunReaders
-from relex.io.source import Source, TensorInfo
+from relex.io.reader import CheckpointReader
+from relex.io.runs import Snapshots
+from relex.options import RunOptions
+from relex.run import open_run
 from relex.sinks import TensorSink
-from relex.trajectory import ModelSelector, ModelSpec
 
 logger = logging.getLogger(__name__)
 
 LEAP = "leap/"  # prefix of the figures of each decision
 OPTIMIZER_STATES = ("keep", "reset")
 REQUIREMENTS = ("plausible", "gate", "always")
-MEMORY = Path("<memory>")  # names the in-memory snapshots in messages and records
 
 
-# -- the engine over snapshots in memory --------------------------------------------------------------------
-
-
-class SnapshotSource(Source):
-    """One snapshot of a model's trainable parameters (CPU tensors in their own dtype) as a checkpoint."""
-
-    kind = "memory"
-
-    def __init__(self, tensors: Mapping[str, torch.Tensor], step: int):
-        self.folder = MEMORY / f"step-{step}"
-        self.data = dict(tensors)
-        self.tensors = {name: TensorInfo(name, tuple(t.shape), t.dtype, self.folder, i)
-                        for i, (name, t) in enumerate(self.data.items())}
-
-    def read(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
-        tensor = self.data[name]
-        return tensor if start is None and stop is None else tensor[start:stop]
-
-
-class SnapshotReaders(RunReaders):
-    """:class:`relex.io.run_readers.RunReaders` over sources already open in memory (nothing to open or close)."""
-
-    def __init__(self, base: SnapshotSource, observed: Sequence[tuple[int, SnapshotSource]]):
-        # Not RunReaders.__init__: it opens each checkpoint's files; these sources are the tensors themselves.
-        self.series = CheckpointSeries(Checkpoint(0, base.folder, "memory"),
-                                       [Checkpoint(step, source.folder, "memory") for step, source in observed])
-        self.base = base
-        self.observed = [source for _, source in observed]
-        self.names = base.order()
-        for source in self.observed:
-            if {n: i.shape for n, i in source.tensors.items()} != {n: i.shape for n, i in base.tensors.items()}:
-                raise ValueError(f"snapshot {source.folder} does not hold the tensors of the segment's base")
-        self.aliases = [{} for _ in self.observed]
+# -- the fit of one segment, in memory ------------------------------------------------------------------
 
 
 @dataclass
@@ -100,49 +62,31 @@ class SegmentFit:
     steps: list[int]  # the snapshots' steps, counted from the segment's start
     target: int  # likewise
     prediction: dict[str, torch.Tensor]
-    diagnostics: object  # relex.analysis.drift.DriftDiagnostics, or None when nothing moved
-    verdict: str | None
-    message: str
-    plausible: bool
-    passes_gate: bool  # what relex check (without --strict) says: True unless it will likely hurt or is too far
+    verdict: Verdict
     figures: dict[str, float]
     seconds: float
 
+    @property
+    def passes_gate(self) -> bool:
+        """What relex check (without --strict) says: True unless it will likely hurt or is too far."""
+        return self.verdict.gate().passed
+
 
 def fit_segment(base: Mapping[str, torch.Tensor], snapshots: Sequence[tuple[int, Mapping[str, torch.Tensor]]],
-                target: int, engine_options: Mapping | None = None, device: str = "cpu",
-                rewards: Sequence[tuple[float, float]] | None = None,
-                reward_max: float = DEFAULT_CEILING) -> SegmentFit:
-    """Fit the trajectory of ``snapshots`` (``(step, tensors)``, steps from the segment's start, base at 0)
-    and predict ``target``, with relex's engine (``engine_options``: ``method``, ``rank``, ``regressor``,
-    ``scale``, ``auto_scope``, ``candidates``, ``holdout``, ``block_bytes``) and give the verdict, which
-    weighs the training reward's trend when ``rewards`` (``(step, mean reward)``, steps counted like the
-    snapshots') are given, as ``relex check`` weighs a run's logged reward."""
-    started = time.perf_counter()
-    options = dict(engine_options or {})
-    block_bytes = options.pop("block_bytes", None)
-    steps = [int(s) for s, _ in snapshots]
-    readers = SnapshotReaders(SnapshotSource(base, 0), [(s, SnapshotSource(t, s)) for s, t in snapshots])
-    selector = ModelSelector(ModelSpec(**options), steps)
-    sink = TensorSink([target], {name: info.dtype for name, info in readers.observed[-1].tensors.items()},
-                      resolve_device(device))
-    extra = {} if block_bytes is None else {"block_bytes": block_bytes}
-    measured = stream_models(readers, selector, lambda models: sink, resolve_device(device),
-                             targets=np.array([float(target)]), keep_grams=True, **extra)
-    grams = {t.name: t.gram for t in measured.tensors if t.gram is not None and readers.info(t.name).is_float}
-    ndims = {name: len(readers.info(name).shape) for name in grams}
-    reward = None
-    if rewards:
-        log = RewardLog(tuple(float(s) for s, _ in rewards), tuple(float(r) for _, r in rewards), DEFAULT_KEY,
-                        str(MEMORY))
-        reward = reward_trend(log, steps, target, reward_max)
-    diagnostics = run_verdict(grams, ndims, steps, target, reward=reward)
-    verdict = diagnostics.verdict if diagnostics is not None else None
-    message = diagnostics.message if diagnostics is not None else "no tensor moved in the segment"
-    plausible = is_plausible(verdict)
-    passes_gate = judge(diagnostics, strict=False, target_step=target).passed
-    return SegmentFit(steps, target, sink.tensors[target], diagnostics, verdict, message, plausible, passes_gate,
-                      figures_of(diagnostics, steps, plausible), time.perf_counter() - started)
+                target: int, options: RunOptions | None = None,
+                rewards: Sequence[tuple[float, float]] | None = None) -> SegmentFit:
+    """Fit the trajectory of ``snapshots`` (``(step, tensors)``, steps from the segment's start, base at 0) and
+    predict ``target``: one pass of relex's engine over the snapshots in memory (:class:`relex.io.runs.Snapshots`),
+    with the trajectory model of ``options`` (:class:`relex.options.RunOptions`), giving the verdict ``relex
+    check`` gives on the same checkpoints; it weighs the training reward's trend when ``rewards`` (``(step, mean
+    reward)``, steps counted like the snapshots') are given, as ``relex check`` weighs a run's logged reward."""
+    options = (options or RunOptions(device="cpu")).replace(target_steps=(int(target),))
+    with open_run(Snapshots(base, list(snapshots), list(rewards or ())), options) as run:
+        dtypes = {name: info.dtype for name, info in run.readers.observed[-1].tensors.items()}
+        sink = TensorSink([target], dtypes, run.device)
+        result = run.execute(sink)
+    return SegmentFit(list(result.steps), int(target), sink.tensors[target], result.verdict,
+                      figures_of(result.verdict), result.seconds)
 
 
 # -- options and records ------------------------------------------------------------------------------------
@@ -177,15 +121,11 @@ class LeapOptions:
     # reward on a small validation set); a jump that lowers it by more than check_tolerance is reverted.
     check: Callable[[torch.nn.Module], float] | None = field(default=None, compare=False)
     check_tolerance: float = 0.0
-    # Options of relex's engine for the fit (method, rank, regressor, scale, auto_scope, candidates, holdout,
-    # block_bytes), as relex extrapolate takes them.
-    engine: dict = field(default_factory=dict)
-    device: str = "cpu"  # where the fit computes
-    # The training reward the verdict weighs (relex.analysis.reward): the key the trainer logs its mean reward
-    # under (TRL's GRPOTrainer: "reward"), and the reward's ceiling; a reward whose trend over the segment
-    # reaches the ceiling before the jump's end makes the verdict mixed.
-    reward_key: str = "reward"
-    reward_max: float = 1.0
+    # The fit's settings, as relex extrapolate takes them: the trajectory model (method, rank, regressor, scale,
+    # …), the device it computes on (the CPU, beside training), the training reward the verdict weighs (the key
+    # the trainer logs its mean reward under, its ceiling: a reward whose trend over the segment reaches the
+    # ceiling before the jump's end makes the verdict mixed) and block_bytes.
+    run: RunOptions = field(default_factory=lambda: RunOptions(device="cpu"))
 
     def __post_init__(self):
         if not isinstance(self.every, int) or self.every < 2:
@@ -209,10 +149,8 @@ class LeapOptions:
             raise ValueError("check must be a callable check(model) -> float")
         if not (isinstance(self.check_tolerance, (int, float)) and self.check_tolerance >= 0):
             raise ValueError(f"check_tolerance must be a number >= 0, not {self.check_tolerance!r}")
-        known = {"method", "rank", "regressor", "scale", "auto_scope", "candidates", "holdout", "block_bytes"}
-        unknown = sorted(set(self.engine) - known)
-        if unknown:
-            raise ValueError(f"unknown engine option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        if not isinstance(self.run, RunOptions):
+            raise ValueError(f"run must be a relex.RunOptions, not {type(self.run).__name__}")
 
     @property
     def snapshots(self) -> int:
@@ -231,7 +169,7 @@ class LeapDecision:
     segment_start: int  # the (virtual) step the segment started at
     jumped: bool
     reason: str  # "jumped", "refused" (verdict), "reverted" (check), "failed" (error)
-    verdict: str | None
+    verdict: dict | None  # the verdict on the segment (Verdict.to_dict()); None when the fit failed
     message: str
     figures: dict[str, float] = field(default_factory=dict)  # relex/... verdict figures
     passes_gate: bool | None = None  # relex check without --strict would pass the jump (None: no fit)
@@ -369,17 +307,17 @@ class Leaper:
                       segment_start=self.segment_start, jumped=False)
         current = self.snapshots[-1][1]
         try:
-            fit = fit_segment(self.base, self.snapshots, offset + length, options.engine, options.device,
-                              rewards, options.reward_max)
+            fit = fit_segment(self.base, self.snapshots, offset + length, options.run, rewards)
         except Exception as exc:  # noqa: BLE001 — a failed fit leaves training as it was
             logger.warning("relex leap at step %d: no jump, the fit failed: %s", step, one_line(exc))
             self._restart(step)
             return LeapDecision(**record, reason="failed", verdict=None, message=one_line(exc),
                                 seconds=time.perf_counter() - started)
-        record.update(verdict=fit.verdict, message=fit.message, figures=fit.figures, passes_gate=fit.passes_gate)
-        allowed = {"plausible": fit.plausible, "gate": fit.passes_gate, "always": True}[options.require]
+        record.update(verdict=fit.verdict.to_dict(), message=fit.verdict.message, figures=fit.figures,
+                      passes_gate=fit.passes_gate)
+        allowed = {"plausible": fit.verdict.plausible, "gate": fit.passes_gate, "always": True}[options.require]
         if not allowed:
-            logger.info("relex leap at step %d: no jump (%s)", step, fit.message)
+            logger.info("relex leap at step %d: no jump (%s)", step, fit.verdict.message)
             self._restart(step)
             return LeapDecision(**record, reason="refused", seconds=time.perf_counter() - started)
         before = float(options.check(model)) if options.check is not None else None
@@ -401,7 +339,7 @@ class Leaper:
             for _ in range(length):
                 scheduler.step()
         record.update(to_step=step + length, jumped=True)
-        logger.info("relex leap at step %d: jumped to step %d (%s)", step, step + length, fit.message)
+        logger.info("relex leap at step %d: jumped to step %d (%s)", step, step + length, fit.verdict.message)
         self._restart(step + length, base=fit.prediction)
         return LeapDecision(**record, reason="jumped", seconds=time.perf_counter() - started)
 
@@ -417,13 +355,14 @@ class Leaper:
 
 def _saved_parameters(folder: Path, names: set[str]) -> dict[str, torch.Tensor] | None:
     """The tensors ``names`` of a saved checkpoint (full weights), or None when it does not hold them all."""
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
+    try:
+        reader = CheckpointReader(folder)
+    except RelexInputError:  # no checkpoint there, or not one relex reads
         return None
-    tensors: dict[str, torch.Tensor] = {}
-    for file in files:
-        tensors.update({k: v for k, v in load_file(file).items() if k in names})
-    return tensors if set(tensors) == names else None
+    with reader:
+        if not names <= set(reader.tensors):
+            return None
+        return {name: reader.read(name).clone() for name in names}
 
 
 class LeapCallback(TrainerCallback):
@@ -506,8 +445,8 @@ class LeapCallback(TrainerCallback):
             return
         real_step = state.global_step - self._jumped()
         # The trainer logs this step's reward after on_step_end: the segment's rewards up to the step before.
-        rewards = [(e["step"], e[self.options.reward_key]) for e in state.log_history
-                   if "step" in e and isinstance(e.get(self.options.reward_key), (int, float))]
+        key = self.options.run.reward_key
+        rewards = [(e["step"], e[key]) for e in state.log_history if "step" in e and isinstance(e.get(key), (int, float))]
         decision = self.leaper.after_step(model, optimizer, real_step, state.global_step,
                                           max_step=state.max_steps or None, scheduler=lr_scheduler, rewards=rewards)
         if decision is None:
@@ -549,5 +488,5 @@ class LeapCallback(TrainerCallback):
                            state.global_step, start, every)
 
 
-__all__ = ["LEAP", "LeapCallback", "LeapDecision", "LeapOptions", "Leaper", "SegmentFit",
-           "SnapshotReaders", "SnapshotSource", "decisions_from_log", "fit_segment", "trainable_parameters"]
+__all__ = ["LEAP", "LeapCallback", "LeapDecision", "LeapOptions", "Leaper", "SegmentFit", "decisions_from_log",
+           "fit_segment", "trainable_parameters"]

@@ -24,6 +24,7 @@ import torch
 
 from relex.io.files import AUX_FILES
 from relex.io.reader import DTYPE_NAMES
+from relex.jsonable import write_json
 
 INDEX = "model.safetensors.index.json"
 PENDING_PIECES = 4  # pieces queued for the writer thread before the producer waits
@@ -295,7 +296,7 @@ class ShardedWriter(SafetensorsWriter):
         return copy_aux_files(self.folder, sources)
 
     def write_json(self, filename: str, payload: dict) -> None:
-        (self.folder / filename).write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+        write_json(self.folder / filename, payload)
 
     def finish(self) -> None:
         """Check that every tensor was written whole, create shards holding nothing but a header, and write
