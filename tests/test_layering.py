@@ -47,9 +47,7 @@ ENGINE = {"relex.device", "relex.distributed", "relex.staging", "relex.stream", 
           "relex.store", "relex.subspace", "relex.backtest", "relex.trajectory", "relex.io.reader",
           "relex.io.run_readers", "relex.io.writer", "relex.io.staging", "relex.methods", "relex.regressors"}
 DEFER_REASONS = ("start-up", "optional")
-# Private names other modules import today, owned outside the engine; listed so that no new one appears.
-KNOWN_PRIVATE = {("relex.decoding.spec", "relex.io.discover", "_step_of"),
-                 ("relex.decoding.vllm", "relex.decoding.decoder", "_cut_at_stop")}
+KNOWN_PRIVATE: set = set()  # private names other modules import: none
 
 
 def module_name(path: Path) -> str:

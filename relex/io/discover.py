@@ -132,7 +132,8 @@ def _deepspeed_hint(folder: Path) -> str | None:
     return None
 
 
-def _step_of(name: str) -> int | None:
+def step_of(name: str) -> int | None:
+    """The step a checkpoint folder's name gives (``checkpoint-200``, ``global_step_200``, ``step_200``, …)."""
     for pattern in _PATTERNS:
         match = pattern.match(name)
         if match:
@@ -142,7 +143,7 @@ def _step_of(name: str) -> int | None:
 
 def is_checkpoint_name(name: str) -> bool:
     """True when a folder called ``name`` would be read as a training checkpoint."""
-    return _step_of(name) is not None
+    return step_of(name) is not None
 
 
 def _layout_of(names: Sequence[str]) -> str:
@@ -182,7 +183,7 @@ def scan_run(run_dir: str | Path, skipped: list[tuple[Path, str]] | None = None)
     for child in sorted(run_dir.iterdir()):
         if not child.is_dir():
             continue
-        step = _step_of(child.name)
+        step = step_of(child.name)
         if step is None:
             continue
         if (child / PROVENANCE).is_file():
