@@ -4,7 +4,7 @@ Writes a synthetic bf16 trajectory (base + T checkpoints of ``--size-gb`` each, 
 equal tensors) and measures, each job in a fresh process and timed inside it (after imports):
 
 * the I/O floor: reading every input byte once and writing one checkpoint's worth of bytes;
-* ``relex.engine.extrapolate`` to one target step;
+* ``relex.extrapolate`` (:func:`relex.api.extrapolate`) to one target step;
 * the naive implementation: every checkpoint loaded whole, float64 ``numpy.linalg.svd`` per tensor.
 
 The floor and relex are measured with the inputs in the page cache (warm; ``--repeat`` times, interleaved,
@@ -135,7 +135,7 @@ def child(kind: str, run: Path, out: Path, observed: int) -> None:
     import safetensors.torch  # noqa: F401
     import torch
 
-    import relex.engine
+    import relex.api
 
     baseline = _reset_peak()
     folders = [run / f"checkpoint-{s}" for s in range(0, (observed + 1) * STEPS_GAP, STEPS_GAP)]
@@ -157,7 +157,7 @@ def child(kind: str, run: Path, out: Path, observed: int) -> None:
                         if folder == folders[-1]:
                             sink.write(view[:n])
     elif kind == "relex":
-        relex.engine.extrapolate(run, target_step=target, out_dir=out, device="cpu")
+        relex.api.extrapolate(run, out, target_step=target, device="cpu")
     elif kind == "naive":
         import numpy as np
         from safetensors.torch import load_file, save_file

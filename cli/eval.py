@@ -216,7 +216,8 @@ def eval_command(
     if fail_if_worse:
         gate = judge(results, margin)
         _print_gate(gate)
-    from relex.summaries import eval_markdown, write_summary
+    from relex.evaluate.summary import eval_markdown
+    from relex.summaries import write_summary
 
     write_summary(eval_markdown(results, gate), summary_path)
     if gate is not None and not gate.passed:

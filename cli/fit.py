@@ -9,15 +9,19 @@ import typer
 
 from relex_cli.app import app
 from relex_cli.console import DryRunOption, QuietOption, console
-from relex_cli.options import INPUT_FIELDS, RunDirArgument, run_options
+from relex_cli.options import INPUT_FIELDS, REWARD_FIELDS, RunDirArgument, run_options
 
 OUTPUT = "Output"
 
 
 @app.command(no_args_is_help=True)
-@run_options(*INPUT_FIELDS, "model", "device", "dtype", "storage_dtype", "max_shard_size", "overwrite",
+@run_options(*INPUT_FIELDS, "model", "target_steps", *REWARD_FIELDS, "device", "dtype", "storage_dtype",
+             "max_shard_size", "overwrite",
              help={"dtype": "dtype materialize writes: auto (as the newest checkpoint), bfloat16, float16 or "
-                            "float32."})
+                            "float32.",
+                   "target_steps": "The step the verdict recorded in trajectory.json carries the window backtest to "
+                                   "(default: the window alone); materialize writes any step."},
+             panels={"target_steps": "Verdict"})
 def fit(
     run_dir: RunDirArgument,
     out: Annotated[Path, typer.Option("--out", help="Folder for the stored trajectory (safetensors + trajectory.json).", rich_help_panel=OUTPUT, show_default=False)],

@@ -1,7 +1,8 @@
-"""Markdown summaries: the verdict (with the gate's decision, when there is one) and ``relex eval``'s table.
+"""Markdown summaries: the verdict, with the gate's decision when there is one, and the cells they are made of.
 
-``relex check``, ``relex extrapolate`` and ``relex eval`` write one to ``--summary FILE``, and append it to
-``$GITHUB_STEP_SUMMARY`` in a GitHub Actions job (:func:`write_summary`).
+``relex check`` and ``relex extrapolate`` write one to ``--summary FILE`` (``relex eval`` its own, made of the
+same cells: :mod:`relex.evaluate.summary`), and append it to ``$GITHUB_STEP_SUMMARY`` in a GitHub Actions job
+(:func:`write_summary`).
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def table(header: Sequence[str], rows: Iterable[Sequence], align: Sequence[str] 
 ICONS = {"passed": "✅", "passed with a warning": "⚠️", "failed": "❌", "not required": "ℹ️"}
 
 
-def _number(value, fmt: str) -> str:
+def number(value, fmt: str) -> str:
+    """``value`` formatted, or n/a when it is not a finite number."""
     return fmt.format(value) if isinstance(value, (int, float)) and value == value else "n/a"
 
 
@@ -85,18 +87,18 @@ def verdict_markdown(verdict, *, run: str, steps: Sequence[int], tensors: int, p
         rows.append(("target", md(text[0].upper() + text[1:])))
         if "max_target_step" in reach:
             rows.append(("horizon limit", f"step {reach['max_target_step']} "
-                                          f"({_number(reach['max_ratio'], '{:.3g}')}× the window: "
+                                          f"({number(reach['max_ratio'], '{:.3g}')}× the window: "
                                           f"{MAX_CARRY:g}× the backtest's own horizon)"))
     backtest = verdict.backtest or {}
     if backtest:
         rows.append(("window backtest", f"a line fitted up to step {backtest['fit_steps'][-1]} predicted step "
                                         f"{backtest['held_out_steps'][-1]}: weight error "
-                                        f"{_number(backtest['line_error'], '{:.2f}')}, stopping "
-                                        f"{_number(backtest['stop_error'], '{:.2f}')}"))
+                                        f"{number(backtest['line_error'], '{:.2f}')}, stopping "
+                                        f"{number(backtest['stop_error'], '{:.2f}')}"))
         if "projected_line_error" in backtest:
             rows.append((f"carried to step {md(step_text(verdict.target_step))}",
                          f"line {error_text(backtest['projected_line_error'])}, stopping "
-                         f"{_number(backtest['projected_stop_error'], '{:.2f}')} "
+                         f"{number(backtest['projected_stop_error'], '{:.2f}')} "
                          f"({'line wins' if backtest.get('line_beats_stop') else 'stopping wins'})"))
     elif d is not None:
         rows.append(("window backtest", "none: fewer than 4 checkpoints in the window"))
@@ -107,60 +109,10 @@ def verdict_markdown(verdict, *, run: str, steps: Sequence[int], tensors: int, p
     rows += [(md(k), v) for k, v in notes]  # values are Markdown already
     parts = [headline, "", table(list(rows[0]), rows[1:])]  # the verdict heads the table
     if d is not None:
-        stats = [(md(label), _number(getattr(d.observed, key), fmt), _number(getattr(d.null, key), fmt),
-                  _number(getattr(d.drift, key), fmt)) for label, key, fmt in STATISTICS]
+        stats = [(md(label), number(getattr(d.observed, key), fmt), number(getattr(d.null, key), fmt),
+                  number(getattr(d.drift, key), fmt)) for label, key, fmt in STATISTICS]
         parts += ["", table(["drift statistic", "observed", "random walk", "pure drift"], stats,
                             ["---", "--:", "--:", "--:"])]
-    return "\n".join(parts) + "\n"
-
-
-def eval_markdown(results, gate=None, title: str = "relex eval") -> str:
-    """The summary of ``relex eval``: accuracy of every checkpoint and its difference to the first, per
-    task and mean, headed by the ``--fail-if-worse`` gate's status when there is one."""
-    from relex.evaluate.results import format_difference
-
-    if gate is None:
-        headline = f"### {title}"
-    else:
-        status = "passed" if gate.passed else "failed"
-        headline = f"### {ICONS[status]} {title}: {md(gate.reason())}"
-    tasks = list(results.tasks)
-    columns = tasks + (["mean"] if len(tasks) > 1 else [])
-    header = ["checkpoint"] + [md(task) for task in columns]
-    if gate is not None:
-        header.append("gate")
-    rows = []
-    judged = {c.label: c for c in gate.checkpoints} if gate is not None else {}
-    for index, label in enumerate(results.labels):
-        row = [md(label) + (" (baseline)" if index == 0 and len(results.labels) > 1 else "")]
-        for task in columns:
-            if task == "mean":
-                value = results.data["mean"]["accuracy"].get(label)
-            else:
-                entry = results.data["tasks"][task]["results"].get(label)
-                value = entry["summary"]["accuracy"] if entry else None
-            cell = "–" if value is None or value != value else f"{100 * value:.1f}"
-            difference = results.difference(task, label)
-            if difference:
-                cell += f" ({md(format_difference(difference))})"
-            row.append(cell)
-        if gate is not None:
-            row.append("baseline" if index == 0 else "❌ worse" if judged[label].worse else "ok")
-        rows.append(row)
-    parts = [headline, "", table(header, rows, ["---"] + ["--:"] * (len(header) - 1))]
-    confidence = next((d.get("confidence") for task in columns for label in results.labels[1:]
-                       if (d := results.difference(task, label))), None)
-    settings = results.settings
-    metric = f"avg@{settings.get('samples', 1)}"
-    note = f"accuracy in % ({metric})"
-    if confidence:
-        note += (f"; in brackets: difference to {md(results.labels[0])} in points, "
-                 f"[{100 * confidence:.0f}% paired-bootstrap interval over problems]")
-    if gate is not None:
-        note += (f". Gate: a checkpoint fails when the upper end of its interval on "
-                 f"{'the mean over tasks' if gate.judged == 'mean' else md(gate.judged)} is below "
-                 f"−{100 * gate.margin:g} points")
-    parts += ["", note + "."]
     return "\n".join(parts) + "\n"
 
 
