@@ -113,7 +113,7 @@ def _planned_sinks(options):
 
 
 def _report_check(checked, printing: bool, title: str) -> None:
-    from relex_cli.console import console, err_console, print_check, print_gate, print_sources, print_verdict
+    from relex_cli.console import err_console, print_check, print_gate, print_sources, print_verdict
 
     if printing:
         print_sources(checked.series, None)

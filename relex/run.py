@@ -24,7 +24,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch

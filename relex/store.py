@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from relex.device import OUTPUT_DTYPES, resolve_device
 from relex.distributed import current

@@ -34,9 +34,10 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 from relex.errors import RelexInputError
+from relex.jsonable import jsonable
 from relex.evaluate import stats
 
 FORMAT = "relex-eval/1"
@@ -100,7 +101,7 @@ class EvalResults:
 
     # ------------------------------------------------------------------ io
     def to_json(self) -> str:
-        return json.dumps(_finite(self.data), indent=1, ensure_ascii=False)
+        return json.dumps(jsonable(self.data), indent=1, ensure_ascii=False)
 
     def save(self, path: str | Path) -> Path:
         """Write atomically (a temporary file beside ``path``, then a rename)."""
@@ -134,17 +135,6 @@ class EvalResults:
 
     def __repr__(self) -> str:
         return f"EvalResults(checkpoints={self.labels}, tasks={self.tasks})"
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no NaN: write ``None`` instead."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
 
 
 def new_document(settings: dict, relex_version: str) -> dict:

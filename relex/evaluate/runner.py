@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
+from relex.device import resolve_device
 from relex.errors import RelexInputError
 from relex.evaluate import stats
 from relex.evaluate.tasks import (
@@ -35,7 +36,7 @@ from relex.evaluate.tasks import (
     toy_answer_tokens,
 )
 
-Progress = Callable[[dict], None]
+WorkerEvents = Callable[[dict], None]  # a worker's progress records, written one JSON line each
 
 BACKENDS = ("hf", "vllm")
 PROMPT_FORMATS = ("auto", "chat", "plain")
@@ -157,17 +158,6 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    try:
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    except Exception:
-        return "cpu"
-
-
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     message = text[0] if text else ""
@@ -284,7 +274,7 @@ def write_task_configs(folder: Path, specs: list[TaskSpec], settings: EvalSettin
         (folder / f"{spec.lm_eval_name}.yaml").write_text(text, encoding="utf-8")
 
 
-def _report_generation(lm, total: int, progress: Progress | None, chunk: int | None) -> None:
+def _report_generation(lm, total: int, progress: WorkerEvents | None, chunk: int | None) -> None:
     """Wrap ``lm.generate_until`` so that it reports how many completions are done."""
     if progress is None:
         return
@@ -402,7 +392,7 @@ def _load_task(manager, spec: TaskSpec, settings: EvalSettings) -> list:
                               task_source(spec, settings)) from exc
 
 
-def run_checkpoint(checkpoint: str, settings: EvalSettings, progress: Progress | None = None,
+def run_checkpoint(checkpoint: str, settings: EvalSettings, progress: WorkerEvents | None = None,
                    decoding: dict | None = None) -> dict:
     """Evaluate one checkpoint on ``settings.tasks``; returns ``{"checkpoint": {...}, "tasks": {...}}``.
 
@@ -411,7 +401,7 @@ def run_checkpoint(checkpoint: str, settings: EvalSettings, progress: Progress |
     settings.validate()
     notify = progress or (lambda event: None)
     started = time.time()
-    device = resolve_device(settings.device)
+    device = str(resolve_device(settings.device))
 
     notify({"stage": "loading", "message": "loading the model"})
     lm = load_model(checkpoint, settings, device, decoding)
