@@ -20,7 +20,6 @@ def demo(
 ) -> None:
     """Train a tiny RLVR run on CPU (minutes), extrapolate it from its first 10% and 20% of checkpoints
     with RELEX, and compare with the real final checkpoint on held-out problems."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     from relex.demo import DEMO_PRESETS, run_demo
@@ -33,31 +32,11 @@ def demo(
         raise RelexInputError(f"unknown --preset {preset!r}; known: {', '.join(DEMO_PRESETS)}")
     config = DEMO_PRESETS[preset]()
 
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TextColumn("{task.fields[extra]}", style="dim"), TimeElapsedColumn(), console=err_console,
-                   transient=True)
-    tasks: dict = {}
+    from relex_cli.console import progress_bars
 
-    def on_train(event: dict) -> None:
-        phase = event.get("phase")
-        if phase not in ("warmup", "rl"):
-            return
-        if phase not in tasks:
-            if not bar.live.is_started:
-                bar.start()
-            description = "supervised warm-up" if phase == "warmup" else "GRPO"
-            tasks[phase] = bar.add_task(description, total=event.get("total"), extra="")
-        extra = f"reward {event['reward']:.3f}" if "reward" in event else ""
-        bar.update(tasks[phase], completed=event.get("step", 0), extra=extra)
-
-    def say(message: str) -> None:
-        if bar.live.is_started:
-            bar.stop()
-        console.print(f"[dim]•[/dim] {message}")
-
-    result = run_demo(out, config, fresh=fresh, samples=samples, progress=say, train_progress=on_train)
-    if bar.live.is_started:
-        bar.stop()
+    with progress_bars() as report:
+        result = run_demo(out, config, fresh=fresh, samples=samples, progress=report,
+                          say=lambda message: err_console.print(f"[dim]•[/dim] {message}"))
 
     table = Table(title=f"relex demo: toy RLVR run '{config.name}' ({config.steps} steps), held-out accuracy")
     table.add_column("checkpoint")

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 
 from relex.api import extrapolate
 from relex.jsonable import write_json
+from relex.progress import Report
 
 FRACTIONS = (0.1, 0.2)
 
@@ -111,13 +112,13 @@ def run_demo(
     fractions: Sequence[float] = FRACTIONS,
     fresh: bool = False,
     samples: int = 8,
-    progress: Callable[[str], None] | None = None,
-    train_progress: Callable[[dict], None] | None = None,
+    progress: Report = None,
+    say: Callable[[str], None] | None = None,
 ) -> DemoResult:
     """Run the whole demonstration into ``out_dir`` and return its figures (see the module docstring)."""
     from relex.toy import ToyConfig, train_run
 
-    say = progress or (lambda message: None)
+    say = say or (lambda message: None)
     config = config or ToyConfig.demo()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -129,7 +130,7 @@ def run_demo(
 
         shutil.rmtree(run_dir, ignore_errors=True)
         say(f"training the toy run ({config.name}: {config.steps} RL steps) into {run_dir}")
-        train_run(run_dir, config, progress=train_progress, evaluate=False)
+        train_run(run_dir, config, progress=progress, evaluate=False)
     else:
         say(f"reusing the toy run in {run_dir}")
     seconds["train"] = time.perf_counter() - started
