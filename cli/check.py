@@ -9,7 +9,7 @@ import typer
 
 from relex_cli.app import app
 from relex_cli.console import GATE, DryRunOption, SummaryOption
-from relex_cli.options import INPUT_FIELDS, REWARD_FIELDS, RunDirArgument, run_options
+from relex_cli.options import INPUT_FIELDS, PROBE_FIELDS, REWARD_FIELDS, RunDirArgument, run_options
 
 CHECK_HELP = """Judge, before anything is written, whether extrapolating RUN_DIR to --target-step is plausible.
 
@@ -22,11 +22,13 @@ Exit codes:
 * **2** bad input (one line on stderr, nothing written);
 * **1** internal error.
 """  # noqa: E501 - one line per paragraph, wrapped by the help formatter
-TARGET_HELP = "The step to extrapolate to (default: judge the window alone, as far as its backtest reached)."
+TARGET_HELP = ("The step to extrapolate to (default: judge the window alone, as far as its backtest reached); auto: "
+               "the step the probe chooses (needs --probe).")
 
 
 @app.command(no_args_is_help=True, help=CHECK_HELP)
-@run_options(*INPUT_FIELDS, "target_steps", "allow_interpolation", *REWARD_FIELDS, "device",
+@run_options(*INPUT_FIELDS, "target_steps", "allow_interpolation", *REWARD_FIELDS, *PROBE_FIELDS, "device",
+             "dtype", "max_shard_size",
              help={"target_steps": TARGET_HELP, "allow_interpolation": "Accept a target step inside the observed "
                    "window (the window alone is then judged)."},
              panels={"target_steps": GATE, "allow_interpolation": GATE, "rewards": GATE, "reward_key": GATE,
@@ -70,6 +72,10 @@ def check(
             print_sources(result.series, result.sources)
             print_verdict(result.verdict, result.series)
             print_check(result.verdict)
+            if result.probe is not None:
+                console.print(result.probe.curve.text(), highlight=False)
+                console.print(f"probe cost: {result.probe.curve.tokens:,} forward tokens, "
+                              f"{result.probe.curve.seconds:.1f} s; the probe decides the gate")
         print_gate(result.decision)
         if json_path is not None:
             write_json(json_path, result.to_dict())

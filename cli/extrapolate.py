@@ -9,7 +9,7 @@ import typer
 
 from relex_cli.app import app
 from relex_cli.console import GATE, DryRunOption, QuietOption, SummaryOption
-from relex_cli.options import INPUT_FIELDS, REWARD_FIELDS, RunDirArgument, run_options
+from relex_cli.options import INPUT_FIELDS, PROBE_FIELDS, REWARD_FIELDS, RunDirArgument, run_options
 
 REQUIRE_HELP = ("Judge the run first, as relex check does, and refuse (exit 3, nothing written) unless the gate "
                 "passes: plausible (the gate of relex check) or drift-dominated (of relex check --strict). Reads "
@@ -20,7 +20,7 @@ OUTPUT_FIELDS = ("target_steps", "allow_interpolation", "device", "dtype", "outp
 
 
 @app.command(no_args_is_help=True)
-@run_options(*INPUT_FIELDS, "model", *OUTPUT_FIELDS, *REWARD_FIELDS, required=("target_steps",))
+@run_options(*INPUT_FIELDS, "model", *OUTPUT_FIELDS, *REWARD_FIELDS, *PROBE_FIELDS, required=("target_steps",))
 def extrapolate(
     run_dir: RunDirArgument,
     out: Annotated[Path, typer.Option("--out", help="Output folder (a Hugging Face checkpoint).", rich_help_panel="Output", show_default=False)],
@@ -76,16 +76,40 @@ def extrapolate(
         result = api.extrapolate(run_dir, out, options, progress=progress)
     if not rank_zero():
         return
+    if result.probe is not None:
+        _report_probe(result, printing)
+        if not result.written:
+            write_summary(result.markdown("relex extrapolate", result.probe.gate(),
+                                          [("output", "none: no target beats the last observed checkpoint")]),
+                          summary_path)
+            raise typer.Exit(3)
     if report is not None:
         write_json(report, result.to_dict())
     if summary_path is not None or os.environ.get("GITHUB_STEP_SUMMARY"):
         written = [("output", f"step {step} → `{folder}`") for step, folder in result.out_dirs.items()]
-        write_summary(result.markdown("relex extrapolate", decision, written), summary_path)
+        write_summary(result.markdown("relex extrapolate", decision or (result.probe.gate() if result.probe else None),
+                                      written), summary_path)
     if not printing:
         return
     _print_result(result)
+    if result.probe is not None:
+        console.print(f"probe: [bold]{result.probe.curve.probe['name']}[/bold] chose step {result.probe.chosen} "
+                      f"({result.probe.curve.tokens:,} forward tokens, {result.probe.curve.seconds:.1f} s)")
     for step, folder in result.out_dirs.items():
         console.print(f"wrote step {step} → [bold]{folder}[/bold]")
+
+
+def _report_probe(result, printing: bool) -> None:
+    """The probe's curve and decision (the weights' verdict is printed beside it with the result)."""
+    from relex_cli.console import console, err_console, print_gate
+
+    outcome = result.probe
+    if printing:
+        console.print(outcome.curve.text(), highlight=False)
+        print_gate(outcome.gate(), "relex extrapolate")
+    if not result.written:
+        err_console.print(f"relex: refused: {outcome.gate().reason}; nothing written", soft_wrap=True,
+                          highlight=False, markup=False)
 
 
 def _print_plan(run_dir: str, options, quiet: bool) -> None:

@@ -22,6 +22,8 @@ from relex.trajectory import ModelSpec
 INPUT_FIELDS = ("base", "steps", "max_step", "revision_pattern", "subfolder_pattern", "allow_pickle")
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelSpec) if f.metadata.get("cli", True))
 REWARD_FIELDS = ("rewards", "reward_key", "reward_max")
+PROBE_FIELDS = ("probe", "probe_limit", "probe_mode", "probe_confidence", "probe_looks", "probe_batch",
+                "probe_max_new_tokens", "horizon_limit")
 
 RUN_DIR_HELP = ("Run folder holding checkpoint-N/, global_step_N/ or step_N/ folders, or a Hub run "
                 "hf://ORG/REPO[@REVISION] (see --revision-pattern, --subfolder-pattern).")

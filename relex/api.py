@@ -13,6 +13,10 @@ the same for every command given the same run and options.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -27,6 +31,7 @@ from relex.io.discover import CheckpointSeries, is_checkpoint_name
 from relex.io.hub import parse_hub_run
 from relex.io.staging import check_output_folder, require_free_space
 from relex.io.writer import aux_bytes, write_index
+from relex.jsonable import write_json
 from relex.options import RunOptions
 from relex.progress import Report, counts_of
 from relex.run import PassResult, TensorResult, open_run
@@ -56,6 +61,12 @@ class ExtrapolationResult:
     bytes_written: int
     device: str
     output: str = "checkpoint"
+    probe: object = None  # the probe's outcome (relex.probe.verify.ProbeOutcome) when a probe decided
+
+    @property
+    def written(self) -> bool:
+        """Whether a checkpoint was written (a probe that finds no better target writes none)."""
+        return bool(self.out_dirs)
 
     @property
     def target_steps(self) -> list[int]:
@@ -111,6 +122,8 @@ class ExtrapolationResult:
             outputs={str(k): str(v) for k, v in self.out_dirs.items()}, device=self.device,
             summary=self.summary(), verdict=result.verdict.to_dict(), selection=result.selection,
             passes=result.passes)
+        if self.probe is not None:
+            payload["probe"] = self.probe.to_dict()
         if per_tensor:
             payload["tensors"] = {t.name: {"shape": list(t.shape), "relative_delta": t.relative_delta, **t.stats}
                                   for t in result.tensors}
@@ -138,9 +151,11 @@ def extrapolate(source, out_dir: str | Path, options: RunOptions | None = None, 
     written then.
     """
     options = _options(options, settings)
-    if not options.target_steps:
+    if not options.target_steps and not options.auto_target:
         raise RelexInputError("give at least one --target-step")
     out_dir = Path(out_dir)
+    if options.probed:
+        return _extrapolate_probed(source, out_dir, options, progress)
     ranks = current()
     if ranks.distributed and options.output == "lora":
         raise RelexInputError("--output lora writes one adapter file: run it in one process (without torchrun)")
@@ -189,6 +204,48 @@ def extrapolate(source, out_dir: str | Path, options: RunOptions | None = None, 
     return extrapolation
 
 
+def _extrapolate_probed(source, out_dir: Path, options: RunOptions, progress: Report) -> ExtrapolationResult:
+    """Extrapolation decided by a probe: the candidates written by one pass, the one the probe chooses kept (see
+    :mod:`relex.probe.verify`); none better than the last observed checkpoint: nothing written."""
+    from relex.probe.verify import plot_curve, verify  # start-up: the probe loads transformers
+
+    if current().distributed:
+        raise RelexInputError("--probe scores whole models: run it in one process (without torchrun)")
+    if options.output != "checkpoint":
+        raise RelexInputError("--probe verifies full checkpoints: it takes --output checkpoint")
+    check_output_folder(out_dir, options.overwrite)
+    check_output_place(out_dir, source)
+
+    class NothingBetter(Exception):
+        pass
+
+    with open_run(source, options, progress=progress) as run:
+        try:
+            with staged_folder(out_dir, options.overwrite) as staging:
+                outcome = verify(run, options, staging / ".candidates", progress=progress, out_dir_for_space=out_dir)
+                if outcome.chosen is None:
+                    raise NothingBetter()
+                chosen = outcome.candidates[outcome.chosen]
+                for item in chosen.iterdir():
+                    item.rename(staging / item.name)
+                shutil.rmtree(staging / ".candidates")
+                digests = json.loads((staging / "relex.json").read_text())["shards_sha256"]
+                extrapolation = ExtrapolationResult(
+                    out_dirs={outcome.chosen: out_dir}, options=options,
+                    result=dataclasses.replace(outcome.result, verdict=outcome.verdict),
+                    bytes_written=sum(f.stat().st_size for f in staging.iterdir() if f.is_file()),
+                    device=str(run.device), probe=outcome)
+                record = extrapolation.to_dict()
+                record["target_steps"] = [outcome.chosen]
+                write_json(staging / "relex.json", {**record, "target_step": outcome.chosen, "shards_sha256": digests})
+                plot_curve(outcome.curve, staging / "probe.png")
+        except NothingBetter:
+            return ExtrapolationResult(out_dirs={}, options=options,
+                                       result=dataclasses.replace(outcome.result, verdict=outcome.verdict),
+                                       bytes_written=0, device=str(run.device), probe=outcome)
+    return extrapolation
+
+
 # ------------------------------------------------------------------ check
 
 
@@ -203,6 +260,7 @@ class CheckResult:
     decision: GateDecision
     sources: dict  # how each checkpoint was read (as relex.json records it)
     skipped: list[dict]  # folders that looked like checkpoints but were not read
+    probe: object = None  # the probe's outcome (relex.probe.verify.ProbeOutcome) when a probe decided
     tensors: int = 0
     parameters: int = 0
     seconds: float = 0.0
@@ -226,8 +284,8 @@ class CheckResult:
 
         return {"format": "relex-check/2", "relex_version": __version__, "run": self.run,
                 "target_step": self.target_step, "steps": self.steps, "gate": self.decision.to_dict(),
-                "verdict": self.verdict.to_dict(), "sources": self.sources, "skipped": self.skipped,
-                "tensors": self.tensors,
+                "verdict": self.verdict.to_dict(), "probe": None if self.probe is None else self.probe.to_dict(),
+                "sources": self.sources, "skipped": self.skipped, "tensors": self.tensors,
                 "parameters": self.parameters, "seconds": self.seconds, "bytes_read": self.bytes_read}
 
 
@@ -235,15 +293,36 @@ def check(source, options: RunOptions | None = None, *, strict: bool = False, pr
           **settings) -> CheckResult:
     """Read ``source`` once (nothing is written) and judge whether extrapolating it to the farthest target step
     is plausible; without a target (or with ``allow_interpolation`` and a target inside the window) the window
-    alone is judged. ``strict`` fails anything but a plausible verdict."""
+    alone is judged. ``strict`` fails anything but a plausible verdict.
+
+    With ``options.probe`` the probe decides (:mod:`relex.probe.verify`): the candidates (the target, or with
+    ``--target-step auto`` a grid of them) are written to a scratch folder, scored on the probe against the last
+    observed checkpoint, and deleted; the gate passes when one is better. The weights' verdict is reported beside.
+    """
     options = _options(options, settings)
+    outcome = None
     with open_run(source, options, progress=progress) as run:
-        result = run.execute(progress=progress)
-    return CheckResult(run=result.label, series=result.series, target_step=options.target_step,
-                       verdict=result.verdict, decision=result.verdict.gate(strict), sources=result.sources,
+        if options.probed:
+            from relex.probe.verify import verify  # start-up: the probe loads transformers
+
+            if current().distributed:
+                raise RelexInputError("--probe scores whole models: run it in one process (without torchrun)")
+            scratch = Path(tempfile.mkdtemp(prefix="relex-probe-"))
+            try:
+                outcome = verify(run, options, scratch, progress=progress)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+            result, verdict, decision = outcome.result, outcome.verdict, outcome.gate()
+        else:
+            result = run.execute(progress=progress)
+            verdict = result.verdict
+            decision = verdict.gate(strict)
+    return CheckResult(run=result.label, series=result.series,
+                       target_step=outcome.chosen if outcome is not None else options.target_step,
+                       verdict=verdict, decision=decision, sources=result.sources,
                        skipped=[{"path": str(p), "reason": r} for p, r in result.series.skipped],
-                       tensors=len(result.grams),
-                       parameters=result.parameters, seconds=result.seconds, bytes_read=result.bytes_read)
+                       tensors=len(result.grams), parameters=result.parameters, seconds=result.seconds,
+                       bytes_read=result.bytes_read, probe=outcome)
 
 
 # ------------------------------------------------------------------ analyze

@@ -22,7 +22,7 @@ from relex.io.steps import parse_steps, parse_targets
 from relex.io.writer import parse_size
 from relex.trajectory import ModelSpec
 
-INPUT, VERDICT, OUTPUT = "Input", "Verdict", "Output"
+INPUT, VERDICT, PROBE, OUTPUT = "Input", "Verdict", "Probe", "Output"
 DEFAULT_BLOCK_BYTES = 2 * 1024**3  # the pool of stored-dtype copies one pass holds at most
 OUTPUT_DTYPES = ("auto", "bfloat16", "float16", "float32")
 OUTPUTS = ("checkpoint", "lora")
@@ -62,9 +62,12 @@ class RunOptions:
     model: ModelSpec = option(default_factory=ModelSpec, help="The trajectory model.", panel="Model", cli=False)
 
     # -- where to go, and the verdict on going there --------------------------------------------------------------
-    # the steps to predict; the verdict's window backtest is carried to the farthest (none: the window alone)
-    target_steps: tuple[int, ...] = option((), help="Step to predict; several as 100,200 (then OUT/step-N/ each).",
-                                           panel=OUTPUT, flag="--target-step", metavar="N")
+    # the steps to predict; the verdict's window backtest is carried to the farthest (none: the window alone);
+    # "auto": the step the probe chooses (auto_target)
+    target_steps: tuple[int, ...] = option((), help="Step to predict; several as 100,200 (then OUT/step-N/ each); "
+                                                    "auto: the step the probe chooses (needs --probe).",
+                                           panel=OUTPUT, flag="--target-step", metavar="N|auto")
+    auto_target: bool = option(False, help="Choose the target step by the probe.", panel=PROBE, cli=False)
     # accept targets inside the observed window
     allow_interpolation: bool = option(False, help="Allow target steps inside the observed window.", panel=VERDICT)
     # the training reward the verdict weighs: "auto", "none" or a file
@@ -73,6 +76,26 @@ class RunOptions:
                                             "reward).", panel=VERDICT)
     reward_max: float = option(1.0, help="The reward's ceiling (a verifier's reward for a correct answer).",
                                panel=VERDICT)
+
+    # -- the probe: the function, not the weights, on a few training problems ---------------------------------------
+    probe: str | None = option(None, help="Verify the prediction on problems from the training distribution: toy-train "
+                                          "(the toy task's training split) or a JSON Lines file of training problems "
+                                          "with answers (see docs/probe.md). The gate then decides on the probe.",
+                               panel=PROBE, metavar="TASK|FILE")
+    probe_limit: int = option(64, help="Probe problems scored at most (sequential looks may stop sooner).",
+                              panel=PROBE)
+    probe_mode: str = option("reward", help="reward: greedy decoding scored by the verifier; logprob: the "
+                                            "teacher-forced log-probability of verified completions (no "
+                                            "generation: cheaper, a screen).", panel=PROBE)
+    probe_confidence: float = option(0.95, help="Confidence that a candidate beats the last observed checkpoint "
+                                                "(family-wise over candidates and looks).", panel=PROBE)
+    probe_looks: int = option(3, help="Looks of the sequential comparison (it stops once decided).", panel=PROBE)
+    probe_batch: int = option(32, help="Problems per forward pass.", panel=PROBE)
+    probe_max_new_tokens: int = option(256, help="Tokens generated per probe problem (reward mode; the toy needs 4).",
+                                       panel=PROBE)
+    horizon_limit: int | None = option(None, help="With --target-step auto: the farthest target tried (default: the "
+                                                  "farthest the window backtest vouches for, or 10× the last "
+                                                  "observed step).", panel=PROBE)
 
     # -- the pass and its outputs ---------------------------------------------------------------------------------
     device: str = option("auto", help="auto (CUDA when available), cpu or cuda.", panel=OUTPUT)
@@ -96,7 +119,23 @@ class RunOptions:
         set_ = object.__setattr__
         if self.steps is not None:
             set_(self, "steps", tuple(parse_steps(self.steps)))
+        if isinstance(self.target_steps, str) and self.target_steps.strip().lower() == "auto":
+            set_(self, "auto_target", True)
+            set_(self, "target_steps", ())
         set_(self, "target_steps", () if self.target_steps in ((), None) else parse_targets(self.target_steps))
+        if self.auto_target and self.target_steps:
+            raise RelexInputError("--target-step auto chooses the target: give no other target step")
+        if self.auto_target and self.probe is None:
+            raise RelexInputError("--target-step auto needs --probe (the problems that choose the target)")
+        if self.probe is not None:
+            set_(self, "probe", str(self.probe))
+        if self.probe_mode not in ("reward", "logprob"):
+            raise RelexInputError(f"unknown --probe-mode {self.probe_mode!r} (use reward or logprob)")
+        if not 0.5 <= float(self.probe_confidence) < 1.0:
+            raise RelexInputError(f"--probe-confidence must be in [0.5, 1), got {self.probe_confidence}")
+        for name in ("probe_limit", "probe_looks", "probe_batch", "probe_max_new_tokens"):
+            if int(getattr(self, name)) < 1:
+                raise RelexInputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.max_step is not None and (isinstance(self.max_step, bool) or int(self.max_step) < 0):
             raise RelexInputError(f"--max-step must be a step (an integer of at least 0), got {self.max_step!r}")
         if self.base is not None:
@@ -150,6 +189,11 @@ class RunOptions:
     def target_step(self) -> int | None:
         """The farthest target (where the verdict carries the window backtest), or None."""
         return max(self.target_steps) if self.target_steps else None
+
+    @property
+    def probed(self) -> bool:
+        """A probe decides (a fixed target verified, or the target chosen)."""
+        return self.probe is not None
 
     @property
     def reward_file(self) -> Path | None:

@@ -76,6 +76,12 @@ class PassResult:
     selection: dict | None = None  # the backtest figures of automatic choices
     sources: dict | None = None  # how each checkpoint was read
     parts: list[list[dict]] | None = None  # across ranks: what each rank's sinks wrote (their ``part()``)
+    judged: object = field(default=None, repr=False)  # the RunVerdict of this pass, and the reward it weighs
+
+    def verdict_at(self, target_step: int | None) -> Verdict:
+        """The same verdict carried to another target (the one a probe chose): the same Gram matrices, the same
+        rules, the reward's trend carried there too."""
+        return self.judged(target_step)
 
     @property
     def grams(self) -> dict[str, np.ndarray]:
@@ -345,12 +351,14 @@ class Run:
                     verdict.add(m.result.name, m.gram, m.ndim)
                 tensors.append(m.result)
         parts = [p for _, _, p in gathered] if gathered[0][2] is not None else None
-        target = self.options.target_step
-        carried = target if target is not None and target > self.steps[-1] else None
+
+        def judged(target: int | None) -> Verdict:
+            carried = target if target is not None and target > self.steps[-1] else None
+            return verdict.judge(carried, self._reward(carried))
+
         return PassResult(self.label, self.series, tensors, models if any(m is not None for m in models.values()) else {},
-                          base_norms, verdict.judge(carried, self._reward(carried)),
-                          sum(b for b, _, _ in gathered), passes, time.perf_counter() - started,
-                          selector.selection, self.readers.describe(), parts)
+                          base_norms, judged(self.options.target_step), sum(b for b, _, _ in gathered), passes,
+                          time.perf_counter() - started, selector.selection, self.readers.describe(), parts, judged)
 
     def _reward(self, target) -> object:
         """The training reward's trend the verdict weighs (:mod:`relex.analysis.reward`), or None."""

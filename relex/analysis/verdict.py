@@ -91,6 +91,7 @@ class Outcome(str, Enum):
     INCONCLUSIVE = "inconclusive"
     HURT = "will likely hurt"
     BEYOND = "beyond the backtest's horizon"
+    NOT_BETTER = "not better on the probe"  # a probe decided: no candidate beat the last observed checkpoint
 
 
 class Finding(str, Enum):
@@ -133,6 +134,7 @@ class GateDecision:
     outcome: Outcome
     reason: str
     strict: bool = False
+    decided_by: str = "weights"  # "weights" (the verdict) or "probe" (candidates scored on a probe set)
 
     @property
     def exit_code(self) -> int:
@@ -149,7 +151,8 @@ class GateDecision:
 
     def to_dict(self) -> dict:
         return {"passed": self.passed, "status": self.status, "exit_code": self.exit_code,
-                "outcome": self.outcome.value, "reason": self.reason, "strict": self.strict}
+                "outcome": self.outcome.value, "reason": self.reason, "strict": self.strict,
+                "decided_by": self.decided_by}
 
 
 @dataclass(frozen=True)
@@ -283,6 +286,17 @@ def horizon(steps, target_step, fit_steps=None, held_out_steps=None) -> dict | N
             record.update(backtest_ratio=h_b, carry=carry, max_carry=MAX_CARRY, max_ratio=max_ratio,
                           max_target_step=int(math.floor(last_value * max_ratio)), within_limit=carry <= MAX_CARRY)
     return record
+
+
+def horizon_limit(steps) -> int | None:
+    """The farthest target step the window backtest of ``steps`` can vouch for (:data:`MAX_CARRY` times its own
+    horizon), or None when the window is too short for a backtest."""
+    holdout = verdict_holdout(len(steps))
+    if holdout is None:
+        return None
+    p = len(steps) - holdout
+    reach = horizon(list(steps), float("inf"), steps[:p], steps[p:])
+    return None if reach is None else reach.get("max_target_step")
 
 
 def decide(diagnostics: DriftDiagnostics | None, *, target_step=None, backtest: WindowBacktest | None = None,
