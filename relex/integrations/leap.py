@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 LEAP = "leap/"  # prefix of the figures of each decision
 OPTIMIZER_STATES = ("keep", "reset")
-REQUIREMENTS = ("plausible", "gate", "always")
+REQUIREMENTS = ("plausible", "gate", "always", "probe")
 
 
 # -- the fit of one segment, in memory ------------------------------------------------------------------
@@ -60,11 +60,12 @@ class SegmentFit:
     """The fit of one segment: the prediction of the target and the verdict on the way there."""
 
     steps: list[int]  # the snapshots' steps, counted from the segment's start
-    target: int  # likewise
-    prediction: dict[str, torch.Tensor]
+    target: int  # likewise (the farthest target when there are several)
+    prediction: dict[str, torch.Tensor]  # the prediction of the target
     verdict: Verdict
     figures: dict[str, float]
     seconds: float
+    predictions: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # of every target
 
     @property
     def passes_gate(self) -> bool:
@@ -73,20 +74,22 @@ class SegmentFit:
 
 
 def fit_segment(base: Mapping[str, torch.Tensor], snapshots: Sequence[tuple[int, Mapping[str, torch.Tensor]]],
-                target: int, options: RunOptions | None = None,
+                target: int | Sequence[int], options: RunOptions | None = None,
                 rewards: Sequence[tuple[float, float]] | None = None) -> SegmentFit:
     """Fit the trajectory of ``snapshots`` (``(step, tensors)``, steps from the segment's start, base at 0) and
-    predict ``target``: one pass of relex's engine over the snapshots in memory (:class:`relex.io.runs.Snapshots`),
+    predict ``target`` (or several targets, the verdict carried to the farthest): one pass of relex's engine over
+    the snapshots in memory (:class:`relex.io.runs.Snapshots`),
     with the trajectory model of ``options`` (:class:`relex.options.RunOptions`), giving the verdict ``relex
     check`` gives on the same checkpoints; it weighs the training reward's trend when ``rewards`` (``(step, mean
     reward)``, steps counted like the snapshots') are given, as ``relex check`` weighs a run's logged reward."""
-    options = (options or RunOptions(device="cpu")).replace(target_steps=(int(target),))
+    targets = sorted({int(t) for t in ([target] if isinstance(target, int) else target)})
+    options = (options or RunOptions(device="cpu")).replace(target_steps=tuple(targets))
     with open_run(Snapshots(base, list(snapshots), list(rewards or ())), options) as run:
         dtypes = {name: info.dtype for name, info in run.readers.observed[-1].tensors.items()}
-        sink = TensorSink([target], dtypes, run.device)
+        sink = TensorSink(targets, dtypes, run.device)
         result = run.execute(sink)
-    return SegmentFit(list(result.steps), int(target), sink.tensors[target], result.verdict,
-                      figures_of(result.verdict), result.seconds)
+    return SegmentFit(list(result.steps), targets[-1], sink.tensors[targets[-1]], result.verdict,
+                      figures_of(result.verdict), result.seconds, dict(sink.tensors))
 
 
 # -- options and records ------------------------------------------------------------------------------------
@@ -117,6 +120,16 @@ class LeapOptions:
     optimizer_state: str = "keep"
     # Step the learning-rate scheduler N times at a jump, so the rate follows the virtual step.
     advance_scheduler: bool = True
+    # A probe set (relex.probe: "toy-train", a JSON Lines file of training problems, or a loaded ProbeSet): at each
+    # decision the jump length is chosen on it (require "probe"): candidates on a grid of lengths up to leap are
+    # scored against the current weights, and the run jumps to the best one that beats them with
+    # probe_confidence; none better: no jump. tokenizer: the model's, for a chat probe.
+    probe: object = field(default=None, compare=False)
+    probe_limit: int = 64
+    probe_mode: str = "reward"
+    probe_confidence: float = 0.95
+    probe_looks: int = 3
+    tokenizer: object = field(default=None, compare=False)
     # An optional check of a jump: called as check(model) before and after it (higher is better, e.g. the
     # reward on a small validation set); a jump that lowers it by more than check_tolerance is reverted.
     check: Callable[[torch.nn.Module], float] | None = field(default=None, compare=False)
@@ -140,6 +153,14 @@ class LeapOptions:
         if self.every // self.snapshot_every < 2:
             raise ValueError(f"a segment needs at least 2 snapshots to fit a line: every={self.every} with "
                              f"snapshot_every={self.snapshot_every} gives {self.every // self.snapshot_every}")
+        if self.probe is not None and self.require == "plausible":
+            self.require = "probe"  # a probe given decides
+        if self.require == "probe" and self.probe is None:
+            raise ValueError("require='probe' needs a probe set (probe=...)")
+        if isinstance(self.probe, str):
+            from relex.probe.problems import load_probe  # start-up: only with a probe
+
+            self.probe = load_probe(self.probe, self.probe_limit)
         if self.require not in REQUIREMENTS:
             raise ValueError(f"require must be one of {', '.join(REQUIREMENTS)}, not {self.require!r}")
         if self.optimizer_state not in OPTIMIZER_STATES:
@@ -176,6 +197,7 @@ class LeapDecision:
     check_before: float | None = None
     check_after: float | None = None
     seconds: float = 0.0
+    probe: dict | None = None  # the probe's curve over the candidate jumps (relex.probe.search.ProbeCurve)
 
     def log_figures(self) -> dict[str, float]:
         """The numbers logged for this decision (``leap/...`` and the verdict's ``relex/...``)."""
@@ -306,8 +328,13 @@ class Leaper:
         record = dict(real_step=real_step, from_step=step, to_step=step, length=length,
                       segment_start=self.segment_start, jumped=False)
         current = self.snapshots[-1][1]
+        targets = [offset + length]
+        if options.require == "probe":  # the jump length is chosen on the probe among a grid of them
+            from relex.probe.search import target_grid  # start-up: only with a probe
+
+            targets = target_grid(offset, offset + length) or targets
         try:
-            fit = fit_segment(self.base, self.snapshots, offset + length, options.run, rewards)
+            fit = fit_segment(self.base, self.snapshots, targets, options.run, rewards)
         except Exception as exc:  # noqa: BLE001 — a failed fit leaves training as it was
             logger.warning("relex leap at step %d: no jump, the fit failed: %s", step, one_line(exc))
             self._restart(step)
@@ -315,13 +342,22 @@ class Leaper:
                                 seconds=time.perf_counter() - started)
         record.update(verdict=fit.verdict.to_dict(), message=fit.verdict.message, figures=fit.figures,
                       passes_gate=fit.passes_gate)
-        allowed = {"plausible": fit.verdict.plausible, "gate": fit.passes_gate, "always": True}[options.require]
+        prediction = fit.prediction
+        if options.require == "probe":
+            curve = self._probe(model, parameters, current, fit)
+            record["probe"] = curve.to_dict()
+            allowed = curve.chosen is not None
+            if allowed:
+                length, prediction = curve.chosen - offset, fit.predictions[curve.chosen]
+                record["length"] = length
+        else:
+            allowed = {"plausible": fit.verdict.plausible, "gate": fit.passes_gate, "always": True}[options.require]
         if not allowed:
             logger.info("relex leap at step %d: no jump (%s)", step, fit.verdict.message)
             self._restart(step)
             return LeapDecision(**record, reason="refused", seconds=time.perf_counter() - started)
         before = float(options.check(model)) if options.check is not None else None
-        self._write(parameters, fit.prediction)
+        self._write(parameters, prediction)
         try:
             after = float(options.check(model)) if options.check is not None else None
         except BaseException:
@@ -340,14 +376,45 @@ class Leaper:
                 scheduler.step()
         record.update(to_step=step + length, jumped=True)
         logger.info("relex leap at step %d: jumped to step %d (%s)", step, step + length, fit.verdict.message)
-        self._restart(step + length, base=fit.prediction)
+        self._restart(step + length, base=prediction)
         return LeapDecision(**record, reason="jumped", seconds=time.perf_counter() - started)
+
+    def _probe(self, model, parameters, current, fit: SegmentFit):
+        """The probe's horizon search over the fit's candidate jumps, on the live model (its weights put back)."""
+        from relex.probe.scoring import ProbeModel  # start-up: only with a probe
+        from relex.probe.search import search
+
+        options = self.options
+        scorer = ProbeModel(model, options.probe, str(next(model.parameters()).device), tokenizer=options.tokenizer)
+        try:
+            reference = _OnWeights(scorer, parameters, current)
+            reference.step = fit.steps[-1]
+            return search(reference, {t: (lambda t=t: _OnWeights(scorer, parameters, fit.predictions[t]))
+                                      for t in fit.predictions}, options.probe, mode=options.probe_mode,
+                          confidence=options.probe_confidence, looks=options.probe_looks)
+        finally:
+            self._write(parameters, current)
 
     @staticmethod
     @torch.no_grad()
     def _write(parameters: Mapping[str, torch.nn.Parameter], values: Mapping[str, torch.Tensor]) -> None:
         for name, p in parameters.items():
             p.copy_(values[name])
+
+
+class _OnWeights:
+    """A probe scorer of the live model with given weights written into it before it scores."""
+
+    def __init__(self, scorer, parameters: Mapping[str, torch.nn.Parameter], values: Mapping[str, torch.Tensor]):
+        self.scorer, self.parameters, self.values = scorer, parameters, values
+
+    @property
+    def tokens(self) -> int:
+        return self.scorer.tokens
+
+    def score(self, indices, mode: str):
+        Leaper._write(self.parameters, self.values)
+        return self.scorer.score(indices, mode)
 
 
 # -- the Trainer callback -----------------------------------------------------------------------------------
