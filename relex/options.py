@@ -180,8 +180,10 @@ class RunOptions:
         unknown = sorted(set(changes) - run_fields)
         if unknown:
             raise TypeError(f"unknown option{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}")
+        if model and "model" in changes:  # a spec and options beside it: which one is meant is ambiguous
+            raise TypeError(f"give the model options in model= or one by one, not both ({', '.join(sorted(model))})")
         if model:
-            changes["model"] = dataclasses.replace(changes.get("model", self.model), **model)
+            changes["model"] = dataclasses.replace(self.model, **model)
         return dataclasses.replace(self, **changes)
 
     # -- what the run needs from them -----------------------------------------------------------------------------

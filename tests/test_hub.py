@@ -18,6 +18,7 @@ import torch
 from huggingface_hub import constants
 from typer.testing import CliRunner
 
+import relex
 from relex.errors import RelexInputError
 from relex.io import hub
 from relex.synthetic import make_run
@@ -205,6 +206,33 @@ def test_patterns_apply_to_hub_runs_only(run, capsys, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- library
+
+
+@pytest.mark.parametrize("layout", ["branches", "folders"])
+def test_extrapolate_from_python_reads_a_hub_run_offline(run, cache, tmp_path, monkeypatch, layout):
+    """``relex.extrapolate("hf://ORG/REPO", out, target_step=N)`` from Python, offline from the cache: the same
+    checkpoint, figures and verdict as the local run, and nothing asked of the Hub."""
+    if layout == "branches":
+        publish_branches(cache, run, "org/traj")
+        pattern = {}
+    else:
+        publish_folders(cache, run, "org/traj")
+        pattern = {"subfolder_pattern": "step-{N:04d}"}
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("asked the Hub while offline")
+
+    for name in ("_remote_refs", "_remote_files", "download_file"):
+        monkeypatch.setattr(hub, name, no_hub)
+    local = relex.extrapolate(run, tmp_path / "local", target_step=40)
+    remote = relex.extrapolate("hf://org/traj", tmp_path / "hub", target_step=40, **pattern)
+    assert remote.series.steps == local.series.steps == STEPS[1:]
+    assert remote.result.label == "hf://org/traj"
+    assert_same_tensors(tmp_path / "local", tmp_path / "hub")
+    assert remote.verdict.to_dict() == local.verdict.to_dict()
+    assert remote.to_dict()["tensors"] == local.to_dict()["tensors"]
+    files = {p.name for p in (tmp_path / "local").iterdir()}
+    assert {p.name for p in (tmp_path / "hub").iterdir()} == files and "relex.json" in files
 
 
 def test_parse_hub_run():

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from relex.engine import extrapolate
+from relex.api import extrapolate
 from relex.errors import RelexInputError
 from relex.io.discover import discover_series, parse_steps
 from relex.synthetic import make_run

@@ -615,7 +615,7 @@ def naive_merged_relex(base_dir: Path, run: Path, target: int) -> tuple[dict, di
 
 @pytest.mark.parametrize("variant", ["mts", "rslora", "bias", "conv1d"])
 def test_extrapolated_checkpoint_equals_naive_relex_on_merged_weights(runs, tmp_path, variant):
-    from relex.engine import extrapolate
+    from relex.api import extrapolate
 
     base_dir, run = runs[variant]
     result = extrapolate(run, target_step=20, out_dir=tmp_path / "out", base=base_dir)
@@ -638,7 +638,7 @@ def test_adapter_output_equals_the_merged_checkpoint(runs, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from relex.engine import extrapolate
+    from relex.api import extrapolate
 
     base_dir, run = runs["mts"]
     extrapolate(run, target_step=20, out_dir=tmp_path / "merged", base=base_dir)
@@ -659,7 +659,7 @@ def test_adapter_output_equals_the_merged_checkpoint(runs, tmp_path):
 
 
 def test_lora_rank_truncation_errors_decrease_with_the_rank(runs, tmp_path):
-    from relex.engine import extrapolate
+    from relex.api import extrapolate
 
     base_dir, run = runs["mts"]
     reader = CheckpointReader(base_dir)
