@@ -66,7 +66,7 @@ def extrapolate(
         decision = checked.decision
         if not decision.passed:
             if rank_zero():
-                _report_check(checked, printing, "relex extrapolate")
+                _report_check(checked, printing, "relex extrapolate", require)
                 refused = [("output", f"none: refused by --require {require}")]
                 write_summary(checked.markdown("relex extrapolate", notes=refused), summary_path)
             raise typer.Exit(decision.exit_code)
@@ -136,7 +136,7 @@ def _planned_sinks(options):
     return [Named(f"{kind} of step {t}") for t in options.target_steps]
 
 
-def _report_check(checked, printing: bool, title: str) -> None:
+def _report_check(checked, printing: bool, title: str, require: str) -> None:
     from relex_cli.console import err_console, print_check, print_gate, print_sources, print_verdict
 
     if printing:
@@ -144,8 +144,8 @@ def _report_check(checked, printing: bool, title: str) -> None:
         print_verdict(checked.verdict, checked.series)
         print_check(checked.verdict)
         print_gate(checked.decision, title)
-    err_console.print(f"relex: refused: {checked.decision.reason}; nothing written", soft_wrap=True, highlight=False,
-                      markup=False)
+    err_console.print(f"relex: refused (--require {require}): {checked.decision.reason}; nothing written",
+                      soft_wrap=True, highlight=False, markup=False)
 
 
 def _print_result(result) -> None:

@@ -20,6 +20,7 @@ rank's Gram matrices, and every rank gets every tensor's figures: the result is 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import time
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 from relex.analysis.reward import MIN_POINTS, RewardLog, checkpoint_reward_trend, read_reward_log, reward_trend
-from relex.analysis.verdict import RunVerdict, Verdict
+from relex.analysis.verdict import RunVerdict, Verdict, horizon
 from relex.device import resolve_device
 from relex.distributed import Ranks, current, shares
 from relex.errors import RelexInputError
@@ -354,7 +355,10 @@ class Run:
 
         def judged(target: int | None) -> Verdict:
             carried = target if target is not None and target > self.steps[-1] else None
-            return verdict.judge(carried, self._reward(carried))
+            judged = verdict.judge(carried, self._reward(carried))
+            if target is not None and carried is None:  # a target inside the window: the window alone is judged
+                judged = dataclasses.replace(judged, horizon=horizon(self.steps, target))
+            return judged
 
         return PassResult(self.label, self.series, tensors, models if any(m is not None for m in models.values()) else {},
                           base_norms, judged(self.options.target_step), sum(b for b, _, _ in gathered), passes,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from relex.analysis import analyze
+from relex.api import analyze
 from relex.analysis.logprob import encode_records, load_records, sequence_logprobs
 from relex.analysis.report import TENSOR_COLUMNS
 from relex.analysis.tables import parse_name, read_csv, rows_to_csv
@@ -73,7 +73,7 @@ def test_tensor_table_of_pure_drift(drift_analysis):
     assert small["explained_r1_null_p95"] > big["explained_r1_null_p95"]
     assert small["drift_share_null_p95"] > 0.5 > big["drift_share_null_p95"]  # a small tensor's null is wide
     s = a.summary
-    assert s["verdict"] == "drift-dominated" and a.diagnostics.drift_share == pytest.approx(1.0, abs=1e-4)
+    assert s["verdict"] == "drift-dominated" and a.verdict.drift_share == pytest.approx(1.0, abs=1e-4)
     assert s["whole_model_null"]["explained_r1"] == pytest.approx(0.81, abs=0.02)
     assert s["fraction_explained_r1_above_null_p95"] == 1.0
     assert s["parameters"] == sum(r["numel"] for r in rows.values())
@@ -117,7 +117,7 @@ def test_write_files_and_plots(drift_analysis, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".report")]
     payload = json.loads((out / "analysis.json").read_text())  # strict JSON: NaN written as null
     assert payload["summary"]["verdict"] == "drift-dominated"
-    assert payload["diagnostics"]["verdict"] == "drift-dominated"
+    assert payload["verdict"]["verdict"] == "drift-dominated"
     assert len(payload["tensors"]) == 6
     rows = read_csv(out / "tensors.csv")
     assert [r["name"] for r in rows] == [r["name"] for r in drift_analysis.tensors]

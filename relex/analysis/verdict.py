@@ -310,7 +310,7 @@ def decide(diagnostics: DriftDiagnostics | None, *, target_step=None, backtest: 
     """
     margin = BACKTEST_MARGIN if margin is None else float(margin)
     steps = tuple(int(s) for s in (diagnostics.steps if diagnostics is not None else steps or ()))
-    target = None if target_step is None else int(target_step)
+    target = None if target_step is None else _target_value(target_step)
     if diagnostics is None:
         return Verdict(Outcome.INCONCLUSIVE, Finding.STATIC, None, steps, target, margin=margin)
     label, finding, shape = drift_class(diagnostics)
@@ -373,7 +373,7 @@ def _carried(backtest: WindowBacktest, steps, target, label: str, finding: Findi
         carry = (h_target - 1.0) / (h_backtest - 1.0)
         line = line * carry if line > 0 else 0.0  # never 0 × ∞
         stop = stop * (1.0 - 1.0 / h_target) / (1.0 - 1.0 / h_backtest)
-        record.update(target_step=float(target), projected_line_error=line, projected_stop_error=stop)
+        record.update(target_step=_as_float(target), projected_line_error=line, projected_stop_error=stop)
     record["line_beats_stop"] = bool(line < stop)
     beyond = reach is not None and reach.get("within_limit") is False
     if line >= stop:
@@ -394,6 +394,14 @@ def _as_float(value) -> float:
         return float(value)
     except OverflowError:
         return math.inf if value > 0 else -math.inf
+
+
+def _target_value(step):
+    """A target step as an int when it is one (however large); an infinite or fractional one as given."""
+    if isinstance(step, (int, np.integer)):
+        return int(step)
+    value = _as_float(step)
+    return int(value) if math.isfinite(value) and value.is_integer() else value
 
 
 def _step_value(step):

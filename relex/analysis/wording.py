@@ -72,7 +72,7 @@ def backtest_evidence(verdict) -> str:
     evidence = (f"on the observed window a line fitted up to step {record['fit_steps'][-1]} predicted step "
                 f"{record['held_out_steps'][-1]} with weight error {record['line_error']:.2f}, stopping "
                 f"{record['stop_error']:.2f}")
-    if verdict.horizon is not None:
+    if verdict.horizon is not None and verdict.target_step is not None:  # a target the backtest is carried to
         evidence = f"{horizon_text(verdict.horizon)}; {evidence}"
     if "projected_line_error" in record:
         evidence += (f"; carried to step {step_text(verdict.target_step)}: {error_text(record['projected_line_error'])}"
