@@ -33,7 +33,8 @@ def progress_bars(disable: bool = False):
     """Rich progress bars, one per task, for the :class:`relex.progress.Progress` events of the work inside.
 
     A bar appears at its task's first event, so input errors found before any work print one line only; bars go
-    away when the work ends (the summary that follows reports time and bytes).
+    away when the work ends (the summary that follows reports time and bytes), or when ``report.pause()`` is
+    called before printing a line.
     """
     columns = (TextColumn("[bold]{task.description}[/bold]"), BarColumn(), TextColumn("{task.fields[amount]}"),
                TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[item]}", style="dim"))
@@ -51,11 +52,19 @@ def progress_bars(disable: bool = False):
             amount = f"{event.done:g}" + (f"/{event.total:g}" if event.total else "")
         bars.update(tasks[event.task], completed=event.done, total=event.total, amount=amount, item=event.item)
 
+    def pause() -> None:
+        """Take the bars away (before printing a line); the next event draws them again."""
+        if tasks:
+            bars.stop()
+            for task in tasks.values():
+                bars.remove_task(task)
+            tasks.clear()
+
+    report.pause = pause
     try:
         yield report
     finally:
-        if tasks:
-            bars.stop()
+        pause()
 
 
 def print_plan(plan) -> None:

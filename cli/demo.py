@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from relex_cli.app import app
-from relex_cli.console import VERDICT_STYLE, console, err_console
+from relex_cli.console import VERDICT_STYLE, console
 
 
 @app.command()
@@ -35,8 +35,11 @@ def demo(
     from relex_cli.console import progress_bars
 
     with progress_bars() as report:
-        result = run_demo(out, config, fresh=fresh, samples=samples, progress=report,
-                          say=lambda message: err_console.print(f"[dim]•[/dim] {message}"))
+        def say(message: str) -> None:
+            report.pause()
+            console.print(f"[dim]•[/dim] {message}")
+
+        result = run_demo(out, config, fresh=fresh, samples=samples, progress=report, say=say)
 
     table = Table(title=f"relex demo: toy RLVR run '{config.name}' ({config.steps} steps), held-out accuracy")
     table.add_column("checkpoint")
@@ -53,6 +56,11 @@ def demo(
         style = VERDICT_STYLE.get(verdict, "bold")
         console.print(f"verdict from the first {label} (before any evaluation): "
                       f"[{style}]{diagnostics.get('message', '')}[/{style}]")
+    for label, curve in result.probes.items():
+        chosen = (f"step {curve['chosen']}" if curve["chosen"] is not None
+                  else f"none: the last observed step {curve['reference_step']} stays")
+        console.print(f"probe from the first {label} ({curve['probe']['problems']} training problems, "
+                      f"{curve['tokens']:,} forward tokens): {chosen}")
     console.print(f"wrote {out / 'demo.json'} and {out / 'demo.png'} "
                   f"({result.seconds['total']:.0f} s: train {result.seconds['train']:.0f}, "
                   f"extrapolate {result.seconds['extrapolate']:.0f}, score {result.seconds['score']:.0f})")

@@ -1,15 +1,17 @@
 """The built-in demonstration: a toy RLVR run on CPU, extrapolated from its first 10% and 20%.
 
 ``run_demo`` trains (or reuses) the toy run of :mod:`relex.toy`, calls :func:`relex.extrapolate` on the
-first 10% and 20% of its checkpoints to predict the final step, scores the base, the last observed, the
-extrapolated and the real final checkpoints on the held-out split, and writes ``demo.json`` and
-``demo.png``. The verdict printed beside the scores is the one relex gives *before* any evaluation.
+first 10% and 20% of its checkpoints to predict the final step, and again with the target chosen by a probe of
+the toy's training problems (``--target-step auto --probe toy-train``), scores the base, the last observed, the
+extrapolated and the real final checkpoints on the held-out split, and writes ``demo.json`` and ``demo.png``.
+The verdict and the probe's choice printed beside the scores are the ones relex gives *before* any evaluation.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +19,11 @@ from typing import Callable, Sequence
 
 from relex.api import extrapolate
 from relex.jsonable import write_json
+from relex.probe.problems import TOY_PROBE
 from relex.progress import Report
 
 FRACTIONS = (0.1, 0.2)
+PROBE_PROBLEMS = 64  # training problems the auto horizon is chosen on
 
 
 def _ci_config():
@@ -59,6 +63,7 @@ class DemoResult:
     curve: list[dict]  # accuracy of every real checkpoint
     verdicts: dict[str, dict] = field(default_factory=dict)  # prefix label -> the verdict (Verdict.to_dict())
     seconds: dict = field(default_factory=dict)
+    probes: dict[str, dict] = field(default_factory=dict)  # prefix label -> the probe's curve (auto horizon)
 
     def to_dict(self) -> dict:
         return {
@@ -67,6 +72,7 @@ class DemoResult:
             "rows": [r.__dict__ for r in self.rows],
             "curve": self.curve,
             "verdicts": self.verdicts,
+            "probes": self.probes,
             "seconds": self.seconds,
         }
 
@@ -126,8 +132,6 @@ def run_demo(
     seconds = {}
     started = time.perf_counter()
     if fresh or not _cached_run(run_dir, config):
-        import shutil
-
         shutil.rmtree(run_dir, ignore_errors=True)
         say(f"training the toy run ({config.name}: {config.steps} RL steps) into {run_dir}")
         train_run(run_dir, config, progress=progress, evaluate=False)
@@ -138,6 +142,8 @@ def run_demo(
 
     extrapolated = {}
     verdicts = {}
+    autos = {}
+    probes = {}
     t0 = time.perf_counter()
     for fraction in fractions:
         last = prefix_step(fraction, config.steps, config.checkpoint_every)
@@ -152,6 +158,14 @@ def run_demo(
         result = extrapolate(run_dir, target_dir, target_step=final, max_step=last, overwrite=True)
         extrapolated[label] = (last, target_dir)
         verdicts[label] = result.verdict.to_dict()
+        # the auto horizon: the target a probe of training problems chooses (none better: the last observed)
+        auto_dir = out / "extrapolated" / f"auto-from-{label.rstrip('%')}pct"
+        shutil.rmtree(auto_dir, ignore_errors=True)
+        say(f"choosing the target from the first {label} on a probe of {PROBE_PROBLEMS} training problems")
+        auto = extrapolate(run_dir, auto_dir, target_step="auto", probe=TOY_PROBE, probe_limit=PROBE_PROBLEMS,
+                           max_step=last, overwrite=True)
+        autos[label] = (auto.probe.chosen, auto_dir if auto.written else None)
+        probes[label] = auto.probe.curve.to_dict()
     seconds["extrapolate"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -166,8 +180,14 @@ def run_demo(
     final_scores = score_checkpoint(run_dir / f"checkpoint-{final}", samples)
     rows = [DemoRow("base", 0, **base_scores)]
     for label, (last, target_dir) in extrapolated.items():
-        rows.append(DemoRow(f"last observed ({label})", last, **score_checkpoint(run_dir / f"checkpoint-{last}", samples)))
+        observed = score_checkpoint(run_dir / f"checkpoint-{last}", samples)
+        rows.append(DemoRow(f"last observed ({label})", last, **observed))
         rows.append(DemoRow(f"RELEX from {label}", final, **score_checkpoint(target_dir, samples)))
+        chosen, auto_dir = autos[label]
+        if auto_dir is None:  # no target beat the last observed checkpoint: it stays
+            rows.append(DemoRow(f"RELEX auto from {label} (kept)", last, **observed))
+        else:
+            rows.append(DemoRow(f"RELEX auto from {label}", chosen, **score_checkpoint(auto_dir, samples)))
     rows.append(DemoRow("real final", final, **final_scores))
     gain = final_scores["greedy"] - base_scores["greedy"]
     for row in rows:
@@ -175,7 +195,7 @@ def run_demo(
     seconds["score"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - started
 
-    demo = DemoResult(out, config.to_dict(), rows, curve, verdicts, seconds)
+    demo = DemoResult(out, config.to_dict(), rows, curve, verdicts, seconds, probes)
     write_json(out / "demo.json", demo.to_dict())
     plot_demo(demo, out / "demo.png")
     return demo

@@ -20,11 +20,18 @@ def test_demo_ci_preset(tmp_path, capsys):
     printed = " ".join(capsys.readouterr().out.split())
     demo = json.loads((out / "demo.json").read_text())
     labels = [row["label"] for row in demo["rows"]]
-    assert labels == ["base", "last observed (10%)", "RELEX from 10%", "last observed (20%)", "RELEX from 20%",
-                      "real final"]
-    steps = [row["step"] for row in demo["rows"]]
     final = demo["config"]["steps"]
-    assert steps == [0, 2, final, 4, final, final]
+    auto = {label: curve["chosen"] for label, curve in demo["probes"].items()}  # the probe's choice, or None
+    assert labels == ["base", "last observed (10%)", "RELEX from 10%",
+                      "RELEX auto from 10%" + (" (kept)" if auto["10%"] is None else ""),
+                      "last observed (20%)", "RELEX from 20%",
+                      "RELEX auto from 20%" + (" (kept)" if auto["20%"] is None else ""), "real final"]
+    steps = [row["step"] for row in demo["rows"]]
+    assert steps == [0, 2, final, auto["10%"] or 2, 4, final, auto["20%"] or 4, final]
+    for label, curve in demo["probes"].items():  # candidates past the last observed step, up to the horizon limit
+        assert curve["reference_step"] == {"10%": 2, "20%": 4}[label]
+        assert [c["step"] for c in curve["candidates"]] and all(c["step"] > curve["reference_step"]
+                                                                for c in curve["candidates"])
     for row in demo["rows"]:
         for key in ("greedy", "sampled", "expected"):
             assert 0.0 <= row[key] <= 1.0
