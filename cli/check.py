@@ -13,12 +13,12 @@ from relex_cli.options import INPUT_FIELDS, PROBE_FIELDS, REWARD_FIELDS, RunDirA
 
 CHECK_HELP = """Judge, before anything is written, whether extrapolating RUN_DIR to --target-step is plausible.
 
-Reads the run once (streaming; nothing is written), then prints the verdict relex extrapolate gives, the drift statistics beside their random-walk and pure-drift values, and the window backtest carried to the target.
+Reads the run once (streaming; nothing is written), then prints the verdict relex extrapolate gives, the drift statistics beside their random-walk and pure-drift values, and the window backtest carried to the target. With --probe, the probe decides: the candidates (--target-step N, or auto: a grid of them) are scored on training problems against the last observed checkpoint, and the weights' verdict is reported beside.
 
 Exit codes:
 
-* **0** extrapolation to the target is plausible (drift-dominated); without --strict also a mixed or inconclusive verdict, with a warning;
-* **3** the gate failed: extrapolation will likely hurt (noise-dominated, or the window backtest's line loses to stopping once carried to the target), or the target lies beyond the horizon the backtest can vouch for (10 times its own), or, with --strict, the verdict is not drift-dominated;
+* **0** extrapolation to the target is plausible (or, with --probe, a candidate beats the last observed checkpoint on the probe); with --lenient also a mixed or inconclusive verdict, with a warning;
+* **3** the gate failed: extrapolation will likely hurt (noise-dominated, or the window backtest's line loses to stopping once carried to the target), the target lies beyond the horizon the backtest can vouch for (10 times its own), the verdict is mixed or inconclusive (without --lenient), or, with --probe, no candidate beats the last observed checkpoint;
 * **2** bad input (one line on stderr, nothing written);
 * **1** internal error.
 """  # noqa: E501 - one line per paragraph, wrapped by the help formatter
@@ -36,7 +36,7 @@ TARGET_HELP = ("The step to extrapolate to (default: judge the window alone, as 
 def check(
     run_dir: RunDirArgument,
     options=None,
-    strict: Annotated[bool, typer.Option("--strict", help="Fail (exit 3) on anything but a drift-dominated verdict: mixed and inconclusive too.", rich_help_panel=GATE)] = False,
+    lenient: Annotated[bool, typer.Option("--lenient", help="Also pass a mixed or inconclusive verdict (exit 0, with a warning): verdicts that say nothing will hurt, but cannot vouch for the extrapolation either. Without it only a plausible verdict passes.", rich_help_panel=GATE)] = False,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the verdict and every figure behind it (drift statistics with their nulls, backtest, target, horizon, training reward), the gate, the steps and how each checkpoint was read to this JSON file.", rich_help_panel=GATE, show_default=False)] = None,
     summary: SummaryOption = None,
     dry_run: DryRunOption = False,
@@ -62,7 +62,7 @@ def check(
             print_plan(run.plan())
         return
     with progress_bars(disable=quiet or not printing) as progress:
-        result = api.check(run_dir, options, strict=strict, progress=progress)
+        result = api.check(run_dir, options, lenient=lenient, progress=progress)
     if printing:
         if not quiet:
             observed = result.steps

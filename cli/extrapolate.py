@@ -12,9 +12,10 @@ from relex_cli.console import GATE, DryRunOption, QuietOption, SummaryOption
 from relex_cli.options import INPUT_FIELDS, PROBE_FIELDS, REWARD_FIELDS, RunDirArgument, run_options
 
 REQUIRE_HELP = ("Judge the run first, as relex check does, and refuse (exit 3, nothing written) unless the gate "
-                "passes: plausible (the gate of relex check) or drift-dominated (of relex check --strict). Reads "
-                "the run twice: the check's Gram pass, then the writing pass.")
-REQUIRE_CHOICES = ("plausible", "drift-dominated")
+                "passes: plausible (the gate of relex check: a plausible verdict only) or mixed (of relex check "
+                "--lenient: a mixed or inconclusive verdict too, with a warning). Reads the run twice: the check's "
+                "Gram pass, then the writing pass. With --probe, the probe decides instead.")
+REQUIRE_CHOICES = ("plausible", "mixed")
 OUTPUT_FIELDS = ("target_steps", "allow_interpolation", "device", "dtype", "output", "lora_rank", "max_shard_size",
                  "overwrite")
 
@@ -55,6 +56,8 @@ def extrapolate(
     printing = rank_zero() and not quiet  # under torchrun rank 0 prints and writes the reports
     if require is not None and require not in REQUIRE_CHOICES:
         raise RelexInputError(f"unknown --require {require!r} (use {' or '.join(REQUIRE_CHOICES)})")
+    if require is not None and options.probed:
+        raise RelexInputError("--probe decides on the probe: --require applies without one")
     check_output_folder(out, options.overwrite)  # before downloading a Hub run
     check_output_files(summary_path, report)
     if dry_run:
@@ -62,7 +65,7 @@ def extrapolate(
     decision = None
     if require is not None:
         with progress_bars(disable=not printing) as progress:
-            checked = api.check(run_dir, options, strict=require == "drift-dominated", progress=progress)
+            checked = api.check(run_dir, options, lenient=require == "mixed", progress=progress)
         decision = checked.decision
         if not decision.passed:
             if rank_zero():

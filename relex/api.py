@@ -289,11 +289,12 @@ class CheckResult:
                 "parameters": self.parameters, "seconds": self.seconds, "bytes_read": self.bytes_read}
 
 
-def check(source, options: RunOptions | None = None, *, strict: bool = False, progress: Report = None,
+def check(source, options: RunOptions | None = None, *, lenient: bool = False, progress: Report = None,
           **settings) -> CheckResult:
     """Read ``source`` once (nothing is written) and judge whether extrapolating it to the farthest target step
     is plausible; without a target (or with ``allow_interpolation`` and a target inside the window) the window
-    alone is judged. ``strict`` fails anything but a plausible verdict.
+    alone is judged. Only a plausible verdict passes, unless ``lenient`` (then a mixed or inconclusive one passes too,
+    with a warning).
 
     With ``options.probe`` the probe decides (:mod:`relex.probe.verify`): the candidates (the target, or with
     ``--target-step auto`` a grid of them) are written to a scratch folder, scored on the probe against the last
@@ -316,7 +317,7 @@ def check(source, options: RunOptions | None = None, *, strict: bool = False, pr
         else:
             result = run.execute(progress=progress)
             verdict = result.verdict
-            decision = verdict.gate(strict)
+            decision = verdict.gate(lenient)
     return CheckResult(run=result.label, series=result.series,
                        target_step=outcome.chosen if outcome is not None else options.target_step,
                        verdict=verdict, decision=decision, sources=result.sources,

@@ -76,7 +76,7 @@ def verdict_markdown(verdict, *, run: str, steps: Sequence[int], tensors: int, p
         rows.append(("**verdict**", f"**{md(verdict.drift_class)}**"))
         rows.append(("why", md(verdict.message)))
     if decision is not None:
-        rows.append(("gate", f"{status} (exit {decision.exit_code}){' · strict' if decision.strict else ''}"))
+        rows.append(("gate", f"{status} (exit {decision.exit_code}){' · lenient' if decision.lenient else ''}"))
     if d is not None:
         rows.append(("drift share", f"{d.drift_share:.2f} (drift-dominated ≥ {DRIFT_THRESHOLD:.2f}, "
                                     f"noise-dominated < {NOISE_THRESHOLD:.2f})"

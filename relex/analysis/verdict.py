@@ -34,7 +34,8 @@ The rules, in the order they apply:
    than :data:`BACKTEST_MARGIN` is too close to call.
 
 The gate (:meth:`Verdict.gate`) turns the outcome into pass or fail: plausible passes, "will likely hurt" and
-"beyond the horizon" fail, mixed and inconclusive pass only when not strict.
+"beyond the horizon" fail; mixed and inconclusive fail too, unless the gate is lenient (they then pass with a
+warning). A probe, when one is given, decides instead (:mod:`relex.probe`).
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ class GateDecision:
     passed: bool
     outcome: Outcome
     reason: str
-    strict: bool = False
+    lenient: bool = False  # mixed and inconclusive passed, with a warning
     decided_by: str = "weights"  # "weights" (the verdict) or "probe" (candidates scored on a probe set)
 
     @property
@@ -151,7 +152,7 @@ class GateDecision:
 
     def to_dict(self) -> dict:
         return {"passed": self.passed, "status": self.status, "exit_code": self.exit_code,
-                "outcome": self.outcome.value, "reason": self.reason, "strict": self.strict,
+                "outcome": self.outcome.value, "reason": self.reason, "lenient": self.lenient,
                 "decided_by": self.decided_by}
 
 
@@ -185,16 +186,16 @@ class Verdict:
         """The verdict in one sentence, with the evidence behind it."""
         return wording.message(self)
 
-    def gate(self, strict: bool = False) -> GateDecision:
-        """Pass or fail: plausible passes; will likely hurt and beyond the horizon fail; mixed and
-        inconclusive pass unless ``strict``."""
-        if self.outcome in (Outcome.HURT, Outcome.BEYOND):
-            passed = False
-        elif self.outcome is Outcome.PLAUSIBLE:
+    def gate(self, lenient: bool = False) -> GateDecision:
+        """Pass or fail: only a plausible verdict passes (the verdict vouches for nothing less); will likely hurt
+        and beyond the horizon always fail; mixed and inconclusive pass when ``lenient``, with a warning."""
+        if self.outcome is Outcome.PLAUSIBLE:
             passed = True
+        elif self.outcome in (Outcome.MIXED, Outcome.INCONCLUSIVE):
+            passed = lenient
         else:
-            passed = not strict
-        return GateDecision(passed, self.outcome, wording.gate_reason(self, passed, strict), strict)
+            passed = False
+        return GateDecision(passed, self.outcome, wording.gate_reason(self, passed, lenient), lenient)
 
     def to_dict(self) -> dict:
         """Every figure of the verdict, as JSON-able values (the same for every command that reports it)."""

@@ -80,7 +80,7 @@ def backtest_evidence(verdict) -> str:
     return evidence
 
 
-def gate_reason(verdict, passed: bool, strict: bool) -> str:
+def gate_reason(verdict, passed: bool, lenient: bool) -> str:
     """Why a gate passed or failed on ``verdict``, in one line."""
     outcome = verdict.outcome.value
     target = verdict.target_step
@@ -101,7 +101,7 @@ def gate_reason(verdict, passed: bool, strict: bool) -> str:
     else:
         reason = f"the verdict is mixed: {message(verdict).split(':')[0]}"
     if outcome in ("mixed", "inconclusive"):
-        reason += " (fails under --strict)" if passed else " (--strict)"
+        reason += " (passed under --lenient)" if passed else " (only --lenient passes it, with a warning)"
     return reason
 
 

@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 LEAP = "leap/"  # prefix of the figures of each decision
 OPTIMIZER_STATES = ("keep", "reset")
-REQUIREMENTS = ("plausible", "gate", "always", "probe")
+REQUIREMENTS = ("plausible", "lenient", "always", "probe")
 
 
 # -- the fit of one segment, in memory ------------------------------------------------------------------
@@ -69,8 +69,8 @@ class SegmentFit:
 
     @property
     def passes_gate(self) -> bool:
-        """What relex check (without --strict) says: True unless it will likely hurt or is too far."""
-        return self.verdict.gate().passed
+        """What relex check --lenient says: True unless it will likely hurt or is too far."""
+        return self.verdict.gate(lenient=True).passed
 
 
 def fit_segment(base: Mapping[str, torch.Tensor], snapshots: Sequence[tuple[int, Mapping[str, torch.Tensor]]],
@@ -110,10 +110,10 @@ class LeapOptions:
     # Snapshot the trainable parameters every this many steps of a segment (its first weights are the base).
     # Default: every // 4 (4 snapshots, the fewest with which the verdict backtests the window).
     snapshot_every: int | None = None
-    # "plausible": jump only when the verdict on the segment, carried to the target, is drift-dominated
-    # (relex check --strict passes); "gate": unless relex check (without --strict) fails, i.e. also on a
-    # mixed or inconclusive verdict, never when it says the jump will likely hurt or lies beyond the horizon
-    # the backtest vouches for; "always": whatever the verdict says (the figures are still recorded).
+    # "plausible": jump only when the verdict on the segment, carried to the target, is plausible (relex check
+    # passes); "lenient": unless relex check --lenient fails, i.e. also on a mixed or inconclusive verdict, never
+    # when it says the jump will likely hurt or lies beyond the horizon the backtest vouches for; "always":
+    # whatever the verdict says (the figures are still recorded); "probe": the probe decides (set with probe).
     require: str = "plausible"
     # The optimizer's state at a jump: "keep" its moments as they are (never extrapolated), or "reset" them
     # (torch optimizers: the per-parameter state is cleared, so Adam restarts its bias correction).
@@ -193,7 +193,7 @@ class LeapDecision:
     verdict: dict | None  # the verdict on the segment (Verdict.to_dict()); None when the fit failed
     message: str
     figures: dict[str, float] = field(default_factory=dict)  # relex/... verdict figures
-    passes_gate: bool | None = None  # relex check without --strict would pass the jump (None: no fit)
+    passes_gate: bool | None = None  # relex check --lenient would pass the jump (None: no fit)
     check_before: float | None = None
     check_after: float | None = None
     seconds: float = 0.0
@@ -351,7 +351,8 @@ class Leaper:
                 length, prediction = curve.chosen - offset, fit.predictions[curve.chosen]
                 record["length"] = length
         else:
-            allowed = {"plausible": fit.verdict.plausible, "gate": fit.passes_gate, "always": True}[options.require]
+            allowed = {"plausible": fit.verdict.plausible, "lenient": fit.passes_gate,
+                       "always": True}[options.require]
         if not allowed:
             logger.info("relex leap at step %d: no jump (%s)", step, fit.verdict.message)
             self._restart(step)
