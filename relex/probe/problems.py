@@ -2,8 +2,8 @@
 
 A probe never comes from the benchmark being reported: it is the training split of the toy task
 (``toy-train``), or a JSON Lines file of training problems in the layout of the math benchmarks (one object
-per line with ``problem`` — or ``prompt``, the exact user turn — and ``answer``, or a ``solution`` whose last
-``\\boxed{}`` is the answer). A line may name its verifier: ``"verifier": "math"`` (the default: the last
+per line with ``problem`` — or ``prompt``, the exact user turn, or ``text``, the exact model input with no chat
+template applied — and ``answer``, or a ``solution`` whose last ``\\boxed{}`` is the answer). A line may name its verifier: ``"verifier": "math"`` (the default: the last
 ``\\boxed{}`` of the completion, or "the answer is …", compared with math-verify, as ``relex eval`` scores) or
 ``"last-number"`` (the last number in the completion equals the answer, as many arithmetic RL rewards are).
 
@@ -30,10 +30,11 @@ MATH_INSTRUCTION = "\nPlease reason step by step, and put your final answer with
 class ProbeProblem:
     """One probe problem: what the model is asked, the answer, how it is verified, a verified completion."""
 
-    prompt: str  # the toy's "ab+cd=", or the user turn of a chat
+    prompt: str  # the toy's "ab+cd=", the user turn of a chat, or (raw) the exact model input
     answer: str
     verifier: str
     completion: str  # a completion the verifier accepts (scored teacher-forced by the screen)
+    raw: bool = False  # the prompt is the model's input as is (no chat template)
 
 
 @dataclass(frozen=True)
@@ -106,12 +107,15 @@ def _problem(record: dict, path: Path, number: int) -> ProbeProblem:
     verifier = record.get("verifier", "math")
     if verifier not in ("math", "last-number"):
         raise RelexInputError(f"line {number}: unknown verifier {verifier!r} (use math or last-number)", path)
-    if record.get("prompt"):
+    raw = bool(record.get("text"))
+    if raw:
+        prompt = str(record["text"])
+    elif record.get("prompt"):
         prompt = str(record["prompt"])
     elif record.get("problem") or record.get("question"):
         prompt = str(record.get("problem") or record.get("question")) + (MATH_INSTRUCTION if verifier == "math" else "")
     else:
-        raise RelexInputError(f"line {number}: no 'problem', 'question' or 'prompt'", path)
+        raise RelexInputError(f"line {number}: no 'problem', 'question', 'prompt' or 'text'", path)
     try:
         answer = reference_answer(record)
     except ValueError as exc:
@@ -120,4 +124,4 @@ def _problem(record: dict, path: Path, number: int) -> ProbeProblem:
         completion = str(record.get("solution") or f"The final answer is $\\boxed{{{answer}}}$.")
     else:
         completion = str(answer)
-    return ProbeProblem(prompt, str(answer), verifier, completion)
+    return ProbeProblem(prompt, str(answer), verifier, completion, raw)

@@ -94,7 +94,7 @@ class ProbeModel:
             prompts, answers = prompt_ids(_toy(problems)), answer_ids(_toy(problems))
             self.tokens += prompts.numel() + answers.numel()
             return answer_logprob(self.model, prompts.to(self.device), answers.to(self.device)).mean(dim=1).cpu().numpy()
-        prompts = [self._chat(p.prompt) for p in problems]
+        prompts = [self._chat(p) for p in problems]
         full = [prompt + p.completion for prompt, p in zip(prompts, problems)]
         encoded = self.tokenizer(full, return_tensors="pt", padding=True, add_special_tokens=False)
         prompt_lengths = [len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) for prompt in prompts]
@@ -120,7 +120,7 @@ class ProbeModel:
             steps = out.shape[1]
             self.tokens += sum(prompts.shape[0] * (prompts.shape[1] + k) for k in range(steps))
             return [decode(row) for row in out.tolist()]
-        prompts = [self._chat(p.prompt) for p in problems]
+        prompts = [self._chat(p) for p in problems]
         encoded = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         ids, mask = encoded["input_ids"].to(self.device), encoded["attention_mask"].to(self.device)
         out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.probe.max_new_tokens,
@@ -129,11 +129,14 @@ class ProbeModel:
         self.tokens += int(mask.sum()) + int((new != self.tokenizer.pad_token_id).sum())
         return self.tokenizer.batch_decode(new, skip_special_tokens=True)
 
-    def _chat(self, prompt: str) -> str:
+    def _chat(self, problem: ProbeProblem) -> str:
+        """The model's input for ``problem``: as given (raw), its chat template's, or a plain prompt."""
+        if problem.raw:
+            return problem.prompt
         if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": problem.prompt}], tokenize=False,
                                                       add_generation_prompt=True)
-        return f"Problem:\n{prompt}\n\nSolution:"
+        return f"Problem:\n{problem.prompt}\n\nSolution:"
 
 
 def _toy(problems: list[ProbeProblem]):
