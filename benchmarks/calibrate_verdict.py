@@ -4,10 +4,11 @@ For each toy setting (those of ``benchmarks/toy_regime.py`` plus the ``demo`` an
 train the run to a temporary folder, then from each prefix (10%, 20%, 30% of the RL steps) do what a user
 would do with the library:
 
-- the verdict, as ``relex check`` computes it: :func:`relex.engine.collect_grams` on the observed prefix and
-  :func:`relex.analysis.verdict.run_verdict` with the target = the run's last step; "plausible" is the gate's
-  ``plausible`` outcome (:func:`relex.gate.judge`);
-- the outcome: :func:`relex.engine.extrapolate` (RELEX, the defaults) from the same prefix to the last step,
+- the verdict, as ``relex check`` computes it: one pass of :func:`relex.run.open_run` over the observed prefix
+  for its Gram matrices, and :func:`relex.analysis.verdict.run_verdict` with the target = the run's last step;
+  "plausible" is the verdict's ``plausible`` outcome (the gate, :meth:`relex.analysis.verdict.Verdict.gate`,
+  passes it);
+- the outcome: :func:`relex.extrapolate` (RELEX, the defaults) from the same prefix to the last step,
   and the held-out greedy accuracy (300 problems) of that checkpoint against the last observed one, with a
   paired bootstrap 95% interval over problems (:func:`relex.evaluate.stats.paired_bootstrap`): ``helped``
   when the interval is above 0, ``hurt`` when below, ``n.s.`` otherwise.
@@ -97,27 +98,28 @@ def verdict_of(grams: dict, ndims: dict, steps, target, calibrated: bool = True,
     backtest margin than relex's; ``rewards``: the training reward of steps 1, 2, ... (as the toy trainer's
     ``trainer_state.json`` logs it; ``relex check`` weighs its trend), ignored with ``use_rewards=False``."""
     from relex.analysis.reward import RewardLog, reward_trend
-    from relex.analysis.verdict import run_verdict
-    from relex.gate import judge
+    from relex.analysis.verdict import Outcome, run_verdict
 
     reward = None
     if rewards and use_rewards:
         log = RewardLog(tuple(range(1, len(rewards) + 1)), tuple(rewards), "reward", "train_reward")
         reward = reward_trend(log, steps, target)
-    d = run_verdict(grams, ndims, steps, target, calibrated=calibrated, margin=margin, reward=reward)
-    decision = judge(d, False, target)
-    return {"calibration": None if d is None else d.calibration, "verdict": None if d is None else d.verdict,
-            "message": None if d is None else d.message, "drift_share": None if d is None else d.drift_share,
-            "backtest": None if d is None else d.backtest, "gate": decision.outcome,
-            "plausible": decision.outcome == "plausible", "passed": decision.passed}
+    verdict = run_verdict(grams, ndims, steps, target, calibrated=calibrated, margin=margin, reward=reward)
+    decision = verdict.gate(strict=False)
+    moved = verdict.diagnostics is not None  # no tensor moved: no statistics, no message
+    return {"calibration": verdict.calibration, "verdict": verdict.drift_class,
+            "message": verdict.message if moved else None, "drift_share": verdict.drift_share if moved else None,
+            "backtest": verdict.backtest, "gate": decision.outcome.value,
+            "plausible": verdict.outcome is Outcome.PLAUSIBLE, "passed": decision.passed}
 
 
 def measure_run(name: str, kwargs: dict, seed: int, threads: int, bases: dict, out: Path, log=print) -> None:
     import torch
 
-    from relex.engine import collect_grams, extrapolate
+    from relex.api import extrapolate
     from relex.errors import RelexInputError
     from relex.evaluate.stats import paired_bootstrap
+    from relex.run import open_run
     from relex.toy import ToyConfig, train_run, warmup_model
 
     # a setting's own seed (mode-sgd-lr001-s1: seed 1) is an offset to the requested one
@@ -141,20 +143,22 @@ def measure_run(name: str, kwargs: dict, seed: int, threads: int, bases: dict, o
             t1 = time.perf_counter()
             max_step = int(round(fraction * config.steps))
             try:
-                grams = collect_grams(work / "run", max_step=max_step, device="cpu")
+                with open_run(work / "run", max_step=max_step, device="cpu") as run:
+                    grams = run.execute()
             except RelexInputError as error:  # too few checkpoints in a short prefix
                 log(f"  {name} s{seed} {int(fraction * 100)}%: skipped ({error})", flush=True)
                 continue
             observed = [int(s) for s in grams.steps]
-            ndims = {n: len(grams.shapes[n]) for n in grams.grams}
+            shapes = {t.name: t.shape for t in grams.tensors}
+            ndims = {n: len(shapes[n]) for n in grams.grams}
             rewards = [h.get("reward") for h in summary.get("history", [])]
             verdict = verdict_of(grams.grams, ndims, observed, target, rewards=rewards)
             last = observed[-1]
             if last not in scores:
                 scores[last] = per_problem_greedy(work / "run" / f"checkpoint-{last}")
             pred_dir = work / f"pred-{max_step}"
-            result = extrapolate(work / "run", target_step=target, max_step=max_step, out_dir=pred_dir,
-                                 device="cpu", overwrite=True)
+            result = extrapolate(work / "run", pred_dir, target_step=target, max_step=max_step, device="cpu",
+                                 overwrite=True)
             predicted = per_problem_greedy(result.out_dirs[target])
             shutil.rmtree(pred_dir, ignore_errors=True)
             interval = paired_bootstrap(scores[last], predicted, n_boot=10_000, seed=0)
@@ -167,7 +171,7 @@ def measure_run(name: str, kwargs: dict, seed: int, threads: int, bases: dict, o
                    "frac_gain": (float(predicted.mean()) - base_acc) / gain if abs(gain) > 1e-9 else None,
                    "diff": interval["diff"], "ci_low": interval["ci_low"], "ci_high": interval["ci_high"],
                    "outcome": outcome_of(interval), **verdict,
-                   "ndims": ndims, "params": {n: int(math.prod(grams.shapes[n])) for n in grams.grams},
+                   "ndims": ndims, "params": {n: int(math.prod(shapes[n])) for n in grams.grams},
                    "base_norms": grams.base_norms,
                    "grams": {n: np.asarray(g, dtype=np.float64).tolist() for n, g in grams.grams.items()},
                    "train_reward": rewards,
