@@ -4,11 +4,11 @@ For each toy setting (those of ``benchmarks/toy_regime.py`` plus the ``demo`` an
 train the run to a temporary folder, then from each prefix (10%, 20%, 30% of the RL steps) do what a user
 would do with the library:
 
-- the verdict, as ``relex check`` computes it: the Gram matrices of one pass over the observed prefix
-  (:func:`relex.run.open_run`, :meth:`relex.run.Run.execute`) and :func:`relex.analysis.verdict.run_verdict`
-  with the target = the run's last step; "plausible" is the gate's ``plausible`` outcome
-  (:meth:`relex.analysis.verdict.Verdict.gate`);
-- the outcome: :func:`relex.api.extrapolate` (RELEX, the defaults) from the same prefix to the last step,
+- the verdict, as ``relex check`` computes it: one pass of :func:`relex.run.open_run` over the observed prefix
+  for its Gram matrices, and :func:`relex.analysis.verdict.run_verdict` with the target = the run's last step;
+  "plausible" is the verdict's ``plausible`` outcome (the gate, :meth:`relex.analysis.verdict.Verdict.gate`,
+  passes it);
+- the outcome: :func:`relex.extrapolate` (RELEX, the defaults) from the same prefix to the last step,
   and the held-out greedy accuracy (300 problems) of that checkpoint against the last observed one, with a
   paired bootstrap 95% interval over problems (:func:`relex.evaluate.stats.paired_bootstrap`): ``helped``
   when the interval is above 0, ``hurt`` when below, ``n.s.`` otherwise.
@@ -104,21 +104,22 @@ def verdict_of(grams: dict, ndims: dict, steps, target, calibrated: bool = True,
     if rewards and use_rewards:
         log = RewardLog(tuple(range(1, len(rewards) + 1)), tuple(rewards), "reward", "train_reward")
         reward = reward_trend(log, steps, target)
-    d = run_verdict(grams, ndims, steps, target, calibrated=calibrated, margin=margin, reward=reward)
-    decision = d.gate(lenient=True)  # exit 0 of relex check --lenient (of relex check before it was strict)
-    return {"calibration": d.calibration, "verdict": d.drift_class, "message": d.message,
-            "drift_share": None if d.diagnostics is None else d.drift_share, "backtest": d.backtest,
-            "gate": decision.outcome.value, "plausible": decision.outcome is Outcome.PLAUSIBLE,
-            "passed": decision.passed}
+    verdict = run_verdict(grams, ndims, steps, target, calibrated=calibrated, margin=margin, reward=reward)
+    decision = verdict.gate(lenient=True)  # exit 0 of relex check --lenient (of relex check before it was strict)
+    moved = verdict.diagnostics is not None  # no tensor moved: no statistics, no message
+    return {"calibration": verdict.calibration, "verdict": verdict.drift_class,
+            "message": verdict.message if moved else None, "drift_share": verdict.drift_share if moved else None,
+            "backtest": verdict.backtest, "gate": decision.outcome.value,
+            "plausible": verdict.outcome is Outcome.PLAUSIBLE, "passed": decision.passed}
 
 
 def measure_run(name: str, kwargs: dict, seed: int, threads: int, bases: dict, out: Path, log=print) -> None:
     import torch
 
     from relex.api import extrapolate
-    from relex.run import open_run
     from relex.errors import RelexInputError
     from relex.evaluate.stats import paired_bootstrap
+    from relex.run import open_run
     from relex.toy import ToyConfig, train_run, warmup_model
 
     # a setting's own seed (mode-sgd-lr001-s1: seed 1) is an offset to the requested one

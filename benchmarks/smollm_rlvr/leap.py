@@ -169,11 +169,13 @@ def replay(a: argparse.Namespace) -> None:
         # what LeapCallback passes: the rewards logged inside the segment before its last step
         inside = [(s - start, r) for s, r in rewards if start < s < end]
         fit = fit_segment(base, snapshots, a.every + a.leap, rewards=inside)
-        reward = ((fit.diagnostics.calibration or {}).get("reward") if fit.diagnostics is not None else None)
+        verdict = fit.verdict
+        reward = (verdict.calibration or {}).get("reward")  # the trend the verdict weighed
         print(json.dumps({"real_step": end, "segment": [start, end], "target": start + a.every + a.leap,
-                          "verdict": fit.verdict, "plausible": fit.plausible, "passes_gate": fit.passes_gate,
-                          "message": fit.message, "reward": None if reward is None else reward["text"],
-                          "figures": fit.figures, "seconds": round(fit.seconds, 1)}), flush=True)
+                          "verdict": verdict.drift_class, "plausible": verdict.plausible,
+                          "passes_gate": fit.passes_gate, "message": verdict.message,
+                          "reward": None if reward is None else reward["text"], "figures": fit.figures,
+                          "seconds": round(fit.seconds, 1)}), flush=True)
 
 
 def main(argv=None) -> None:

@@ -79,7 +79,7 @@ def check_dtype(rec: Recorder, base: Path, stubs: Path, param_dtype: str, target
     rec.check(f"{label}: relex read CKPT/global_stepN_hf/ over --base",
               from_hf["sources"]["observed_kind"] == "safetensors" and from_hf["observed_steps"] == steps,
               observed_steps=from_hf["observed_steps"], sources=from_hf["sources"]["observed_kind"],
-              verdict=from_hf.get("diagnostics", {}).get("verdict"))
+              verdict=from_hf.get("verdict", {}).get("verdict"))
 
     # (b) DeepSpeed's own folders are refused with the conversion to run
     refused = extrapolate(rec, ckpt / "_actor", root / "relex-from-deepspeed", base, target,

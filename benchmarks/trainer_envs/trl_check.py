@@ -113,7 +113,7 @@ def main() -> int:
         report = json.loads((merged_out / "relex.json").read_text())
         rec.check("relex read the adapters as LoRA over the base", report["sources"]["observed_kind"] == "lora"
                   and report["observed_steps"] == saved, sources=report["sources"]["observed_kind"],
-                  observed_steps=report["observed_steps"], verdict=report.get("diagnostics", {}).get("verdict"))
+                  observed_steps=report["observed_steps"], verdict=report.get("verdict", {}).get("verdict"))
         adapter_config = json.loads((adapter_out / "adapter_config.json").read_text())
 
         torch.manual_seed(0)

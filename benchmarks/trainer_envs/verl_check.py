@@ -66,7 +66,7 @@ def check_config(rec: Recorder, base: Path, strategy: str, dtype: str, target: i
     kinds = {shards["sources"]["observed_kind"], shards["sources"]["base"]["kind"]}
     rec.check(f"{label}: relex read the per-rank shards", kinds == {"fsdp"} and shards["observed_steps"] == steps[1:],
               sources=sorted(kinds), observed_steps=shards["observed_steps"], base=Path(shards["base"]).parent.name,
-              verdict=shards.get("diagnostics", {}).get("verdict"))
+              verdict=shards.get("verdict", {}).get("verdict"))
 
     # (b) verl's merger on every checkpoint, then relex on the merged folders
     for step in steps:
