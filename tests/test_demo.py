@@ -76,6 +76,11 @@ def test_relex_demo_recovers_most_of_the_gain_from_20_percent(toy, tmp_path):
                "last observed (20%)": out / "run" / "checkpoint-20",
                "RELEX from 20%": out / "extrapolated" / "relex-from-20pct",
                "real final": out / "run" / "checkpoint-100"}
+    for label, curve in demo["probes"].items():  # the auto horizon: the probe's choice, or the last observed
+        last = folders[f"last observed ({label})"]
+        chosen = curve["chosen"]
+        folders[f"RELEX auto from {label}" + ("" if chosen else " (kept)")] = (
+            out / "extrapolated" / f"auto-from-{label.rstrip('%')}pct" if chosen else last)
     assert set(rows) == set(folders)
     greedy = {}
     for label, folder in folders.items():

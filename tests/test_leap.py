@@ -239,7 +239,7 @@ def test_fit_segment_refuses_bad_options_in_one_line():
         LeapOptions(every=10, leap=5, snapshot_every=3)
     with pytest.raises(ValueError, match="at least 2 snapshots"):
         LeapOptions(every=4, leap=5, snapshot_every=4)
-    with pytest.raises(ValueError, match="require must be one of plausible, gate, always"):
+    with pytest.raises(ValueError, match="require must be one of plausible, lenient, always, probe"):
         LeapOptions(every=4, leap=5, require="sometimes")
     with pytest.raises(ValueError, match="optimizer_state must be one of keep, reset"):
         LeapOptions(every=4, leap=5, optimizer_state="extrapolate")
