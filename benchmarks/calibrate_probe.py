@@ -31,14 +31,13 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from calibrate_verdict import ORDER, PREFIXES, per_problem_greedy, settings  # noqa: E402
+from calibrate_verdict import ORDER, PREFIXES, per_problem_greedy, settings, trained_run  # noqa: E402
 
 PROBE_PROBLEMS = 128  # scored for every candidate when measuring; a setting's search uses a prefix of them
 SIGNIFICANT = 0.95  # the held-out comparisons (as relex eval reports them)
@@ -47,8 +46,6 @@ GRID = {"mode": ("reward", "logprob"), "limit": (32, 64, 128), "confidence": (0.
 
 
 def measure_run(name: str, kwargs: dict, seed: int, threads: int, bases: dict, out: Path, log=print) -> None:
-    import torch
-
     from relex.analysis.verdict import horizon_limit
     from relex.errors import RelexInputError
     from relex.probe.problems import load_probe
@@ -56,21 +53,10 @@ def measure_run(name: str, kwargs: dict, seed: int, threads: int, bases: dict, o
     from relex.probe.search import target_grid
     from relex.run import open_run
     from relex.sinks import CheckpointSink, checkpoint_layout, target_folders
-    from relex.toy import ToyConfig, train_run, warmup_model
 
-    seed = seed + int(kwargs.get("seed", 0))
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("name", "seed", "num_threads")}
-    config = ToyConfig(name=name, seed=seed, num_threads=threads, **kwargs)
-    torch.set_num_threads(threads)
-    key = config.warmup_key()
-    if key not in bases:
-        bases[key] = warmup_model(config)
     probe = load_probe("toy-train", PROBE_PROBLEMS)
-    work = Path(tempfile.mkdtemp(prefix="relex-probe-calib-"))
-    try:
-        t0 = time.perf_counter()
-        summary = train_run(work / "run", config, base=bases[key], evaluate=False)
-        train_seconds = time.perf_counter() - t0
+    with trained_run(name, kwargs, seed, threads, bases) as (config, work, summary, train_seconds):
+        seed = config.seed
         final = [c["step"] for c in summary["checkpoints"]][-1]
         for fraction in PREFIXES:
             t1 = time.perf_counter()
@@ -122,8 +108,6 @@ def measure_run(name: str, kwargs: dict, seed: int, threads: int, bases: dict, o
             log(f"  {name} s{seed} {int(fraction * 100)}%: last {heldout[last].mean():.3f}, fixed "
                 f"{heldout[final].mean():.3f}, best {best} {heldout[best].mean():.3f}", flush=True)
             shutil.rmtree(work / f"candidates-{max_step}", ignore_errors=True)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 # -- replaying the search offline ----------------------------------------------------------------------------

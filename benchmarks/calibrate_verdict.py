@@ -26,6 +26,7 @@ Runs already in ``--out`` (same setting, seed and threads) are skipped, so an in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -113,13 +114,13 @@ def verdict_of(grams: dict, ndims: dict, steps, target, calibrated: bool = True,
             "plausible": verdict.outcome is Outcome.PLAUSIBLE, "passed": decision.passed}
 
 
-def measure_run(name: str, kwargs: dict, seed: int, threads: int, bases: dict, out: Path, log=print) -> None:
+@contextlib.contextmanager
+def trained_run(name: str, kwargs: dict, seed: int, threads: int, bases: dict):
+    """The toy run of setting ``name`` at ``seed``, trained into a temporary folder that is removed afterwards:
+    yields (config, work folder, the run's summary, seconds of warm-up and training). ``bases`` caches the
+    warmed-up models across settings that share a warm-up."""
     import torch
 
-    from relex.api import extrapolate
-    from relex.errors import RelexInputError
-    from relex.evaluate.stats import paired_bootstrap
-    from relex.run import open_run
     from relex.toy import ToyConfig, train_run, warmup_model
 
     # a setting's own seed (mode-sgd-lr001-s1: seed 1) is an offset to the requested one
@@ -134,7 +135,19 @@ def measure_run(name: str, kwargs: dict, seed: int, threads: int, bases: dict, o
     work = Path(tempfile.mkdtemp(prefix="relex-calib-"))
     try:
         summary = train_run(work / "run", config, base=bases[key], evaluate=False)
-        train_seconds = time.perf_counter() - t0
+        yield config, work, summary, time.perf_counter() - t0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def measure_run(name: str, kwargs: dict, seed: int, threads: int, bases: dict, out: Path, log=print) -> None:
+    from relex.api import extrapolate
+    from relex.errors import RelexInputError
+    from relex.evaluate.stats import paired_bootstrap
+    from relex.run import open_run
+
+    with trained_run(name, kwargs, seed, threads, bases) as (config, work, summary, train_seconds):
+        seed = config.seed
         steps = [c["step"] for c in summary["checkpoints"]]
         target = steps[-1]
         scores = {0: per_problem_greedy(work / "run" / "checkpoint-0"),
@@ -182,8 +195,6 @@ def measure_run(name: str, kwargs: dict, seed: int, threads: int, bases: dict, o
                 f"{row['drift_share'] if row['drift_share'] is None else round(row['drift_share'], 2)}) | "
                 f"last {row['last_greedy']:.3f} pred {row['pred_greedy']:.3f} final {final_acc:.3f} -> "
                 f"{row['outcome']} [{interval['ci_low']:+.3f}, {interval['ci_high']:+.3f}]", flush=True)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def load_rows(path: Path) -> list[dict]:
@@ -337,7 +348,7 @@ def main(argv=None) -> int:
         print("## before calibration (whole-model figures only)\n\n" + confusion(old)
               + "\n\n## calibrated verdict\n\n" + confusion(new) + "\n\n" + gate_table(new) + "\n\n" + splits(new))
         weights = rescore(rows, use_rewards=False)
-        print(f"\n## calibrated verdict without the reward check (weights only)\n\n" + confusion(weights))
+        print("\n## calibrated verdict without the reward check (weights only)\n\n" + confusion(weights))
         changed = [f"{r['setting']} s{r['seed']} t{r['threads']} {int(round(r['prefix'] * 100))}%: {a['gate']} -> "
                    f"{r['gate']} ({r['outcome']})" for a, r in zip(weights, new) if a["gate"] != r["gate"]]
         print(f"\nrows that kept their training reward: {sum(bool(r.get('train_reward')) for r in rows)} of "

@@ -46,8 +46,6 @@ STEPS_GAP = 10
 
 def make_series(run: Path, size_gb: float, observed: int, n_tensors: int) -> dict:
     """Base + ``observed`` checkpoints of ``n_tensors`` equal bf16 tensors (7629 × 4096 at 1 GB and 16)."""
-    import torch
-    from safetensors.torch import save_file
 
     numel = int(size_gb * 1e9 / 2 / n_tensors)
     cols = 4096

@@ -20,7 +20,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from extrapolate_speed import STEPS_GAP, _write_run, measure, model_shapes
+from extrapolate_speed import _write_run, measure, model_shapes
 
 QWEN_VOCAB = 151936  # a vocab-sized embedding: (T + 1) copies of it exceed the default pool at T = 75
 

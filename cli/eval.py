@@ -22,8 +22,7 @@ def _print_table(results, title: str) -> None:
 
     from relex.evaluate.results import format_difference
 
-    tasks = results.tasks
-    rows = tasks + (["mean"] if len(tasks) > 1 else [])
+    rows = results.columns
     table = Table(title=title, show_header=True, header_style="bold")
     table.add_column("benchmark")
     for index, label in enumerate(results.labels):
@@ -32,17 +31,11 @@ def _print_table(results, title: str) -> None:
         if task == "mean":
             name = "mean"
         else:
-            block = results.data["tasks"][task]
-            n = max((len(r["problems"]) for r in block["results"].values()), default=0)
-            name = f"{task}\n[dim]{block.get('metric', '')} · n={n}[/dim]"
+            metric = results.data["tasks"][task].get("metric", "")
+            name = f"{task}\n[dim]{metric} · n={results.problem_count(task)}[/dim]"
         cells = []
         for label in results.labels:
-            if task == "mean":
-                value = results.data["mean"]["accuracy"].get(label)
-            else:
-                result = results.data["tasks"][task]["results"].get(label)
-                value = result["summary"]["accuracy"] if result else None
-            cell = "–" if value is None or value != value else f"{100 * value:.1f}"
+            cell = results.percent(task, label)
             difference = results.difference(task, label)
             if difference:
                 style = "green" if difference["ci_low"] > 0 else "red" if difference["ci_high"] < 0 else "dim"

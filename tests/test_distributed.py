@@ -11,7 +11,6 @@ import subprocess
 import sys
 from datetime import timedelta
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist

@@ -14,8 +14,7 @@ def eval_markdown(results, gate=None, title: str = "relex eval") -> str:
     else:
         status = "passed" if gate.passed else "failed"
         headline = f"### {ICONS[status]} {title}: {md(gate.reason())}"
-    tasks = list(results.tasks)
-    columns = tasks + (["mean"] if len(tasks) > 1 else [])
+    columns = results.columns
     header = ["checkpoint"] + [md(task) for task in columns]
     if gate is not None:
         header.append("gate")
@@ -24,12 +23,7 @@ def eval_markdown(results, gate=None, title: str = "relex eval") -> str:
     for index, label in enumerate(results.labels):
         row = [md(label) + (" (baseline)" if index == 0 and len(results.labels) > 1 else "")]
         for task in columns:
-            if task == "mean":
-                value = results.data["mean"]["accuracy"].get(label)
-            else:
-                entry = results.data["tasks"][task]["results"].get(label)
-                value = entry["summary"]["accuracy"] if entry else None
-            cell = "–" if value is None or value != value else f"{100 * value:.1f}"
+            cell = results.percent(task, label)
             difference = results.difference(task, label)
             if difference:
                 cell += f" ({md(format_difference(difference))})"
