@@ -131,6 +131,20 @@ class _PredictionSink(Sink):
             piece[lo:hi].copy_(combine(chunk.w0, coefficients, chunk.basis, factors, chunk.first, out, tmp))
 
 
+class _WritingSink(_PredictionSink):
+    """A prediction sink that writes through one writer per target (``self.writers``)."""
+
+    writers: dict
+
+    def finish(self) -> None:
+        for writer in self.writers.values():
+            writer.finish()
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+
+
 class TensorSink(_PredictionSink):
     """The prediction of each target step as CPU tensors in memory (``tensors[target][name]``), in ``dtypes``.
 
@@ -184,7 +198,7 @@ class _ShardedOutput:
         return {key: writer.part() for key, writer in self.writers.items()}
 
 
-class CheckpointSink(_ShardedOutput, _PredictionSink):
+class CheckpointSink(_ShardedOutput, _WritingSink):
     """A Hugging Face checkpoint per target step: shards, index, config and tokenizer files, ``relex.json``.
 
     ``scale`` (materialize) overrides the scale of every stored model. With ``part``, ``layout`` is this
@@ -220,14 +234,6 @@ class CheckpointSink(_ShardedOutput, _PredictionSink):
     def bytes_written(self) -> int:
         return sum(w.bytes_written for w in self.writers.values())
 
-    def finish(self) -> None:
-        for writer in self.writers.values():
-            writer.finish()
-
-    def close(self) -> None:
-        for writer in self.writers.values():
-            writer.close()
-
     def save(self, target: int, record: dict, config_folders: Sequence[Path], parts: Sequence[dict] | None = None) -> None:
         """Config and tokenizer files, and ``relex.json``: ``record`` with the target step and shard digests;
         given every rank's :meth:`part`, the index of all their shards too."""
@@ -241,7 +247,7 @@ class CheckpointSink(_ShardedOutput, _PredictionSink):
         writer.write_json("relex.json", {**record, "target_step": target, "shards_sha256": digests})
 
 
-class AdapterSink(_PredictionSink):
+class AdapterSink(_WritingSink):
     """The prediction of a LoRA run as a PEFT adapter per target step.
 
     The prediction of a target module is W_0 + Σ_i m_i ΔW_i with ΔW_i = P_i Q_i (P_i = s·B_i, Q_i = A_i), so it
@@ -333,14 +339,6 @@ class AdapterSink(_PredictionSink):
     @property
     def bytes_written(self) -> int:
         return sum(_folder_bytes(folder) for folder in self.folders.values())
-
-    def finish(self) -> None:
-        for writer in self.writers.values():
-            writer.finish()
-
-    def close(self) -> None:
-        for writer in self.writers.values():
-            writer.close()
 
     def save(self, target: int, record: dict, config_folders: Sequence[Path]) -> None:
         """Tokenizer files (an adapter folder has no model config of its own) and ``relex.json`` with the

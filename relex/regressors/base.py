@@ -8,8 +8,8 @@ every predictor module and looks names up in these registries.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from dataclasses import dataclass, field, fields
+from typing import Callable, ClassVar, Protocol
 
 import numpy as np
 
@@ -56,13 +56,29 @@ def register_pattern(pattern: str, factory: Callable[[re.Match], Regressor]) -> 
 
 
 def loader(kind: str):
-    """Class decorator: ``cls.from_dict`` rebuilds fits whose ``to_dict()['kind'] == kind``."""
+    """Class decorator: ``cls.from_dict`` rebuilds fits whose ``to_dict()['kind'] == kind`` (``cls.kind``)."""
 
     def wrap(cls):
+        cls.kind = kind
         LOADERS[kind] = cls.from_dict
         return cls
 
     return wrap
+
+
+class ArrayFit:
+    """A dataclass fit whose fields are arrays (one value per column) or floats: its JSON form, ``{"kind": ...,
+    field: value, ...}`` in field order, and back."""
+
+    kind: ClassVar[str]
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind} | {f.name: float(getattr(self, f.name)) if f.type == "float"
+                                      else as_array(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        return cls(**{f.name: float(d[f.name]) if f.type == "float" else np.array(d[f.name]) for f in fields(cls)})
 
 
 def r_squared(values: np.ndarray, fitted: np.ndarray) -> np.ndarray:

@@ -7,12 +7,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from relex.errors import RelexInputError
-from relex.regressors.base import as_array, loader, r_squared, register
+from relex.regressors.base import ArrayFit, loader, r_squared, register
 
 
 @loader("loglinear")
 @dataclass
-class LogLinearFit:
+class LogLinearFit(ArrayFit):
     intercept: np.ndarray
     slope: np.ndarray  # per unit of log t
     r2: np.ndarray
@@ -20,14 +20,6 @@ class LogLinearFit:
     def predict(self, t: np.ndarray) -> np.ndarray:
         t = np.asarray(t, dtype=np.float64).reshape(-1, 1)
         return self.intercept + np.log(t) * self.slope
-
-    def to_dict(self) -> dict:
-        return {"kind": "loglinear", "intercept": as_array(self.intercept), "slope": as_array(self.slope),
-                "r2": as_array(self.r2)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "LogLinearFit":
-        return cls(np.array(d["intercept"]), np.array(d["slope"]), np.array(d["r2"]))
 
 
 @register("loglinear", "least squares of c on log t (decelerating growth)")

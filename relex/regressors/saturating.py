@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from relex.errors import RelexInputError
-from relex.regressors.base import as_array, loader, r_squared, register
+from relex.regressors.base import ArrayFit, loader, r_squared, register
 from relex.regressors.powerlaw import fit_shape
 
 LOG_TAU_RANGE = (math.log(0.01), math.log(100.0))
@@ -21,7 +21,7 @@ LOG_TAU_RANGE = (math.log(0.01), math.log(100.0))
 
 @loader("saturating")
 @dataclass
-class SaturatingFit:
+class SaturatingFit(ArrayFit):
     amplitude: np.ndarray  # a
     tau: np.ndarray  # τ, in steps
     r2: np.ndarray
@@ -29,14 +29,6 @@ class SaturatingFit:
     def predict(self, t: np.ndarray) -> np.ndarray:
         t = np.asarray(t, dtype=np.float64).reshape(-1, 1)
         return self.amplitude * -np.expm1(-t / self.tau)
-
-    def to_dict(self) -> dict:
-        return {"kind": "saturating", "amplitude": as_array(self.amplitude), "tau": as_array(self.tau),
-                "r2": as_array(self.r2)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SaturatingFit":
-        return cls(np.array(d["amplitude"]), np.array(d["tau"]), np.array(d["r2"]))
 
 
 @register("saturating", "c ≈ a·(1 − exp(−t/τ)) through the base (deceleration toward a plateau)")
