@@ -86,3 +86,14 @@ def load_state(folder):
     for file in sorted(Path(folder).glob("*.safetensors")):
         state.update(load_file(file))
     return state
+
+
+def tiny_base_and_directions(folder, seed: int, **model):
+    """Save a tiny model at ``folder`` (``model``: :func:`save_tiny_model`'s options) and return its tensors with
+    one random direction per tensor (``torch.randn`` from ``seed``): the start of a run along known directions."""
+    import torch
+
+    save_tiny_model(folder, **model)
+    base = load_state(folder)
+    generator = torch.Generator().manual_seed(seed)
+    return base, {n: torch.randn(t.shape, generator=generator) for n, t in base.items()}

@@ -16,7 +16,7 @@ from relex.analysis.report import TENSOR_COLUMNS
 from relex.analysis.tables import parse_name, read_csv, rows_to_csv
 from relex.errors import RelexInputError
 from relex.synthetic import make_run, write_checkpoint
-from relex.testing import load_state, save_tiny_model
+from relex.testing import tiny_base_and_directions
 from relex_cli.app import main
 
 STEPS = list(range(5, 61, 5))  # 12 checkpoints
@@ -177,10 +177,7 @@ def test_cli_bad_input(runs, tmp_path, capsys, args, fragment):
 def tiny_run(tmp_path_factory):
     """A tiny Llama moved along a fixed direction: base at 0, checkpoints at 10, 20, 30."""
     root = tmp_path_factory.mktemp("tiny") / "run"
-    save_tiny_model(root / "checkpoint-0")
-    base = load_state(root / "checkpoint-0")
-    generator = torch.Generator().manual_seed(1)
-    directions = {n: torch.randn(t.shape, generator=generator) for n, t in base.items()}
+    base, directions = tiny_base_and_directions(root / "checkpoint-0", 1)
     for step in (10, 20, 30):
         folder = root / f"checkpoint-{step}"
         write_checkpoint(folder, {n: t + 1e-3 * step * directions[n] for n, t in base.items()}, step=step)

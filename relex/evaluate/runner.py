@@ -370,9 +370,7 @@ def task_source(spec: TaskSpec, settings: EvalSettings) -> str:
     """Where the problems of ``spec`` come from: a local file, or a hub dataset and split."""
     if spec.kind == "math" and settings.data_dir is not None:
         return str(local_data_file(spec, settings.data_dir))
-    if spec.hub_path:
-        return f"{spec.hub_path} ({spec.hub_split})"
-    return spec.title
+    return spec.hub_dataset or spec.title
 
 
 def _load_task(manager, spec: TaskSpec, settings: EvalSettings) -> list:

@@ -13,6 +13,8 @@ from typing import Callable, ClassVar, Protocol
 
 import numpy as np
 
+from relex.errors import RelexInputError
+
 
 class Fit(Protocol):
     r2: np.ndarray
@@ -88,6 +90,15 @@ def r_squared(values: np.ndarray, fitted: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         r2 = np.where(total > 0, 1.0 - residual / np.where(total > 0, total, 1.0), 1.0)
     return r2
+
+
+def positive_steps(name: str, steps, values) -> tuple[np.ndarray, np.ndarray]:
+    """``(t, values)`` as float64, values one column per series; refuses steps ≤ 0 (curves in log t or
+    through the base at t = 0)."""
+    t = np.asarray(steps, dtype=np.float64)
+    if np.any(t <= 0):
+        raise RelexInputError(f"{name} needs positive step numbers")
+    return t, np.asarray(values, dtype=np.float64).reshape(len(t), -1)
 
 
 def as_array(values) -> list:

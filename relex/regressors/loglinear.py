@@ -6,8 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from relex.errors import RelexInputError
-from relex.regressors.base import ArrayFit, loader, r_squared, register
+from relex.regressors.base import ArrayFit, loader, positive_steps, r_squared, register
 
 
 @loader("loglinear")
@@ -24,10 +23,7 @@ class LogLinearFit(ArrayFit):
 
 @register("loglinear", "least squares of c on log t (decelerating growth)")
 def fit_loglinear(steps: np.ndarray, values: np.ndarray) -> LogLinearFit:
-    t = np.asarray(steps, dtype=np.float64)
-    if np.any(t <= 0):
-        raise RelexInputError("loglinear needs positive step numbers")
-    values = np.asarray(values, dtype=np.float64).reshape(len(t), -1)
+    t, values = positive_steps("loglinear", steps, values)
     design = np.stack([np.ones_like(t), np.log(t)], axis=1)
     coef, *_ = np.linalg.lstsq(design, values, rcond=None)
     return LogLinearFit(coef[0], coef[1], r_squared(values, design @ coef))

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from relex.errors import RelexInputError
-from relex.regressors.base import ArrayFit, loader, r_squared, register
+from relex.regressors.base import ArrayFit, loader, positive_steps, r_squared, register
 
 B_MIN, B_MAX = -2.0, 4.0
 
@@ -59,10 +58,7 @@ def fit_shape(basis, values: np.ndarray, lo: float, hi: float, grid: int = 121) 
 
 @register("powerlaw", "c ≈ a·t^b through the base (b fitted, least squares)", min_points=2)
 def fit_powerlaw(steps: np.ndarray, values: np.ndarray) -> PowerLawFit:
-    t = np.asarray(steps, dtype=np.float64)
-    if np.any(t <= 0):
-        raise RelexInputError("powerlaw needs positive step numbers")
-    values = np.asarray(values, dtype=np.float64).reshape(len(t), -1)
+    t, values = positive_steps("powerlaw", steps, values)
     t_ref = float(t.max())
     tau = t / t_ref
     amplitudes, exponents = [], []

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from relex.errors import RelexInputError
-from relex.regressors.base import ArrayFit, loader, r_squared, register
+from relex.regressors.base import ArrayFit, loader, positive_steps, r_squared, register
 from relex.regressors.powerlaw import fit_shape
 
 LOG_TAU_RANGE = (math.log(0.01), math.log(100.0))
@@ -33,10 +32,7 @@ class SaturatingFit(ArrayFit):
 
 @register("saturating", "c ≈ a·(1 − exp(−t/τ)) through the base (deceleration toward a plateau)")
 def fit_saturating(steps: np.ndarray, values: np.ndarray) -> SaturatingFit:
-    t = np.asarray(steps, dtype=np.float64)
-    if np.any(t <= 0):
-        raise RelexInputError("saturating needs positive step numbers")
-    values = np.asarray(values, dtype=np.float64).reshape(len(t), -1)
+    t, values = positive_steps("saturating", steps, values)
     t_ref = float(t.max())
     amplitudes, taus = [], []
     for column in values.T:
