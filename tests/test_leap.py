@@ -21,7 +21,8 @@ from transformers import TrainerCallback
 
 from relex.analysis.verdict import run_verdict
 from relex.api import extrapolate
-from relex.integrations.leap import LeapCallback, LeapOptions, Leaper, fit_segment
+from relex.integrations.leap import LeapOptions, Leaper, fit_segment
+from relex.integrations.leap_callback import LeapCallback
 from relex.options import RunOptions
 from relex.run import PassResult, open_run
 from relex.testing import load_state, tiny_config

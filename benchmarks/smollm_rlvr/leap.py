@@ -1,7 +1,7 @@
 """GRPO on SmolLM2-135M-Instruct with relex's LeapCallback: train M steps, jump N steps ahead, repeat.
 
 The same task, model and GRPOTrainer settings as train.py (4 prompts x 8 completions per step, AdamW lr 5e-6
-constant, float32, no KL), with :class:`relex.integrations.leap.LeapCallback` added: every ``--every`` real
+constant, float32, no KL), with :class:`relex.integrations.LeapCallback` added: every ``--every`` real
 steps the trajectory of the segment since the last decision is fitted in memory and, when the verdict says a
 jump of ``--leap`` steps is plausible (or always, with ``--require always``), the weights jump there.
 
@@ -95,7 +95,8 @@ def train(a: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from relex.integrations.leap import LEAP, LeapCallback
+    from relex.integrations.leap import LEAP
+    from relex.integrations.leap_callback import LeapCallback
 
     out: Path = a.out
     out.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from relex.device import resolve_device
-from relex.errors import RelexInputError
+from relex.errors import RelexInputError, one_line
 from relex.evaluate import stats
 from relex.evaluate.tasks import (
     CHAT_PROMPT,
@@ -146,7 +146,7 @@ def check_dependencies(backend: str = "hf") -> None:
         try:
             importlib.import_module(module)
         except Exception as exc:  # noqa: BLE001 - any failure of a third-party import is the environment's
-            raise RelexInputError(f"{package} is installed but cannot be imported ({_one_line(exc)}); repair this "
+            raise RelexInputError(f"{package} is installed but cannot be imported ({one_line(exc)}); repair this "
                                   "environment's packages (pip check lists conflicts)") from None
     if backend == "vllm" and not module_available("vllm"):
         raise RelexInputError("--backend vllm needs vLLM, which is not installed; pip install vllm (needs a GPU)")
@@ -156,12 +156,6 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    message = text[0] if text else ""
-    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 def _model_args(checkpoint: str, settings: EvalSettings, device: str) -> tuple[dict, dict]:
@@ -208,7 +202,7 @@ def load_model(checkpoint: str, settings: EvalSettings, device: str, decoding: d
     except Exception as exc:
         if type(exc).__name__ in {"OutOfMemoryError"}:
             raise
-        raise RelexInputError(f"checkpoint does not load: {_one_line(exc)}", checkpoint) from exc
+        raise RelexInputError(f"checkpoint does not load: {one_line(exc)}", checkpoint) from exc
 
 
 def has_chat_template(lm) -> bool:
@@ -386,7 +380,7 @@ def _load_task(manager, spec: TaskSpec, settings: EvalSettings) -> list:
     except Exception as exc:
         hint = "" if settings.data_dir is not None or spec.kind != "math" else (
             " (offline? read local copies with --data-dir)")
-        raise RelexInputError(f"cannot read the problems of '{spec.name}': {_one_line(exc)}{hint}",
+        raise RelexInputError(f"cannot read the problems of '{spec.name}': {one_line(exc)}{hint}",
                               task_source(spec, settings)) from exc
 
 

@@ -21,7 +21,11 @@ def __getattr__(name: str):
         from relex.integrations.trainer import RelexCallback
 
         return RelexCallback
-    if name in ("LeapCallback", "LeapOptions", "Leaper"):
+    if name == "LeapCallback":
+        from relex.integrations.leap_callback import LeapCallback
+
+        return LeapCallback
+    if name in ("LeapOptions", "Leaper"):
         from relex.integrations import leap
 
         return getattr(leap, name)

@@ -27,7 +27,7 @@ from typing import Sequence
 
 from transformers import TrainerCallback
 
-from relex.errors import RelexInputError
+from relex.errors import one_line
 from relex.integrations.assess import PREFIX, Assessment, assess
 from relex.options import RunOptions
 
@@ -35,13 +35,6 @@ logger = logging.getLogger(__name__)
 
 BASE_FOLDER = "relex-base"  # under args.output_dir: not a checkpoint name, so neither relex nor the trainer reads it
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-
-
-def one_line(exc: BaseException) -> str:
-    """An error as one short line (input errors as relex words them, anything else with its type)."""
-    text = str(exc) if isinstance(exc, RelexInputError) else f"{type(exc).__name__}: {exc}"
-    text = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-    return text if len(text) <= 400 else text[:397] + "..."
 
 
 def count_checkpoints(run_dir: str | Path, max_step: int) -> int:
