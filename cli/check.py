@@ -36,7 +36,7 @@ TARGET_HELP = ("The step to extrapolate to (default: judge the window alone, as 
 def check(
     run_dir: RunDirArgument,
     options=None,
-    lenient: Annotated[bool, typer.Option("--lenient", help="Also pass a mixed or inconclusive verdict (exit 0, with a warning): verdicts that say nothing will hurt, but cannot vouch for the extrapolation either. Without it only a plausible verdict passes.", rich_help_panel=GATE)] = False,
+    lenient: Annotated[bool, typer.Option("--lenient", help="Also pass a mixed or inconclusive verdict (exit 0, with a warning): verdicts that say nothing will hurt, but cannot vouch for the extrapolation either. Without it only a plausible verdict passes. Not with --probe (the probe decides).", rich_help_panel=GATE)] = False,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the verdict and every figure behind it (drift statistics with their nulls, backtest, target, horizon, training reward), the gate, the steps and how each checkpoint was read to this JSON file.", rich_help_panel=GATE, show_default=False)] = None,
     summary: SummaryOption = None,
     dry_run: DryRunOption = False,

@@ -14,7 +14,8 @@ from relex_cli.options import INPUT_FIELDS, PROBE_FIELDS, REWARD_FIELDS, RunDirA
 REQUIRE_HELP = ("Judge the run first, as relex check does, and refuse (exit 3, nothing written) unless the gate "
                 "passes: plausible (the gate of relex check: a plausible verdict only) or mixed (of relex check "
                 "--lenient: a mixed or inconclusive verdict too, with a warning). Reads the run twice: the check's "
-                "Gram pass, then the writing pass. With --probe, the probe decides instead.")
+                "Gram pass, then the writing pass. Not with --probe: the probe is the gate there (nothing is "
+                "written when no candidate beats the last observed checkpoint).")
 REQUIRE_CHOICES = ("plausible", "mixed")
 OUTPUT_FIELDS = ("target_steps", "allow_interpolation", "device", "dtype", "output", "lora_rank", "max_shard_size",
                  "overwrite")
@@ -57,7 +58,7 @@ def extrapolate(
     if require is not None and require not in REQUIRE_CHOICES:
         raise RelexInputError(f"unknown --require {require!r} (use {' or '.join(REQUIRE_CHOICES)})")
     if require is not None and options.probed:
-        raise RelexInputError("--probe decides on the probe: --require applies without one")
+        raise RelexInputError("--require is the weights' gate and --probe is the gate with a probe: give one of them")
     check_output_folder(out, options.overwrite)  # before downloading a Hub run
     check_output_files(summary_path, report)
     if dry_run:

@@ -301,6 +301,9 @@ def check(source, options: RunOptions | None = None, *, lenient: bool = False, p
     observed checkpoint, and deleted; the gate passes when one is better. The weights' verdict is reported beside.
     """
     options = _options(options, settings)
+    if options.probed and lenient:
+        raise RelexInputError("--lenient loosens the weights' gate, and with --probe the probe decides: give one of "
+                              "them")
     outcome = None
     with open_run(source, options, progress=progress) as run:
         if options.probed:

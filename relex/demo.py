@@ -185,7 +185,7 @@ def run_demo(
         rows.append(DemoRow(f"RELEX from {label}", final, **score_checkpoint(target_dir, samples)))
         chosen, auto_dir = autos[label]
         if auto_dir is None:  # no target beat the last observed checkpoint: it stays
-            rows.append(DemoRow(f"RELEX auto from {label} (kept)", last, **observed))
+            rows.append(DemoRow(f"RELEX auto from {label}", last, **observed))
         else:
             rows.append(DemoRow(f"RELEX auto from {label}", chosen, **score_checkpoint(auto_dir, samples)))
     rows.append(DemoRow("real final", final, **final_scores))
@@ -213,17 +213,22 @@ def plot_demo(demo: DemoResult, path: Path) -> None:
     steps = [p["step"] for p in demo.curve]
     left.plot(steps, [p["greedy"] for p in demo.curve], "-o", ms=3, color="#444", label="real run (greedy)")
     colors = ["#1f77b4", "#d62728", "#2ca02c"]
-    relex_rows = [r for r in demo.rows if r.label.startswith("RELEX")]
-    observed_rows = [r for r in demo.rows if r.label.startswith("last observed")]
-    for color, row, seen in zip(colors, relex_rows, observed_rows):
+    by_label = {r.label: r for r in demo.rows}
+    for color, label in zip(colors, demo.verdicts):  # one color per observed prefix
+        seen, fixed = by_label[f"last observed ({label})"], by_label[f"RELEX from {label}"]
         left.axvspan(0, seen.step, color=color, alpha=0.07)
         left.axvline(seen.step, color=color, lw=0.8, ls=":")
-        left.scatter([row.step], [row.greedy], s=90, marker="*", color=color, zorder=5,
-                     label=f"{row.label} (observed ≤ step {seen.step})")
+        left.scatter([fixed.step], [fixed.greedy], s=90, marker="*", color=color, zorder=5,
+                     label=f"{fixed.label} (observed ≤ step {seen.step})")
+        auto = by_label.get(f"RELEX auto from {label}")
+        if auto is not None:
+            kept = " (none better: kept)" if auto.step == seen.step else ""
+            left.scatter([auto.step], [auto.greedy], s=60, marker="D", facecolors="none", edgecolors=color,
+                         zorder=5, label=f"{auto.label}: step {auto.step}{kept}")
     left.set_xlabel("RL step")
     left.set_ylabel("held-out accuracy (greedy)")
     left.set_ylim(0, 1)
-    left.set_title("toy RLVR run and checkpoints extrapolated to its final step")
+    left.set_title("toy RLVR run, its final step extrapolated, and the probe's choice")
     left.legend(loc="lower right", fontsize=8)
     left.grid(alpha=0.3)
 
@@ -236,7 +241,7 @@ def plot_demo(demo: DemoResult, path: Path) -> None:
     for i, label in enumerate(labels):
         d = demo.verdicts[label]
         scores = (d.get("diagnostics") or {}).get("scores", {})
-        values = [scores.get(key, float("nan")) for key, _ in stats]
+        values = [float("nan") if scores.get(key) is None else scores[key] for key, _ in stats]
         shown = [min(max(v, low), high) if v == v else 0.0 for v in values]
         right.bar(x + i * width, shown, width, color=colors[i % len(colors)],
                   label=f"first {label}: {d['message'].split(':')[0].split(' (')[0]}")

@@ -22,10 +22,8 @@ def test_demo_ci_preset(tmp_path, capsys):
     labels = [row["label"] for row in demo["rows"]]
     final = demo["config"]["steps"]
     auto = {label: curve["chosen"] for label, curve in demo["probes"].items()}  # the probe's choice, or None
-    assert labels == ["base", "last observed (10%)", "RELEX from 10%",
-                      "RELEX auto from 10%" + (" (kept)" if auto["10%"] is None else ""),
-                      "last observed (20%)", "RELEX from 20%",
-                      "RELEX auto from 20%" + (" (kept)" if auto["20%"] is None else ""), "real final"]
+    assert labels == ["base", "last observed (10%)", "RELEX from 10%", "RELEX auto from 10%",
+                      "last observed (20%)", "RELEX from 20%", "RELEX auto from 20%", "real final"]
     steps = [row["step"] for row in demo["rows"]]
     assert steps == [0, 2, final, auto["10%"] or 2, 4, final, auto["20%"] or 4, final]
     for label, curve in demo["probes"].items():  # candidates past the last observed step, up to the horizon limit
@@ -79,7 +77,7 @@ def test_relex_demo_recovers_most_of_the_gain_from_20_percent(toy, tmp_path):
     for label, curve in demo["probes"].items():  # the auto horizon: the probe's choice, or the last observed
         last = folders[f"last observed ({label})"]
         chosen = curve["chosen"]
-        folders[f"RELEX auto from {label}" + ("" if chosen else " (kept)")] = (
+        folders[f"RELEX auto from {label}"] = (
             out / "extrapolated" / f"auto-from-{label.rstrip('%')}pct" if chosen else last)
     assert set(rows) == set(folders)
     greedy = {}

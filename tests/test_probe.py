@@ -77,6 +77,12 @@ def test_bad_probes_are_one_line(toy, tmp_path):
     assert done.returncode == 2 and "--target-step auto needs --probe" in one_error_line(done)
     done = relex("check", toy["demo-final"], "--max-step", WINDOW, "--probe", "aime24", "--target-step", 100)
     assert done.returncode == 2 and "names a benchmark" in one_error_line(done)
+    done = relex("check", toy["demo-final"], "--max-step", WINDOW, "--probe", "toy-train", "--target-step", 100,
+                 "--lenient")
+    assert done.returncode == 2 and "give one of them" in one_error_line(done)
+    done = relex("extrapolate", toy["demo-final"], "--max-step", WINDOW, "--probe", "toy-train", "--target-step",
+                 100, "--require", "plausible", "--out", tmp_path / "o")
+    assert done.returncode == 2 and "give one of them" in one_error_line(done) and not (tmp_path / "o").exists()
     bad = tmp_path / "probe.jsonl"
     bad.write_text('{"problem": "1+1?", "answer": "2"}\n{"answer": "3"}\n')
     done = relex("check", toy["demo-final"], "--max-step", WINDOW, "--probe", bad, "--target-step", 100)

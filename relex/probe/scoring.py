@@ -10,6 +10,8 @@ and scores any subset of the probe's problems in batches; it counts the tokens i
 
 from __future__ import annotations
 
+import contextlib
+
 import re
 from pathlib import Path
 from typing import Sequence
@@ -50,7 +52,8 @@ class ProbeModel:
         if isinstance(source, (str, Path)):
             folder = Path(source)
             try:
-                self.model = AutoModelForCausalLM.from_pretrained(folder).float()
+                with _quiet_loading():  # a candidate is loaded per look: no progress bar of transformers' each time
+                    self.model = AutoModelForCausalLM.from_pretrained(folder).float()
             except (OSError, ValueError) as exc:
                 raise RelexInputError(f"cannot load the checkpoint to probe it ({type(exc).__name__}: "
                                       f"{str(exc).splitlines()[0][:200]})", folder) from None
@@ -137,6 +140,19 @@ class ProbeModel:
             return self.tokenizer.apply_chat_template([{"role": "user", "content": problem.prompt}], tokenize=False,
                                                       add_generation_prompt=True)
         return f"Problem:\n{problem.prompt}\n\nSolution:"
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    from transformers.utils import logging as hf_logging  # start-up: only to probe
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def _toy(problems: list[ProbeProblem]):
