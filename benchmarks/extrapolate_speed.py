@@ -228,7 +228,7 @@ def whole_process(kind: str, run: Path, out: Path, observed: int) -> float:
     shutil.rmtree(out, ignore_errors=True)
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
     if kind == "relex":
-        command = [sys.executable, "-m", "relex", "extrapolate", str(run), "--target-step",
+        command = [sys.executable, "-m", "relex_cli", "extrapolate", str(run), "--target-step",
                    str(10 * observed * STEPS_GAP), "--out", str(out), "--quiet", "--device", "cpu"]
     else:
         command = [sys.executable, "-c", WHOLE_READ_AND_WRITE, str(run), str(out), kind]
