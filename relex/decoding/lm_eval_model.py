@@ -38,21 +38,13 @@ def _sampling(kwargs: dict) -> tuple[float, float]:
     return temperature, float(kwargs.get("top_p") or 1.0)
 
 
-def _dtype_argument(dtype) -> dict:
-    """``from_pretrained``'s dtype keyword: ``dtype`` since transformers 4.56, ``torch_dtype`` before."""
-    import transformers
-    from packaging.version import Version
-
-    return {"dtype" if Version(transformers.__version__).release >= (4, 56) else "torch_dtype": dtype}
-
-
 class _TwoModelHFLM(HFLM):
     def __init__(self, pretrained, a, device_a=None, seed=0, **kwargs):
         super().__init__(pretrained=pretrained, **kwargs)
         from transformers import AutoModelForCausalLM
 
         device_a = device_a or str(self.device)
-        model_a = AutoModelForCausalLM.from_pretrained(str(a), **_dtype_argument(self.model.dtype)).to(device_a).eval()
+        model_a = AutoModelForCausalLM.from_pretrained(str(a), dtype=self.model.dtype).to(device_a).eval()
         check_same_tokenizer(self.tokenizer, a)
         self.decoder = TwoModelDecoder(self.model, self._rule(), model_a=model_a, tokenizer=self.tokenizer)
         self.generator = torch.Generator(device=self.device).manual_seed(int(seed))
