@@ -35,6 +35,9 @@ def byte_level_tokenizer(chat_template: bool = True):
         eos_token="<|endoftext|>",
         pad_token="<|endoftext|>",
         additional_special_tokens=list(SPECIAL_TOKENS[1:]),
+        # those of the causal LMs it stands in for (older transformers default to adding token_type_ids,
+        # which generate() refuses for Llama and Qwen2)
+        model_input_names=["input_ids", "attention_mask"],
     )
     if chat_template:
         tokenizer.chat_template = CHAT_TEMPLATE

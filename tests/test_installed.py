@@ -8,7 +8,8 @@ submodules, say) cannot hide a failure of the command here.
 The trajectories have a known truth: every tensor moves along one fixed direction, linearly in the step, so the
 extrapolated checkpoint must equal ``w_0 + t·v`` at the target, computed here from the same seeds without relex.
 
-CI runs this module on the newest versions the dependency ranges allow and on the oldest (``-m installed``).
+CI runs it, with the whole suite, on the newest versions the dependency ranges allow and on the oldest; ``pytest -m
+installed`` selects it alone.
 """
 
 from __future__ import annotations
