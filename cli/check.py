@@ -73,9 +73,7 @@ def check(
             print_verdict(result.verdict, result.series)
             print_check(result.verdict)
             if result.probe is not None:
-                console.print(result.probe.curve.text(), highlight=False)
-                console.print(f"probe cost: {result.probe.curve.tokens:,} forward tokens, "
-                              f"{result.probe.curve.seconds:.1f} s; the probe decides the gate")
+                console.print(result.probe.curve.text() + "; the probe decides the gate", highlight=False)
         print_gate(result.decision)
         if json_path is not None:
             write_json(json_path, result.to_dict())

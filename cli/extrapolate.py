@@ -97,8 +97,7 @@ def extrapolate(
         return
     _print_result(result)
     if result.probe is not None:
-        console.print(f"probe: [bold]{result.probe.curve.probe['name']}[/bold] chose step {result.probe.chosen} "
-                      f"({result.probe.curve.tokens:,} forward tokens, {result.probe.curve.seconds:.1f} s)")
+        console.print(f"probe: [bold]{result.probe.curve.probe['name']}[/bold] chose step {result.probe.chosen}")
     for step, folder in result.out_dirs.items():
         console.print(f"wrote step {step} → [bold]{folder}[/bold]")
 

@@ -91,6 +91,7 @@ class ProbeCurve:
             interval = (f"{d['diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]" if d else "n/a")
             mark = "  ← chosen" if c.step == self.chosen else ""
             lines.append(f"  step {c.step}: {c.mean:.3f} on {c.problems}, {interval}, {c.decision}{mark}")
+        lines.append(f"probe cost: {self.tokens:,} forward tokens, {self.seconds:.1f} s")
         return "\n".join(lines)
 
 
