@@ -10,6 +10,7 @@ nothing is written (exit 3). The statistics of the search are checked against ha
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -55,6 +56,8 @@ def test_auto_horizon_on_the_noisy_run_writes_nothing(toy, tmp_path):
     assert done.returncode == 3, done.stdout[-2000:] + done.stderr[-2000:]
     assert not out.exists() and not list(tmp_path.glob(".auto*"))
     assert "no target beats the last observed step 20 on the probe" in done.stderr
+    assert not (tmp_path / "report.json").exists()  # nothing written, not even the report
+    assert re.search(r"probe cost: [\d,]+ forward tokens, [\d.]+ s", done.stdout), done.stdout[-1000:]
     done = relex("check", toy["noisy"], "--max-step", WINDOW, "--target-step", "auto", "--probe", "toy-train",
                  "--json", tmp_path / "check.json", "--quiet")
     assert done.returncode == 3
