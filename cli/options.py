@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 import typer
 
 from relex.options import RunOptions
-from relex.trajectory import ModelSpec
+from relex.model_spec import ModelSpec
 
 # Settings every command that reads a run takes.
 INPUT_FIELDS = ("base", "steps", "max_step", "revision_pattern", "subfolder_pattern", "allow_pickle")

@@ -19,8 +19,8 @@ from pathlib import Path
 from relex.errors import RelexInputError
 from relex.fields import option
 from relex.io.steps import parse_steps, parse_targets
-from relex.io.writer import parse_size
-from relex.trajectory import ModelSpec
+from relex.io.sizes import parse_size
+from relex.model_spec import ModelSpec
 
 INPUT, VERDICT, PROBE, OUTPUT = "Input", "Verdict", "Probe", "Output"
 DEFAULT_BLOCK_BYTES = 2 * 1024**3  # the pool of stored-dtype copies one pass holds at most

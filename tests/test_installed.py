@@ -93,6 +93,18 @@ def test_help_of_every_command():
         assert "Usage: relex " + command in " ".join(relex(command, "--help").stdout.split())
 
 
+def test_help_imports_no_torch():
+    """``relex --help`` answers at once: building the command line imports neither torch nor transformers
+    (torch alone takes 2-3 s to import); a command loads torch before it runs (``relex_cli.app``)."""
+    for args in (["--help"], ["extrapolate", "--help"], ["check", "--help"]):
+        done = subprocess.run([sys.executable, "-X", "importtime", "-m", "relex_cli", *args], capture_output=True,
+                              text=True, env=command.environment(), timeout=300)
+        assert done.returncode in (0, 2), done.stderr[-2000:]
+        imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if "|" in line}
+        assert "relex.options" in imported  # the options the command line is generated from were imported
+        assert not {"torch", "transformers"} & imported, args
+
+
 def test_a_hugging_face_folder(line, root):
     relex("extrapolate", line.root, "--target-step", TARGET, "--out", root / "out-hf", "--quiet")
     assert_close(load_state(root / "out-hf"), truth(line))

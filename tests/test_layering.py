@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1] / "relex"
 
 LAYERS = [
     ["relex", "relex.errors", "relex.device", "relex.jsonable", "relex.fields", "relex.progress", "relex.io.files",
-     "relex.io.steps"],
+     "relex.io.steps", "relex.io.sizes"],
     ["relex.io.source", "relex.io.reader", "relex.io.hub", "relex.io.fsdp", "relex.io.lora_config",
      "relex.io.lora_factors", "relex.io.lora", "relex.io.writer", "relex.io.lora_writer", "relex.io.staging",
      "relex.io.memory", "relex.io.discover", "relex.io.sources", "relex.io.runs", "relex.io.run_readers",
@@ -30,6 +30,7 @@ LAYERS = [
     ["relex.subspace", "relex.regressors.base"],
     ["relex.regressors.*"],
     ["relex.regressors"],
+    ["relex.model_spec"],
     ["relex.methods.base"],
     ["relex.methods.*"],
     ["relex.methods"],

@@ -5,17 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from naive import naive_elementwise, naive_matrix_rank1, naive_temporal
 
 import relex
 from relex.backtest import mixing_weights
 from relex.methods import TensorData, get_method
 from relex.methods.matrix_rank1 import FactorAccumulator
+from relex.model_spec import ModelSpec
 from relex.run import open_run
-from relex.trajectory import ModelSelector, ModelSpec
 from relex.subspace import top_singular_triple
 from relex.synthetic import DEFAULT_SHAPES, make_run, write_checkpoint
 from relex.testing import load_state
-from naive import naive_elementwise, naive_matrix_rank1, naive_temporal
+from relex.trajectory import ModelSelector
 
 STEPS = [3, 7, 8, 15, 22, 40]
 TOLERANCE = 1e-3
