@@ -4,7 +4,7 @@ Writes a synthetic bf16 trajectory (base + T checkpoints of ``--size-gb`` each, 
 equal tensors) and measures, each job in a fresh process and timed inside it (after imports):
 
 * the I/O floor: reading every input byte once and writing one checkpoint's worth of bytes;
-* ``relex.engine.extrapolate`` to one target step;
+* ``relex.extrapolate`` (:func:`relex.api.extrapolate`) to one target step;
 * the naive implementation: every checkpoint loaded whole, float64 ``numpy.linalg.svd`` per tensor.
 
 The floor and relex are measured with the inputs in the page cache (warm; ``--repeat`` times, interleaved,
@@ -46,8 +46,6 @@ STEPS_GAP = 10
 
 def make_series(run: Path, size_gb: float, observed: int, n_tensors: int) -> dict:
     """Base + ``observed`` checkpoints of ``n_tensors`` equal bf16 tensors (7629 × 4096 at 1 GB and 16)."""
-    import torch
-    from safetensors.torch import save_file
 
     numel = int(size_gb * 1e9 / 2 / n_tensors)
     cols = 4096
@@ -135,7 +133,7 @@ def child(kind: str, run: Path, out: Path, observed: int) -> None:
     import safetensors.torch  # noqa: F401
     import torch
 
-    import relex.engine
+    import relex.api
 
     baseline = _reset_peak()
     folders = [run / f"checkpoint-{s}" for s in range(0, (observed + 1) * STEPS_GAP, STEPS_GAP)]
@@ -157,7 +155,7 @@ def child(kind: str, run: Path, out: Path, observed: int) -> None:
                         if folder == folders[-1]:
                             sink.write(view[:n])
     elif kind == "relex":
-        relex.engine.extrapolate(run, target_step=target, out_dir=out, device="cpu")
+        relex.api.extrapolate(run, out, target_step=target, device="cpu")
     elif kind == "naive":
         import numpy as np
         from safetensors.torch import load_file, save_file
@@ -230,7 +228,7 @@ def whole_process(kind: str, run: Path, out: Path, observed: int) -> float:
     shutil.rmtree(out, ignore_errors=True)
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
     if kind == "relex":
-        command = [sys.executable, "-m", "relex", "extrapolate", str(run), "--target-step",
+        command = [sys.executable, "-m", "relex_cli", "extrapolate", str(run), "--target-step",
                    str(10 * observed * STEPS_GAP), "--out", str(out), "--quiet", "--device", "cpu"]
     else:
         command = [sys.executable, "-c", WHOLE_READ_AND_WRITE, str(run), str(out), kind]

@@ -59,13 +59,13 @@ def folder_digests(folder: Path) -> dict[str, str]:
 
 
 def json_digest(folder: Path) -> str | None:
-    """Digest of the model figures in ``relex.json`` files (statistics, choices, diagnostics)."""
+    """Digest of the model figures in ``relex.json`` files (statistics, choices, the verdict)."""
     parts = []
     for file in sorted(folder.rglob("relex.json")):
         payload = json.loads(file.read_text())
         tensors = {n: {k: v for k, v in t.items() if k != "relative_delta"}
                    for n, t in (payload.get("tensors") or {}).items()}
-        parts.append(json.dumps([tensors, payload.get("selection"), payload.get("diagnostics")], sort_keys=True,
+        parts.append(json.dumps([tensors, payload.get("selection"), payload.get("verdict")], sort_keys=True,
                                 default=str))
     return hashlib.sha256("".join(parts).encode()).hexdigest()[:24] if parts else None
 
@@ -206,7 +206,8 @@ def label(run: str, kind: str, options: dict) -> str:
 
 
 def run_case(runs: dict, run: str, kind: str, options: dict, work: Path) -> tuple[dict, str | None]:
-    import relex.engine
+    import relex.api
+    import relex.run
     import relex.store
 
     where = runs[run]
@@ -215,18 +216,19 @@ def run_case(runs: dict, run: str, kind: str, options: dict, work: Path) -> tupl
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     if kind == "grams":
-        grams = relex.engine.collect_grams(where["run"], **extra, **options)
+        with relex.run.open_run(where["run"], **extra, **options) as opened:
+            grams = opened.execute().grams
         result = {f"gram/{n}": hashlib.sha256(np.ascontiguousarray(g).tobytes()).hexdigest()[:24]
-                  for n, g in grams.grams.items()}
+                  for n, g in grams.items()}
         return result, None
     options = dict(options)
     target = options.pop("target_step")
     if kind == "extrapolate":
-        relex.engine.extrapolate(where["run"], target_step=target, out_dir=out, **extra, **options)
+        relex.api.extrapolate(where["run"], out, target_step=target, **extra, **options)
         return folder_digests(out), json_digest(out)
     block = {"block_bytes": options["block_bytes"]} if "block_bytes" in options else {}
-    relex.store.fit_trajectory(where["run"], out_dir=work / "trajectory", **extra, **options)
-    relex.store.materialize(work / "trajectory", target_step=target, out_dir=out, **block)
+    relex.api.fit(where["run"], work / "trajectory", **extra, **options)
+    relex.store.materialize(work / "trajectory", out, target_step=target, **block)
     stored = {f"store:{k}": v for k, v in folder_digests(work / "trajectory").items()}
     return {**stored, **folder_digests(out)}, json_digest(out)
 

@@ -2,7 +2,7 @@
 
 For each row a synthetic bf16 run is written (GPT-like shapes, untied embedding and head), then measured in
 fresh processes as in ``extrapolate_speed.py``: the I/O floor (every input byte read once, one checkpoint
-written) and ``relex.engine.extrapolate`` (warm page cache, the median of ``--repeat`` runs), with relex's
+written) and ``relex.extrapolate`` (warm page cache, the median of ``--repeat`` runs), with relex's
 peak memory beside the bound (T + 1) × the largest tensor in its stored dtype + 25%. Each run is deleted
 once measured. Prints a Markdown table.
 
@@ -20,7 +20,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from extrapolate_speed import STEPS_GAP, _write_run, measure, model_shapes
+from extrapolate_speed import _write_run, measure, model_shapes
 
 QWEN_VOCAB = 151936  # a vocab-sized embedding: (T + 1) copies of it exceed the default pool at T = 75
 

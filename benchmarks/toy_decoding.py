@@ -139,9 +139,9 @@ def main(argv=None) -> int:
 
     from transformers.utils import logging as hf_logging
 
+    from relex.api import extrapolate
     from relex.decoding import LogitsExtrapolation, SelectiveExtrapolation, SingleModel, TwoModelDecoder, alpha_for
     from relex.demo import prefix_step
-    from relex.engine import extrapolate
     from relex.evaluate.stats import paired_bootstrap
     from relex.toy import ToyConfig
     from relex.toy.task import heldout_problems
@@ -178,7 +178,7 @@ def main(argv=None) -> int:
         for method, name in (("relex", "RELEX"), ("elementwise", "element-wise")):
             folder = out / "decoding" / f"{method}-from-{last}"
             started = time.perf_counter()
-            extrapolate(run_dir, target_step=final, out_dir=folder, max_step=last, method=method, overwrite=True)
+            extrapolate(run_dir, folder, target_step=final, max_step=last, method=method, overwrite=True)
             add(f"{name} (weights)", prefix, TwoModelDecoder(load(folder), SingleModel()), "weights",
                 write_seconds=time.perf_counter() - started)
         for a in (previous, 0):

@@ -6,8 +6,9 @@ For each seed, the base of ``relex demo`` is warmed up once; then
   after every real step; its accuracy at step 100 is the run's *final accuracy*;
 * ``leap M,N`` — the same run with :class:`relex.integrations.leap.LeapOptions` (every M real steps, jump N
   steps when the verdict on the segment says plausible: ``require="plausible"``), scored after every real
-  step; ``gate``: when ``relex check`` without ``--strict`` would pass the jump; ``always``: whatever the
-  verdict says;
+  step; ``lenient``: when ``relex check --lenient`` would pass the jump; ``always``: whatever the verdict says;
+  ``probe``: the length chosen at each decision on a probe of 64 training problems (the horizon search of
+  :mod:`relex.probe`: jump lengths up to N scored against the current weights; none better: no jump);
 * ``+check`` — the same, reverting a jump that lowers greedy accuracy on 200 training problems drawn at
   random (a validation set the held-out score never sees; the toy task has no unseen problems beyond the
   held-out split);
@@ -36,18 +37,22 @@ import numpy as np
 import torch
 
 VALIDATION = 200  # training problems (a seeded sample) the +check variant scores a jump on
+PROBE, PROBE_PROBLEMS = "toy-train", 64  # the probe the "probe" variants choose each jump's length on
 # name: (preset, (every, leap) or None, require, check)
 SETTINGS = {
     "plain": ("demo", None, None, False),
     "leap 10,40": ("demo", (10, 40), "plausible", False),
     "leap 20,100": ("demo", (20, 100), "plausible", False),
-    "leap 20,100 gate": ("demo", (20, 100), "gate", False),
+    "leap 20,100 lenient": ("demo", (20, 100), "lenient", False),
     "leap 10,40 always": ("demo", (10, 40), "always", False),
     "leap 20,100 always": ("demo", (20, 100), "always", False),
     "leap 20,100 always +check": ("demo", (20, 100), "always", True),
+    "leap 10,40 probe": ("demo", (10, 40), "probe", False),
+    "leap 20,100 probe": ("demo", (20, 100), "probe", False),
     "noisy plain": ("noisy", None, None, False),
     "noisy leap 20,100": ("noisy", (20, 100), "plausible", False),
     "noisy leap 20,100 always": ("noisy", (20, 100), "always", False),
+    "noisy leap 20,100 probe": ("noisy", (20, 100), "probe", False),
 }
 
 
@@ -67,7 +72,8 @@ def run_setting(name: str, seed: int, base, target: float | None, max_real: int)
         problems = train_problems()  # in a fixed order, not a random one: sample them
         chosen = np.random.default_rng(12345).choice(len(problems), VALIDATION, replace=False)
         validation = [problems[int(i)] for i in chosen]
-        leaper = Leaper(LeapOptions(every=leap[0], leap=leap[1], require=require,
+        probe = {"probe": PROBE, "probe_limit": PROBE_PROBLEMS} if require == "probe" else {}
+        leaper = Leaper(LeapOptions(every=leap[0], leap=leap[1], require=require, **probe,
                                     check=(lambda model: greedy_accuracy(model, validation)) if check else None))
         config = config.replace(steps=10_000)  # the run's virtual length: it ends by real steps here
     curve: list[dict] = []
@@ -153,7 +159,7 @@ def plot(records: list[dict], path: Path) -> None:
                 colour = colours.setdefault(name, "black" if "plain" in name else f"C{len(colours)}")
                 _, leap, require, check = SETTINGS[name]
                 # Refused jumps leave a run identical to the plain one: dashed lines on top of it.
-                style = ":" if check else {"plausible": "--", "gate": "-."}.get(require, "-")
+                style = ":" if check else {"plausible": "--", "lenient": "-.", "probe": (0, (1, 1))}.get(require, "-")
                 xs = [p["real"] for p in record["curve"]]
                 ys = [p["greedy"] for p in record["curve"]]
                 ax.plot(xs, ys, color=colour, alpha=0.8, lw=2.2 if leap is None else 1.3, linestyle=style,

@@ -99,8 +99,8 @@ def main() -> None:
                 options = {} if predictor == "—" else {"regressor": predictor}
                 started = time.perf_counter()
                 try:
-                    result = relex.extrapolate(run_dir, target_step=final_step, out_dir=out, max_step=last,
-                                               method=mode, overwrite=True, device="cpu", **options)
+                    result = relex.extrapolate(run_dir, out, target_step=final_step, max_step=last, method=mode,
+                                               overwrite=True, device="cpu", **options)
                 except relex.RelexInputError as exc:
                     rows.setdefault((mode, predictor), {})[label] = {"error": str(exc)}
                     print(f"{label} {mode:12s} {predictor:20s} skipped: {exc}", flush=True)

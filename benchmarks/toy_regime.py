@@ -208,8 +208,9 @@ def run_setting(name: str, desc: str, overrides: dict, bases: dict, log=print) -
     row.update(gram_diagnostics(G, steps))
     try:  # the library's diagnostics, with random-walk nulls and a verdict
         from relex.analysis.drift import diagnose
+        from relex.analysis.verdict import drift_class
         d = diagnose(G, steps)
-        row["verdict"], row["drift_share"] = d.verdict, d.drift_share
+        row["verdict"], row["drift_share"] = drift_class(d)[0], d.drift_share  # the class from the share alone
         row["null"] = {k: getattr(d.null, k) for k in ("alpha", "drift_ratio", "cos_first_last", "prefix_cos")}
         row["scores"] = d.scores
     except ImportError:

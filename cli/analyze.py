@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from relex_cli.app import app
-from relex_cli.console import VERDICT_STYLE, console, BaseOption, MaxStepOption, RunDirArgument, StepsOption
-from relex_cli.console import RevisionPatternOption, SubfolderPatternOption
+from relex_cli.console import VERDICT_STYLE, QuietOption, console
+from relex_cli.options import INPUT_FIELDS, REWARD_FIELDS, RunDirArgument, run_options
 
-INPUT = "Input"
 ANALYSIS = "Analysis"
 LOGPROB = "Log-prob linearity (output space)"
 OUTPUT = "Output"
@@ -39,32 +37,6 @@ def _records(spec: Optional[str], run_dir: Optional[Path], limit: Optional[int])
     return load_records(spec, limit)
 
 
-@contextmanager
-def _count_progress(disable: bool):
-    """A progress bar over checkpoints scored for the log-probs; appears at the first update."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from relex_cli.console import err_console
-
-    bar = Progress(TextColumn("[bold]scoring log-probs[/bold]"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("checkpoints"), TimeElapsedColumn(), console=err_console, disable=disable,
-                   transient=True)
-    task = None
-
-    def update(done: int, total: int) -> None:
-        nonlocal task
-        if task is None:
-            bar.start()
-            task = bar.add_task("scoring", total=total)
-        bar.update(task, completed=done, total=total)
-
-    try:
-        yield update
-    finally:
-        if task is not None:
-            bar.stop()
-
-
 def print_summary(result) -> None:
     """The run's figures beside their random-walk null and pure-drift values, the backtest, the verdict."""
     from rich.table import Table
@@ -79,7 +51,8 @@ def print_summary(result) -> None:
     table.add_column("observed", justify="right")
     table.add_column("random walk", justify="right")
     table.add_column("pure drift", justify="right")
-    drift = result.diagnostics.drift if result.diagnostics else None
+    diagnostics = result.verdict.diagnostics
+    drift = diagnostics.drift if diagnostics is not None else None
     rows = [
         ("rank-1 explained variance", "explained_r1", "explained_r1_median", "explained_r1_null_median",
          "explained_rank1"),
@@ -121,24 +94,24 @@ def print_summary(result) -> None:
                       f"(random walk {_fmt(lp['r2_null']['median'])}, 95th pct {_fmt(lp['r2_null']['p95'])}); "
                       f"mean {lp['mean_logprob'][0]:.3f} → {lp['mean_logprob'][-1]:.3f}; output-space drift share "
                       f"{_fmt(lp['drift_share'], 2)}")
-    if result.diagnostics is not None:
-        d = result.diagnostics
-        style = VERDICT_STYLE.get(d.verdict, "bold")
+    verdict = result.verdict
+    if verdict.diagnostics is not None:
+        style = VERDICT_STYLE.get(verdict.drift_class, "bold")
         verdicts = s.get("tensor_verdicts", {})
         counts = ", ".join(f"{verdicts[k]} {k}" for k in ("drift-dominated", "mixed", "noise-dominated")
                            if verdicts.get(k))
-        console.print(f"verdict: [{style}]{d.message}[/{style}] (drift share {d.drift_share:.2f}; tensors: {counts})")
+        console.print(f"verdict: [{style}]{verdict.message}[/{style}] (drift share {verdict.drift_share:.2f}; "
+                      f"tensors: {counts})")
 
 
 @app.command(no_args_is_help=True)
+@run_options(*INPUT_FIELDS, "target_steps", *REWARD_FIELDS, "device",
+             help={"target_steps": "The step the verdict's window backtest is carried to (default: the window "
+                                   "alone)."},
+             panels={"target_steps": ANALYSIS, "rewards": ANALYSIS, "reward_key": ANALYSIS, "reward_max": ANALYSIS})
 def analyze(
     run_dir: RunDirArgument,
-    base: BaseOption = None,
-    steps: StepsOption = None,
-    max_step: MaxStepOption = None,
-    revision_pattern: RevisionPatternOption = "step_{N}",
-    subfolder_pattern: SubfolderPatternOption = None,
-    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Read pytorch_model*.bin pickles when no safetensors exist.", rich_help_panel=INPUT)] = False,
+    options=None,
     rank: Annotated[int, typer.Option(help="Report explained variance at ranks 1..RANK.", rich_help_panel=ANALYSIS)] = 3,
     holdout: Annotated[Optional[int], typer.Option(help="Checkpoints the main backtest holds out (default: the last quarter).", rich_help_panel=ANALYSIS)] = None,
     learned: Annotated[bool, typer.Option("--learned", help="Also backtest learned predictors (slow: a training per tensor).", rich_help_panel=ANALYSIS)] = False,
@@ -149,8 +122,7 @@ def analyze(
     out: Annotated[Optional[Path], typer.Option(help="Folder for analysis.json, tensors.csv, backtest.csv and the PNG plots (default: print only).", rich_help_panel=OUTPUT, show_default=False)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.", rich_help_panel=OUTPUT)] = False,
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write the PNG plots into OUT.", rich_help_panel=OUTPUT)] = True,
-    device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.", rich_help_panel=OUTPUT)] = "auto",
-    quiet: Annotated[bool, typer.Option("--quiet", help="Print only errors.", rich_help_panel=OUTPUT)] = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Measure how linear RUN_DIR's trajectory is, each statistic beside its random-walk null.
 
@@ -158,31 +130,21 @@ def analyze(
     random walk; the drift share (0 random walk, 1 drift), the backtests and the verdict say whether
     extrapolating the run is plausible.
     """
-    from relex.analysis import analyze as run_analysis
-    from relex.errors import RelexInputError
+    from relex import api
+    from relex.io.hub import parse_hub_run
     from relex.io.staging import check_output_folder
 
-    from relex.io.hub import parse_hub_run
-
-    from relex_cli.console import byte_progress, rank_zero, resolve_run
+    from relex_cli.console import progress_bars, rank_zero
 
     quiet = quiet or not rank_zero()  # under torchrun rank 0 prints and writes OUT
-    if rank < 1:
-        raise RelexInputError(f"--rank must be at least 1, got {rank}")
-    if null_samples < 10:
-        raise RelexInputError(f"--null-samples must be at least 10, got {null_samples}")
     if out is not None:
         check_output_folder(out, overwrite)  # fail before reading anything
     records = _records(logprob_prompts, None if parse_hub_run(run_dir) else Path(run_dir), logprob_limit)
-    with byte_progress(disable=quiet, label="downloading") as fetched:
-        run = resolve_run(run_dir, steps, revision_pattern, subfolder_pattern, fetched, base=base, max_step=max_step)
-    with byte_progress(disable=quiet, label="analysing") as progress, _count_progress(quiet) as scored:
+    with progress_bars(disable=quiet) as progress:
         # under torchrun the ranks share the reading; rank 0 alone scores the log-probs it reports
-        result = run_analysis(**run, max_step=max_step, rank=rank, holdout=holdout,
-                              learned=learned, null_samples=null_samples,
-                              logprob_records=records if rank_zero() else None,
-                              logprob_batch_size=logprob_batch_size, device=device, allow_pickle=allow_pickle,
-                              progress=progress, logprob_progress=scored)
+        result = api.analyze(run_dir, options, rank=rank, holdout=holdout, learned=learned,
+                             null_samples=null_samples, logprob_records=records if rank_zero() else None,
+                             logprob_batch_size=logprob_batch_size, progress=progress)
     if out is not None and rank_zero():
         result.write(out, plots=plots, overwrite=overwrite)
     if quiet:

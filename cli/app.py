@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> None:
-    """The ``relex`` command (its console script, ``python -m relex``): :func:`main`, then end the process.
+    """The ``relex`` command (its console script, ``python -m relex_cli``): :func:`main`, then end the process.
 
     Python's own exit would then take every module down object by object: 0.1 s with torch loaded, on every run
     of ``relex``. Once the command is done and its threads are gone, the process ends after what that exit does

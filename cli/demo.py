@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from relex_cli.app import app
-from relex_cli.console import VERDICT_STYLE, console, err_console
+from relex_cli.console import VERDICT_STYLE, console
 
 
 @app.command()
@@ -20,7 +20,6 @@ def demo(
 ) -> None:
     """Train a tiny RLVR run on CPU (minutes), extrapolate it from its first 10% and 20% of checkpoints
     with RELEX, and compare with the real final checkpoint on held-out problems."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     from relex.demo import DEMO_PRESETS, run_demo
@@ -33,31 +32,14 @@ def demo(
         raise RelexInputError(f"unknown --preset {preset!r}; known: {', '.join(DEMO_PRESETS)}")
     config = DEMO_PRESETS[preset]()
 
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TextColumn("{task.fields[extra]}", style="dim"), TimeElapsedColumn(), console=err_console,
-                   transient=True)
-    tasks: dict = {}
+    from relex_cli.console import progress_bars
 
-    def on_train(event: dict) -> None:
-        phase = event.get("phase")
-        if phase not in ("warmup", "rl"):
-            return
-        if phase not in tasks:
-            if not bar.live.is_started:
-                bar.start()
-            description = "supervised warm-up" if phase == "warmup" else "GRPO"
-            tasks[phase] = bar.add_task(description, total=event.get("total"), extra="")
-        extra = f"reward {event['reward']:.3f}" if "reward" in event else ""
-        bar.update(tasks[phase], completed=event.get("step", 0), extra=extra)
+    with progress_bars() as report:
+        def say(message: str) -> None:
+            report.pause()
+            console.print(f"[dim]•[/dim] {message}")
 
-    def say(message: str) -> None:
-        if bar.live.is_started:
-            bar.stop()
-        console.print(f"[dim]•[/dim] {message}")
-
-    result = run_demo(out, config, fresh=fresh, samples=samples, progress=say, train_progress=on_train)
-    if bar.live.is_started:
-        bar.stop()
+        result = run_demo(out, config, fresh=fresh, samples=samples, progress=report, say=say)
 
     table = Table(title=f"relex demo: toy RLVR run '{config.name}' ({config.steps} steps), held-out accuracy")
     table.add_column("checkpoint")
@@ -74,6 +56,11 @@ def demo(
         style = VERDICT_STYLE.get(verdict, "bold")
         console.print(f"verdict from the first {label} (before any evaluation): "
                       f"[{style}]{diagnostics.get('message', '')}[/{style}]")
+    for label, curve in result.probes.items():
+        chosen = (f"step {curve['chosen']}" if curve["chosen"] is not None
+                  else f"none: the last observed step {curve['reference_step']} stays")
+        console.print(f"probe from the first {label} ({curve['probe']['problems']} training problems, "
+                      f"{curve['tokens']:,} forward tokens): {chosen}")
     console.print(f"wrote {out / 'demo.json'} and {out / 'demo.png'} "
                   f"({result.seconds['total']:.0f} s: train {result.seconds['train']:.0f}, "
                   f"extrapolate {result.seconds['extrapolate']:.0f}, score {result.seconds['score']:.0f})")

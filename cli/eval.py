@@ -8,63 +8,12 @@ from typing import Annotated, Optional
 import typer
 
 from relex_cli.app import app
-from relex_cli.console import GATE, SummaryOption, console, err_console
+from relex_cli.console import GATE, SummaryOption, console
 
 BENCHMARKS = "Benchmarks"
 DECODING = "Decoding"
 MODEL = "Model"
 OUTPUT = "Output"
-
-
-def _status_text(event: dict) -> str:
-    position = f"[{event.get('index', 0) + 1}/{event.get('count', 1)}]"
-    return f"{position} [bold]{event.get('checkpoint', '')}[/bold]"
-
-
-class _ProgressView:
-    """Renders the progress events of :func:`relex.evaluate.evaluate` as one rich progress line."""
-
-    def __init__(self, disable: bool):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-        self.disable = disable
-        self.bar = Progress(
-            SpinnerColumn(),
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[stage]}", style="dim"),
-            TimeElapsedColumn(),
-            console=err_console,
-            disable=disable,
-            transient=False,
-        )
-        self.tasks: dict[int, int] = {}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if self.tasks:  # started at the first event: input errors found up front print one line only
-            self.bar.stop()
-        return False
-
-    def __call__(self, event: dict) -> None:
-        index = int(event.get("index", 0))
-        if not self.tasks:
-            self.bar.start()
-        if index not in self.tasks:
-            self.tasks[index] = self.bar.add_task(_status_text(event), total=None, stage="")
-        task = self.tasks[index]
-        stage = event.get("stage", "")
-        if stage == "generating":
-            self.bar.update(task, total=event.get("total") or None, completed=event.get("done", 0),
-                            stage="generating")
-        elif stage == "done":
-            total = self.bar.tasks[task].total or 1
-            self.bar.update(task, total=total, completed=total, stage="done")
-        else:
-            self.bar.update(task, stage=event.get("message", stage))
 
 
 def _print_table(results, title: str) -> None:
@@ -73,8 +22,7 @@ def _print_table(results, title: str) -> None:
 
     from relex.evaluate.results import format_difference
 
-    tasks = results.tasks
-    rows = tasks + (["mean"] if len(tasks) > 1 else [])
+    rows = results.columns
     table = Table(title=title, show_header=True, header_style="bold")
     table.add_column("benchmark")
     for index, label in enumerate(results.labels):
@@ -83,17 +31,11 @@ def _print_table(results, title: str) -> None:
         if task == "mean":
             name = "mean"
         else:
-            block = results.data["tasks"][task]
-            n = max((len(r["problems"]) for r in block["results"].values()), default=0)
-            name = f"{task}\n[dim]{block.get('metric', '')} · n={n}[/dim]"
+            metric = results.data["tasks"][task].get("metric", "")
+            name = f"{task}\n[dim]{metric} · n={results.problem_count(task)}[/dim]"
         cells = []
         for label in results.labels:
-            if task == "mean":
-                value = results.data["mean"]["accuracy"].get(label)
-            else:
-                result = results.data["tasks"][task]["results"].get(label)
-                value = result["summary"]["accuracy"] if result else None
-            cell = "–" if value is None or value != value else f"{100 * value:.1f}"
+            cell = results.percent(task, label)
             difference = results.difference(task, label)
             if difference:
                 style = "green" if difference["ci_low"] > 0 else "red" if difference["ci_high"] < 0 else "dim"
@@ -197,7 +139,9 @@ def eval_command(
     check_output_files(summary_path)
     if fail_if_worse:
         check_gate_options(len(checkpoints) + len(decoders), margin)
-    with _ProgressView(disable=quiet) as view:
+    from relex_cli.console import progress_bars
+
+    with progress_bars(disable=quiet) as view:
         results = evaluate(
             checkpoints, tasks=tasks, data_dir=data_dir, samples=samples, temperature=temperature, top_p=top_p,
             max_new_tokens=max_new_tokens, limit=limit, backend=backend, device=device, dtype=dtype,
@@ -216,7 +160,8 @@ def eval_command(
     if fail_if_worse:
         gate = judge(results, margin)
         _print_gate(gate)
-    from relex.gate import eval_markdown, write_summary
+    from relex.evaluate.summary import eval_markdown
+    from relex.summaries import write_summary
 
     write_summary(eval_markdown(results, gate), summary_path)
     if gate is not None and not gate.passed:

@@ -1,23 +1,29 @@
 """The built-in demonstration: a toy RLVR run on CPU, extrapolated from its first 10% and 20%.
 
 ``run_demo`` trains (or reuses) the toy run of :mod:`relex.toy`, calls :func:`relex.extrapolate` on the
-first 10% and 20% of its checkpoints to predict the final step, scores the base, the last observed, the
-extrapolated and the real final checkpoints on the held-out split, and writes ``demo.json`` and
-``demo.png``. The verdict printed beside the scores is the one relex gives *before* any evaluation.
+first 10% and 20% of its checkpoints to predict the final step, and again with the target chosen by a probe of
+the toy's training problems (``--target-step auto --probe toy-train``), scores the base, the last observed, the
+extrapolated and the real final checkpoints on the held-out split, and writes ``demo.json`` and ``demo.png``.
+The verdict and the probe's choice printed beside the scores are the ones relex gives *before* any evaluation.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from relex.engine import extrapolate
+from relex.api import extrapolate
+from relex.jsonable import write_json
+from relex.probe.problems import TOY_PROBE
+from relex.progress import Report
 
 FRACTIONS = (0.1, 0.2)
+PROBE_PROBLEMS = 64  # training problems the auto horizon is chosen on
 
 
 def _ci_config():
@@ -55,8 +61,9 @@ class DemoResult:
     config: dict
     rows: list[DemoRow]
     curve: list[dict]  # accuracy of every real checkpoint
-    verdicts: dict[str, dict] = field(default_factory=dict)  # prefix label -> diagnostics
+    verdicts: dict[str, dict] = field(default_factory=dict)  # prefix label -> the verdict (Verdict.to_dict())
     seconds: dict = field(default_factory=dict)
+    probes: dict[str, dict] = field(default_factory=dict)  # prefix label -> the probe's curve (auto horizon)
 
     def to_dict(self) -> dict:
         return {
@@ -64,7 +71,8 @@ class DemoResult:
             "config": self.config,
             "rows": [r.__dict__ for r in self.rows],
             "curve": self.curve,
-            "diagnostics": self.verdicts,
+            "verdicts": self.verdicts,
+            "probes": self.probes,
             "seconds": self.seconds,
         }
 
@@ -110,13 +118,13 @@ def run_demo(
     fractions: Sequence[float] = FRACTIONS,
     fresh: bool = False,
     samples: int = 8,
-    progress: Callable[[str], None] | None = None,
-    train_progress: Callable[[dict], None] | None = None,
+    progress: Report = None,
+    say: Callable[[str], None] | None = None,
 ) -> DemoResult:
     """Run the whole demonstration into ``out_dir`` and return its figures (see the module docstring)."""
     from relex.toy import ToyConfig, train_run
 
-    say = progress or (lambda message: None)
+    say = say or (lambda message: None)
     config = config or ToyConfig.demo()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -124,11 +132,9 @@ def run_demo(
     seconds = {}
     started = time.perf_counter()
     if fresh or not _cached_run(run_dir, config):
-        import shutil
-
         shutil.rmtree(run_dir, ignore_errors=True)
         say(f"training the toy run ({config.name}: {config.steps} RL steps) into {run_dir}")
-        train_run(run_dir, config, progress=train_progress, evaluate=False)
+        train_run(run_dir, config, progress=progress, evaluate=False)
     else:
         say(f"reusing the toy run in {run_dir}")
     seconds["train"] = time.perf_counter() - started
@@ -136,6 +142,8 @@ def run_demo(
 
     extrapolated = {}
     verdicts = {}
+    autos = {}
+    probes = {}
     t0 = time.perf_counter()
     for fraction in fractions:
         last = prefix_step(fraction, config.steps, config.checkpoint_every)
@@ -147,9 +155,17 @@ def run_demo(
         label = f"{round(fraction * 100)}%"
         target_dir = out / "extrapolated" / f"relex-from-{label.rstrip('%')}pct"
         say(f"extrapolating from the first {label} (steps ≤ {last}) to step {final}")
-        result = extrapolate(run_dir, target_step=final, out_dir=target_dir, max_step=last, overwrite=True)
+        result = extrapolate(run_dir, target_dir, target_step=final, max_step=last, overwrite=True)
         extrapolated[label] = (last, target_dir)
-        verdicts[label] = result.diagnostics.to_dict() if result.diagnostics else {}
+        verdicts[label] = result.verdict.to_dict()
+        # the auto horizon: the target a probe of training problems chooses (none better: the last observed)
+        auto_dir = out / "extrapolated" / f"auto-from-{label.rstrip('%')}pct"
+        shutil.rmtree(auto_dir, ignore_errors=True)
+        say(f"choosing the target from the first {label} on a probe of {PROBE_PROBLEMS} training problems")
+        auto = extrapolate(run_dir, auto_dir, target_step="auto", probe=TOY_PROBE, probe_limit=PROBE_PROBLEMS,
+                           max_step=last, overwrite=True)
+        autos[label] = (auto.probe.chosen, auto_dir if auto.written else None)
+        probes[label] = auto.probe.curve.to_dict()
     seconds["extrapolate"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -164,8 +180,14 @@ def run_demo(
     final_scores = score_checkpoint(run_dir / f"checkpoint-{final}", samples)
     rows = [DemoRow("base", 0, **base_scores)]
     for label, (last, target_dir) in extrapolated.items():
-        rows.append(DemoRow(f"last observed ({label})", last, **score_checkpoint(run_dir / f"checkpoint-{last}", samples)))
+        observed = score_checkpoint(run_dir / f"checkpoint-{last}", samples)
+        rows.append(DemoRow(f"last observed ({label})", last, **observed))
         rows.append(DemoRow(f"RELEX from {label}", final, **score_checkpoint(target_dir, samples)))
+        chosen, auto_dir = autos[label]
+        if auto_dir is None:  # no target beat the last observed checkpoint: it stays
+            rows.append(DemoRow(f"RELEX auto from {label}", last, **observed))
+        else:
+            rows.append(DemoRow(f"RELEX auto from {label}", chosen, **score_checkpoint(auto_dir, samples)))
     rows.append(DemoRow("real final", final, **final_scores))
     gain = final_scores["greedy"] - base_scores["greedy"]
     for row in rows:
@@ -173,8 +195,8 @@ def run_demo(
     seconds["score"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - started
 
-    demo = DemoResult(out, config.to_dict(), rows, curve, verdicts, seconds)
-    (out / "demo.json").write_text(json.dumps(demo.to_dict(), indent=2) + "\n")
+    demo = DemoResult(out, config.to_dict(), rows, curve, verdicts, seconds, probes)
+    write_json(out / "demo.json", demo.to_dict())
     plot_demo(demo, out / "demo.png")
     return demo
 
@@ -191,17 +213,22 @@ def plot_demo(demo: DemoResult, path: Path) -> None:
     steps = [p["step"] for p in demo.curve]
     left.plot(steps, [p["greedy"] for p in demo.curve], "-o", ms=3, color="#444", label="real run (greedy)")
     colors = ["#1f77b4", "#d62728", "#2ca02c"]
-    relex_rows = [r for r in demo.rows if r.label.startswith("RELEX")]
-    observed_rows = [r for r in demo.rows if r.label.startswith("last observed")]
-    for color, row, seen in zip(colors, relex_rows, observed_rows):
+    by_label = {r.label: r for r in demo.rows}
+    for color, label in zip(colors, demo.verdicts):  # one color per observed prefix
+        seen, fixed = by_label[f"last observed ({label})"], by_label[f"RELEX from {label}"]
         left.axvspan(0, seen.step, color=color, alpha=0.07)
         left.axvline(seen.step, color=color, lw=0.8, ls=":")
-        left.scatter([row.step], [row.greedy], s=90, marker="*", color=color, zorder=5,
-                     label=f"{row.label} (observed ≤ step {seen.step})")
+        left.scatter([fixed.step], [fixed.greedy], s=90, marker="*", color=color, zorder=5,
+                     label=f"{fixed.label} (observed ≤ step {seen.step})")
+        auto = by_label.get(f"RELEX auto from {label}")
+        if auto is not None:
+            kept = " (none better: kept)" if auto.step == seen.step else ""
+            left.scatter([auto.step], [auto.greedy], s=60, marker="D", facecolors="none", edgecolors=color,
+                         zorder=5, label=f"{auto.label}: step {auto.step}{kept}")
     left.set_xlabel("RL step")
     left.set_ylabel("held-out accuracy (greedy)")
     left.set_ylim(0, 1)
-    left.set_title("toy RLVR run and checkpoints extrapolated to its final step")
+    left.set_title("toy RLVR run, its final step extrapolated, and the probe's choice")
     left.legend(loc="lower right", fontsize=8)
     left.grid(alpha=0.3)
 
@@ -213,7 +240,8 @@ def plot_demo(demo: DemoResult, path: Path) -> None:
     width = 0.8 / (len(labels) + 1)
     for i, label in enumerate(labels):
         d = demo.verdicts[label]
-        values = [d["scores"].get(key, float("nan")) for key, _ in stats]
+        scores = (d.get("diagnostics") or {}).get("scores", {})
+        values = [float("nan") if scores.get(key) is None else scores[key] for key, _ in stats]
         shown = [min(max(v, low), high) if v == v else 0.0 for v in values]
         right.bar(x + i * width, shown, width, color=colors[i % len(colors)],
                   label=f"first {label}: {d['message'].split(':')[0].split(' (')[0]}")

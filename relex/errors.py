@@ -15,3 +15,10 @@ class RelexInputError(ValueError):
         self.path = None if path is None else Path(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}" if self.path is not None else problem)
+
+
+def one_line(exc: BaseException) -> str:
+    """An error as one short line: relex's input errors as relex words them, anything else with its type."""
+    text = str(exc) if isinstance(exc, RelexInputError) else f"{type(exc).__name__}: {exc}"
+    text = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return text if len(text) <= 400 else text[:397] + "..."

@@ -13,7 +13,6 @@ target (digests, adapter figures) in ``save``.
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 from typing import Sequence
@@ -27,31 +26,9 @@ from relex.errors import RelexInputError
 from relex.io.lora_factors import mix_factors
 from relex.io.lora_writer import LoraAdapterWriter
 from relex.io.run_readers import RunReaders
-from relex.io.steps import MAX_STEP
 from relex.io.writer import OutputTensor, ShardedWriter, aux_bytes, copy_aux_files, write_index
+from relex.jsonable import write_json
 from relex.stream import Chunk, Sink, TensorState, combine
-
-
-def parse_targets(target_step) -> list[int]:
-    """The target steps, sorted and unique, from one step or several."""
-    single = isinstance(target_step, (int, np.integer))
-    targets = sorted({int(t) for t in ([target_step] if single else target_step)})
-    if not targets:
-        raise RelexInputError("give at least one --target-step")
-    wrong = [t for t in targets if not 0 <= t <= MAX_STEP]
-    if wrong:
-        shown = str(wrong[0]) if len(str(wrong[0])) <= 30 else f"a {len(str(abs(wrong[0])))}-digit number"
-        raise RelexInputError(f"target step {shown} is not a training step: steps run from 0 to 2^63 − 1")
-    return targets
-
-
-def check_targets(targets: list[int], last: int, allow_interpolation: bool) -> None:
-    early = [t for t in targets if t <= last]
-    if early and not allow_interpolation:
-        raise RelexInputError(
-            f"target step {early[0]} is not beyond the last observed step {last} "
-            "(pass --allow-interpolation to predict inside the observed window)"
-        )
 
 
 def target_folders(staging: Path, targets: Sequence[int]) -> dict[int, Path]:
@@ -154,6 +131,20 @@ class _PredictionSink(Sink):
             piece[lo:hi].copy_(combine(chunk.w0, coefficients, chunk.basis, factors, chunk.first, out, tmp))
 
 
+class _WritingSink(_PredictionSink):
+    """A prediction sink that writes through one writer per target (``self.writers``)."""
+
+    writers: dict
+
+    def finish(self) -> None:
+        for writer in self.writers.values():
+            writer.finish()
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+
+
 class TensorSink(_PredictionSink):
     """The prediction of each target step as CPU tensors in memory (``tensors[target][name]``), in ``dtypes``.
 
@@ -207,7 +198,7 @@ class _ShardedOutput:
         return {key: writer.part() for key, writer in self.writers.items()}
 
 
-class CheckpointSink(_ShardedOutput, _PredictionSink):
+class CheckpointSink(_ShardedOutput, _WritingSink):
     """A Hugging Face checkpoint per target step: shards, index, config and tokenizer files, ``relex.json``.
 
     ``scale`` (materialize) overrides the scale of every stored model. With ``part``, ``layout`` is this
@@ -220,6 +211,9 @@ class CheckpointSink(_ShardedOutput, _PredictionSink):
         self.folders = folders
         self.dtypes = {t.name: t.dtype for t in layout}
         self.writers = {t: ShardedWriter(folders[t], layout, max_shard_size, part=part) for t in folders}
+
+    def describe(self) -> str:
+        return f"a checkpoint of step {', '.join(f'{t:g}' for t in self.targets)}"
 
     def output_bytes(self, config_folders: Sequence[Path]) -> int:
         """Bytes this sink will write: every shard, index, config and tokenizer file, and ``relex.json``."""
@@ -240,14 +234,6 @@ class CheckpointSink(_ShardedOutput, _PredictionSink):
     def bytes_written(self) -> int:
         return sum(w.bytes_written for w in self.writers.values())
 
-    def finish(self) -> None:
-        for writer in self.writers.values():
-            writer.finish()
-
-    def close(self) -> None:
-        for writer in self.writers.values():
-            writer.close()
-
     def save(self, target: int, record: dict, config_folders: Sequence[Path], parts: Sequence[dict] | None = None) -> None:
         """Config and tokenizer files, and ``relex.json``: ``record`` with the target step and shard digests;
         given every rank's :meth:`part`, the index of all their shards too."""
@@ -261,7 +247,7 @@ class CheckpointSink(_ShardedOutput, _PredictionSink):
         writer.write_json("relex.json", {**record, "target_step": target, "shards_sha256": digests})
 
 
-class AdapterSink(_PredictionSink):
+class AdapterSink(_WritingSink):
     """The prediction of a LoRA run as a PEFT adapter per target step.
 
     The prediction of a target module is W_0 + Σ_i m_i ΔW_i with ΔW_i = P_i Q_i (P_i = s·B_i, Q_i = A_i), so it
@@ -300,6 +286,9 @@ class AdapterSink(_PredictionSink):
             if set(source.modules) != modules:
                 raise RelexInputError("targets other modules than the newest adapter; --output lora needs one "
                                       "set of LoRA modules", source.folder)
+
+    def describe(self) -> str:
+        return f"a PEFT adapter of step {', '.join(f'{t:g}' for t in self.targets)}"
 
     def output_dtype(self, state: TensorState) -> torch.dtype:
         return self.full_dtypes[state.name]
@@ -351,14 +340,6 @@ class AdapterSink(_PredictionSink):
     def bytes_written(self) -> int:
         return sum(_folder_bytes(folder) for folder in self.folders.values())
 
-    def finish(self) -> None:
-        for writer in self.writers.values():
-            writer.finish()
-
-    def close(self) -> None:
-        for writer in self.writers.values():
-            writer.close()
-
     def save(self, target: int, record: dict, config_folders: Sequence[Path]) -> None:
         """Tokenizer files (an adapter folder has no model config of its own) and ``relex.json`` with the
         adapter's rank, truncation errors and digests."""
@@ -369,7 +350,7 @@ class AdapterSink(_PredictionSink):
                   "lora": {"rank": max(self.ranks.values(), default=0), "exact": self.exact,
                            "max_truncation_error": max(errors.values(), default=0.0), "truncation_error": errors},
                   "adapter_sha256": self.writers[target].digests()}
-        (folder / "relex.json").write_text(json.dumps(record, indent=2) + "\n")
+        write_json(folder / "relex.json", record)
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -391,29 +372,44 @@ def value_key(name: str) -> str:
 class TrajectorySink(_ShardedOutput, Sink):
     """The store of ``relex fit``: per tensor its basis vectors b_r (``NAME@b0``, …), the newest singular
     vectors of per-matrix models (``NAME@u0``, ``NAME@v0``) or, for an integer buffer, its value
-    (``NAME@value``). Models must be known before the pass (the layout depends on them). With ``part``, the
-    tensors of ``order`` are this rank's share (see :class:`ShardedWriter`)."""
+    (``NAME@value``). Its layout depends on the models, which it is given before the writing pass
+    (:meth:`bind`; ``before_writing(bytes)`` then checks the disk). ``storage_dtype`` is ``float32`` or ``auto``
+    (each tensor's own dtype); ``dtype`` the dtype materialize will write. With ``part``, ``names`` are this
+    rank's share of the tensors (see :class:`ShardedWriter`)."""
 
-    def __init__(self, folder: Path, models: dict, infos: dict, storage_dtypes: dict[str, torch.dtype],
-                 value_dtypes: dict[str, torch.dtype], order: Sequence[str], max_shard_size: str | int,
-                 part: bool = False):
+    needs_models = True
+
+    def __init__(self, folder: Path, readers: RunReaders, storage_dtype: str, dtype: str, names: Sequence[str],
+                 max_shard_size: str | int, part: bool = False, before_writing=None):
+        self.folder, self.names, self.max_shard_size, self.part_of_run = folder, list(names), max_shard_size, part
+        self.infos = {n: readers.info(n) for n in readers.names}
+        self.storage_dtypes = {n: torch.float32 if storage_dtype == "float32" else readers.output_dtype(n)
+                               for n in readers.names}
+        self.value_dtypes = {n: readers.output_dtype(n, dtype) for n in readers.names}
+        self.before_writing = before_writing
+        self.writers: dict = {}
+        self.pieces = _Pieces()
+
+    def describe(self) -> str:
+        return "the trajectory store (basis vectors and fitted curves)"
+
+    def bind(self, models: dict) -> None:
         self.layout: list[OutputTensor] = []
-        self.storage_dtypes = storage_dtypes
-        self.value_dtypes = value_dtypes
-        for name in order:
-            model, shape = models[name], infos[name].shape
+        for name in self.names:
+            model, shape = models[name], self.infos[name].shape
             if model is None:
-                self.layout.append(OutputTensor(value_key(name), shape, value_dtypes[name]))
+                self.layout.append(OutputTensor(value_key(name), shape, self.value_dtypes[name]))
                 continue
             for r in range(model.n_basis):
-                self.layout.append(OutputTensor(basis_key(name, r), shape, storage_dtypes[name]))
+                self.layout.append(OutputTensor(basis_key(name, r), shape, self.storage_dtypes[name]))
             for f, (u, v) in enumerate(model.factors):
                 ku, kv = factor_keys(name, f)
                 self.layout.append(OutputTensor(ku, (len(u),), torch.float32))
                 self.layout.append(OutputTensor(kv, (len(v),), torch.float32))
-        self.writer = ShardedWriter(folder, self.layout, max_shard_size, hashed=False, part=part)
+        self.writer = ShardedWriter(self.folder, self.layout, self.max_shard_size, hashed=False, part=self.part_of_run)
         self.writers = {"store": self.writer}
-        self.pieces = _Pieces()
+        if self.before_writing is not None:  # the layout is known: checked before the storing pass reads anything
+            self.before_writing(self.writer.total_bytes + 1024 * len(models))
 
     def output_bytes(self) -> int:
         return self.writer.total_bytes
@@ -460,11 +456,15 @@ class TrajectorySink(_ShardedOutput, Sink):
         self.writer.finish()
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writers:
+            self.writer.close()
 
 
 class GramSink(Sink):
     """Keeps each floating-point tensor's Gram matrix and base norm; writes nothing."""
+
+    def describe(self) -> str:
+        return "Gram matrices"
 
     def __init__(self):
         self.grams: dict[str, np.ndarray] = {}

@@ -35,6 +35,9 @@ def byte_level_tokenizer(chat_template: bool = True):
         eos_token="<|endoftext|>",
         pad_token="<|endoftext|>",
         additional_special_tokens=list(SPECIAL_TOKENS[1:]),
+        # those of the causal LMs it stands in for (older transformers default to adding token_type_ids,
+        # which generate() refuses for Llama and Qwen2)
+        model_input_names=["input_ids", "attention_mask"],
     )
     if chat_template:
         tokenizer.chat_template = CHAT_TEMPLATE
@@ -86,3 +89,14 @@ def load_state(folder):
     for file in sorted(Path(folder).glob("*.safetensors")):
         state.update(load_file(file))
     return state
+
+
+def tiny_base_and_directions(folder, seed: int, **model):
+    """Save a tiny model at ``folder`` (``model``: :func:`save_tiny_model`'s options) and return its tensors with
+    one random direction per tensor (``torch.randn`` from ``seed``): the start of a run along known directions."""
+    import torch
+
+    save_tiny_model(folder, **model)
+    base = load_state(folder)
+    generator = torch.Generator().manual_seed(seed)
+    return base, {n: torch.randn(t.shape, generator=generator) for n, t in base.items()}

@@ -22,20 +22,18 @@ one.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 import numpy as np
 
 from relex.backtest import best_scale, default_holdout, products, relative_error
 from relex.errors import RelexInputError
 from relex.methods import TensorData, TensorModel, get_method
+from relex.model_spec import SCOPES, TOLERANCE, ModelSpec, parse_candidates, parse_scale
 from relex.regressors import RegressorSpec, parse_regressor
 from relex.regressors.mlp import train_shared
 
-DEFAULT_CANDIDATES = ("linear", "loglinear", "powerlaw", "saturating", "poly2", "anchored", "anchored-saturating")
-TOLERANCE = 0.05
-SCOPES = ("run", "group", "tensor")
 SCALE_BOUNDS = (0.0, 2.0)
 MODES_WITH_PREDICTORS = ("relex", "matrix-rank1")
 
@@ -43,88 +41,6 @@ MODES_WITH_PREDICTORS = ("relex", "matrix-rank1")
 def group_of(name: str) -> str:
     """The kind of a tensor: its name with layer numbers replaced by ``*`` (``model.layers.*.mlp.up_proj.weight``)."""
     return ".".join("*" if part.isdigit() else part for part in name.split("."))
-
-
-def parse_scale(value) -> float | str:
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text == "auto":
-            return "auto"
-        try:
-            value = float(text)
-        except ValueError:
-            raise RelexInputError(f"--scale must be a number or 'auto', got {value!r}") from None
-    value = float(value)
-    if not math.isfinite(value):
-        raise RelexInputError(f"--scale must be finite, got {value}")
-    return value
-
-
-def parse_candidates(candidates) -> list[RegressorSpec]:
-    if candidates is None:
-        names = list(DEFAULT_CANDIDATES)
-    elif isinstance(candidates, str):
-        names = [c for c in candidates.replace(" ", "").split(",") if c]
-    else:
-        names = list(candidates)
-    if not names:
-        raise RelexInputError("--candidates is empty")
-    specs = []
-    for name in names:
-        if name == "auto":
-            raise RelexInputError("--candidates cannot contain 'auto'")
-        spec = parse_regressor(name)
-        if spec.text not in [s.text for s in specs]:
-            specs.append(spec)
-    return specs
-
-
-@dataclass
-class ModelSpec:
-    """What the user asked for (the ``relex extrapolate`` / ``relex fit`` model options)."""
-
-    method: str = "relex"
-    rank: int = 1
-    regressor: str = "linear"
-    scale: float | str = 1.0
-    auto_scope: str = "run"
-    candidates: Sequence[str] | str | None = None
-    holdout: int | None = None
-    copy_norms: bool = False
-    from_step: int | None = None
-    tolerance: float = TOLERANCE
-
-    def record(self) -> dict:
-        """The model options ``relex.json`` and ``trajectory.json`` record: rank, regressor and scale, and the
-        options of automatic choices and of the element-wise mode when they matter."""
-        record = {"rank": self.rank, "regressor": self.regressor, "scale": parse_scale(self.scale)}
-        if self.regressor == "auto" or str(self.scale) == "auto":
-            record.update(auto_scope=self.auto_scope, candidates=self.options()["candidates"], holdout=self.holdout)
-        if self.copy_norms:
-            record["copy_norms"] = True
-        if self.from_step is not None:
-            record["from_step"] = self.from_step
-        return record
-
-    def options(self) -> dict:
-        """The JSON-able record of these settings (provenance)."""
-        return {"rank": self.rank, "regressor": self.regressor, "scale": self.scale,
-                "auto_scope": self.auto_scope, "candidates": None if self.candidates is None else
-                [s.text for s in parse_candidates(self.candidates)], "holdout": self.holdout,
-                "copy_norms": self.copy_norms, "from_step": self.from_step}
-
-
-def model_spec(spec: ModelSpec | None = None, **options) -> ModelSpec:
-    """The model of a call that takes ``spec=ModelSpec(...)`` or the options one by one (``method=``,
-    ``rank=``, …): ``spec``, or the options made into one. A spec beside options that differ from their
-    defaults is ambiguous and refused."""
-    if spec is None:
-        return ModelSpec(**options)
-    defaults = ModelSpec()
-    changed = sorted(name for name, value in options.items() if value != getattr(defaults, name))
-    if changed:
-        raise TypeError(f"give the model options in spec= or one by one, not both ({', '.join(changed)})")
-    return spec
 
 
 @dataclass

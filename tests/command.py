@@ -1,6 +1,6 @@
 """The installed ``relex`` command, run in its own process as a user runs it.
 
-``relex`` is the console script next to the interpreter running the tests (``python -m relex`` is not the
+``relex`` is the console script next to the interpreter running the tests (``python -m relex_cli`` is not the
 same program: it skips the entry point the package installs).
 """
 

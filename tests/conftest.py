@@ -6,6 +6,10 @@ import pytest
 
 # Parallel busy processes stall torch's OpenMP threads; tests are small, so one thread each.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# NumPy's and SciPy's OpenBLAS as well, set before they load, and inherited by every process a test starts: the
+# tests that compare processes bit for bit (tests/test_distributed.py) need the same BLAS thread count on both
+# sides, as OpenBLAS's last bits depend on it (the OpenBLAS of NumPy 1.24 and SciPy 1.10 even for 6×6 products).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from relex.analysis import analyze
+from relex.api import analyze
 from relex.analysis.logprob import encode_records, load_records, sequence_logprobs
 from relex.analysis.report import TENSOR_COLUMNS
 from relex.analysis.tables import parse_name, read_csv, rows_to_csv
 from relex.errors import RelexInputError
 from relex.synthetic import make_run, write_checkpoint
-from relex.testing import load_state, save_tiny_model
+from relex.testing import tiny_base_and_directions
 from relex_cli.app import main
 
 STEPS = list(range(5, 61, 5))  # 12 checkpoints
@@ -73,7 +73,7 @@ def test_tensor_table_of_pure_drift(drift_analysis):
     assert small["explained_r1_null_p95"] > big["explained_r1_null_p95"]
     assert small["drift_share_null_p95"] > 0.5 > big["drift_share_null_p95"]  # a small tensor's null is wide
     s = a.summary
-    assert s["verdict"] == "drift-dominated" and a.diagnostics.drift_share == pytest.approx(1.0, abs=1e-4)
+    assert s["verdict"] == "drift-dominated" and a.verdict.drift_share == pytest.approx(1.0, abs=1e-4)
     assert s["whole_model_null"]["explained_r1"] == pytest.approx(0.81, abs=0.02)
     assert s["fraction_explained_r1_above_null_p95"] == 1.0
     assert s["parameters"] == sum(r["numel"] for r in rows.values())
@@ -117,7 +117,7 @@ def test_write_files_and_plots(drift_analysis, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".report")]
     payload = json.loads((out / "analysis.json").read_text())  # strict JSON: NaN written as null
     assert payload["summary"]["verdict"] == "drift-dominated"
-    assert payload["diagnostics"]["verdict"] == "drift-dominated"
+    assert payload["verdict"]["verdict"] == "drift-dominated"
     assert len(payload["tensors"]) == 6
     rows = read_csv(out / "tensors.csv")
     assert [r["name"] for r in rows] == [r["name"] for r in drift_analysis.tensors]
@@ -177,10 +177,7 @@ def test_cli_bad_input(runs, tmp_path, capsys, args, fragment):
 def tiny_run(tmp_path_factory):
     """A tiny Llama moved along a fixed direction: base at 0, checkpoints at 10, 20, 30."""
     root = tmp_path_factory.mktemp("tiny") / "run"
-    save_tiny_model(root / "checkpoint-0")
-    base = load_state(root / "checkpoint-0")
-    generator = torch.Generator().manual_seed(1)
-    directions = {n: torch.randn(t.shape, generator=generator) for n, t in base.items()}
+    base, directions = tiny_base_and_directions(root / "checkpoint-0", 1)
     for step in (10, 20, 30):
         folder = root / f"checkpoint-{step}"
         write_checkpoint(folder, {n: t + 1e-3 * step * directions[n] for n, t in base.items()}, step=step)

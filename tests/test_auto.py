@@ -84,11 +84,11 @@ def test_group_and_tensor_scopes(tmp_path):
                        group={"regressor": "auto", "auto_scope": "group"},
                        tensor={"regressor": "auto", "auto_scope": "tensor", "scale": "auto"})
     group, clean_group, _ = results["group"]
-    assert group.passes == 2 and set(group.selection["decisions"]) == {
+    assert group.result.passes == 2 and set(group.selection["decisions"]) == {
         "lm_head.weight", "model.embed_tokens.weight", "model.layers.*.self_attn.q_proj.weight",
         "model.layers.*.mlp.up_proj.weight", "model.layers.*.input_layernorm.weight", "model.norm.weight"}
     tensor, clean_tensor, _ = results["tensor"]
-    assert tensor.passes == 1 and tensor.selection["scope"] == "tensor"
+    assert tensor.result.passes == 1 and tensor.selection["scope"] == "tensor"
     for t in tensor.tensors:
         assert t.stats["regressor"] != "linear" and 0.0 <= t.stats["scale"] <= 2.0 and "auto" in t.stats
     assert clean_group < 0.1 and clean_tensor < 0.1

@@ -8,8 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from relex.analysis.drift import DRIFT, MIXED, NOISE, apply_backtest, diagnose, pure_drift_gram
-from relex.gate import BEYOND, HURT, INCONCLUSIVE, MIXED_OUTCOME, PLAUSIBLE, judge
+from relex.analysis.drift import diagnose, pure_drift_gram, random_walk_gram
+from relex.analysis.verdict import DRIFT, MIXED, NOISE, Finding, Outcome, WindowBacktest, decide
 from relex_cli.app import main
 from test_hub import cache, publish_branches  # noqa: F401 - the offline Hugging Face cache fixture
 
@@ -64,27 +64,35 @@ def test_check_passes_on_the_drift_dominated_run_and_fails_on_the_noisy_one(toy,
                           capsys)
     assert code == 0, out + err
     data = json.loads(report.read_text())
-    assert data["verdict"] == DRIFT and data["gate"]["passed"] and data["gate"]["exit_code"] == 0
-    assert data["gate"]["outcome"] == PLAUSIBLE
+    assert data["format"] == "relex-check/2"
+    verdict = data["verdict"]
+    assert verdict["verdict"] == DRIFT and data["gate"]["passed"] and data["gate"]["exit_code"] == 0
+    assert data["gate"]["outcome"] == Outcome.PLAUSIBLE
     assert data["target_step"] == TARGET and data["steps"] == [5, 10, 15, 20]
-    assert data["horizon"]["ratio"] == 3.0 and data["horizon"]["within_limit"]
-    assert "the target is 3× the observed window (step 60 from steps 5..20)" in data["message"]
-    assert data["backtest"]["projected_line_error"] < data["backtest"]["projected_stop_error"]
-    assert {s["key"] for s in data["statistics"]} >= {"alpha", "drift_ratio", "cos_first_last", "prefix_cos"}
-    assert all({"observed", "random_walk", "pure_drift"} <= set(s) for s in data["statistics"])
-    assert data["sources"]["observed_kind"] == "hf" and len(data["sources"]["observed"]) == 4
+    assert verdict["horizon"]["ratio"] == 3.0 and verdict["horizon"]["within_limit"]
+    assert "the target is 3× the observed window (step 60 from steps 5..20)" in verdict["message"]
+    assert verdict["backtest"]["projected_line_error"] < verdict["backtest"]["projected_stop_error"]
+    # each drift statistic beside its random-walk null and its pure-drift value
+    statistics = verdict["diagnostics"]
+    for key in ("alpha", "drift_ratio", "cos_first_last", "prefix_cos"):
+        assert all(key in statistics[column] for column in ("observed", "random_walk_null", "pure_drift")), key
+    # how each checkpoint was read (relex-check/2: as relex.json records it)
+    assert data["sources"]["observed_kind"] == "safetensors" and len(data["sources"]["observed"]) == 4
+    assert [source["folder"] for source in data["sources"]["observed"]] == [
+        str(toy["demo"] / f"checkpoint-{step}") for step in (5, 10, 15, 20)]
     # Every figure printed is in the JSON.
     printed = " ".join(out.split())
     assert _missing_figures(printed, data) == []
-    assert data["message"] in printed
+    assert verdict["message"] in printed
     assert summary.read_text().startswith("### ✅ relex check: extrapolation to step 60 is plausible")
 
     code, out, err = _run(["check", toy["noisy"], "--target-step", TARGET, "--json", report], capsys)
     assert code == 3, out + err
     data = json.loads(report.read_text())
-    assert not data["gate"]["passed"] and data["gate"]["outcome"] == HURT and data["gate"]["exit_code"] == 3
-    assert "will likely hurt" in data["message"]
-    assert data["backtest"]["line_beats_stop"] is False
+    assert not data["gate"]["passed"] and data["gate"]["outcome"] == Outcome.HURT
+    assert data["gate"]["exit_code"] == 3
+    assert "will likely hurt" in data["verdict"]["message"]
+    assert data["verdict"]["backtest"]["line_beats_stop"] is False
     assert "gate: failed (exit 3): extrapolation to step 60 will likely hurt" in " ".join(out.split())
     assert _missing_figures(" ".join(out.split()), data) == []
     # The demo's own horizon (step 100) fails the noisy twin too, as the README shows.
@@ -105,8 +113,8 @@ def test_check_reads_hub_runs_like_local_ones(cache, tmp_path, capsys):
         assert code == 0, out + err
     local, hub = (json.loads(reports[n].read_text()) for n in ("local", "hub"))
     assert hub["run"] == "hf://org/traj" and hub["steps"] == local["steps"] == [2, 4, 6, 8]
-    assert hub["message"] == local["message"] and hub["gate"] == local["gate"]
-    assert str(cache) in hub["sources"]["observed"][0]["path"]
+    assert hub["verdict"]["message"] == local["verdict"]["message"] and hub["gate"] == local["gate"]
+    assert str(cache) in hub["sources"]["observed"][0]["folder"]
 
 
 def test_markdown_summary_renders_with_the_verdict_first(toy, tmp_path, capsys):
@@ -137,16 +145,20 @@ def test_github_step_summary_is_appended(toy, tmp_path, capsys, monkeypatch):
     assert text.count("### ") == 2 and "### ❌ relex check: extrapolation to step 60 will likely hurt" in text
 
 
-def test_strict_fails_an_inconclusive_window(toy, tmp_path, capsys):
-    # Two checkpoints (steps 5, 10): too short for a verdict.
+def test_an_inconclusive_window_fails_unless_lenient(toy, tmp_path, capsys):
+    # Two checkpoints (steps 5, 10): too short for a verdict, which vouches for nothing: the gate fails it.
     report = tmp_path / "relex.json"
     code, out, _ = _run(["check", toy["demo"], "--max-step", 10, "--target-step", 50, "--json", report], capsys)
+    assert code == 3 and "failed" in out
+    data = json.loads(report.read_text())
+    assert data["gate"]["outcome"] == Outcome.INCONCLUSIVE and data["verdict"]["backtest"] is None
+    assert data["verdict"]["horizon"]["text"] == "the target is 5× the observed window (step 50 from steps 5..10)"
+    assert "too short" in data["verdict"]["message"] and "only --lenient passes it" in data["gate"]["reason"]
+    code, out, _ = _run(["check", toy["demo"], "--max-step", 10, "--target-step", 50, "--lenient", "--json", report],
+                        capsys)
     assert code == 0 and "passed with a warning" in out
     data = json.loads(report.read_text())
-    assert data["gate"]["outcome"] == INCONCLUSIVE and data["backtest"] is None
-    assert data["horizon"]["text"] == "the target is 5× the observed window (step 50 from steps 5..10)"
-    assert "too short" in data["message"] and "fails under --strict" in data["gate"]["reason"]
-    assert _run(["check", toy["demo"], "--max-step", 10, "--target-step", 50, "--strict", "--quiet"], capsys)[0] == 3
+    assert data["gate"]["lenient"] and "passed under --lenient" in data["gate"]["reason"]
 
 
 def test_horizons_beyond_what_the_backtest_vouches_for_are_refused(toy, tmp_path, capsys):
@@ -156,15 +168,16 @@ def test_horizons_beyond_what_the_backtest_vouches_for_are_refused(toy, tmp_path
     code, out, _ = _run(["check", toy["demo"], "--target-step", 500, "--json", report], capsys)
     data = json.loads(report.read_text())
     assert code == 3 and not data["gate"]["passed"]
-    assert data["horizon"]["max_target_step"] == 220 and not data["horizon"]["within_limit"]
-    assert data["horizon"]["text"].startswith("the target is 25× the observed window (step 500 from steps 5..20), "
-                                              "beyond the 11× (step 220)")
+    reach = data["verdict"]["horizon"]
+    assert reach["max_target_step"] == 220 and not reach["within_limit"]
+    assert reach["text"].startswith("the target is 25× the observed window (step 500 from steps 5..20), "
+                                    "beyond the 11× (step 220)")
     assert "step 500 is beyond step 220" in data["gate"]["reason"]
     for absurd in (10**15, 2**63 - 1):
         code, out, err = _run(["check", toy["demo"], "--target-step", absurd, "--json", report], capsys)
         data = json.loads(report.read_text())
         assert code == 3 and err.strip() == "", err
-        assert data["target_step"] == absurd and data["horizon"]["ratio"] == pytest.approx(absurd / 20)
+        assert data["target_step"] == absurd and data["verdict"]["horizon"]["ratio"] == pytest.approx(absurd / 20)
         assert "beyond step 220" in data["gate"]["reason"]
     # Steps no run can have, and targets inside the window, are bad input: one line, exit 2, nothing written.
     report.unlink()
@@ -179,16 +192,17 @@ def test_check_without_a_target_or_inside_the_window_judges_the_window(toy, tmp_
     report = tmp_path / "relex.json"
     code, out, _ = _run(["check", toy["demo"], "--json", report], capsys)
     data = json.loads(report.read_text())
-    assert code == 0 and data["target_step"] is None and data["horizon"] is None
+    assert code == 0 and data["target_step"] is None and data["verdict"]["horizon"] is None
     assert data["gate"]["reason"] == "extrapolation as far as the window backtest reached is plausible"
-    assert "projected_line_error" not in data["backtest"]
+    assert "projected_line_error" not in data["verdict"]["backtest"]
     code, out, err = _run(["check", toy["demo"], "--target-step", 15], capsys)
     assert code == 2 and "--allow-interpolation" in err
     code, out, _ = _run(["check", toy["demo"], "--target-step", 15, "--allow-interpolation", "--json", report],
                         capsys)
     data = json.loads(report.read_text())
     assert code == 0 and data["target_step"] == 15
-    assert data["horizon"]["text"] == "the target lies inside the observed window (step 15 from steps 5..20)"
+    assert data["verdict"]["horizon"]["text"] == ("the target lies inside the observed window (step 15 from steps "
+                                                  "5..20)")
     assert data["gate"]["reason"] == "extrapolation as far as the window backtest reached is plausible"
 
 
@@ -209,15 +223,18 @@ def test_extrapolate_require_writes_nothing_when_the_gate_fails(toy, tmp_path, c
     assert code == 0, out + err
     assert (out_dir / "model.safetensors.index.json").is_file()
     provenance = json.loads((out_dir / "relex.json").read_text())
-    assert provenance["diagnostics"]["verdict"] == DRIFT
+    assert provenance["verdict"]["verdict"] == DRIFT
     text = summary.read_text()
     assert text.startswith("### ✅ relex extrapolate: extrapolation to step 60 is plausible")
     assert f"step 60 → `{out_dir}`" in text
 
-    # drift-dominated is the strict gate: an inconclusive window is refused.
+    # an inconclusive window is refused by relex check's gate, and written under the lenient one
     code, _, err = _run(["extrapolate", toy["demo"], "--max-step", 10, "--target-step", 50, "--out",
-                         tmp_path / "short", "--require", "drift-dominated", "--quiet"], capsys)
+                         tmp_path / "short", "--require", "plausible", "--quiet"], capsys)
     assert code == 3 and not (tmp_path / "short").exists()
+    code, _, err = _run(["extrapolate", toy["demo"], "--max-step", 10, "--target-step", 50, "--out",
+                         tmp_path / "short", "--require", "mixed", "--quiet"], capsys)
+    assert code == 0 and (tmp_path / "short" / "relex.json").is_file()
     code, _, err = _run(["extrapolate", toy["demo"], "--target-step", TARGET, "--out", tmp_path / "x",
                          "--require", "sure"], capsys)
     assert code == 2 and "unknown --require 'sure'" in err
@@ -241,31 +258,35 @@ def test_extrapolate_summary_without_a_gate(toy, tmp_path, capsys):
 STEPS = [5, 10, 15, 20]
 
 
-def _verdict(target, line=0.01, stop=0.49, steps=STEPS, fit=(5, 10), held=(15, 20)):
-    return apply_backtest(diagnose(pure_drift_gram(steps), steps), list(fit), list(held), line, stop, target)
+def _verdict(target, line=0.01, stop=0.49, steps=STEPS, fit=(5, 10), held=(15, 20), gram=None):
+    gram = pure_drift_gram(steps) if gram is None else gram
+    return decide(diagnose(gram, steps), backtest=WindowBacktest(tuple(fit), tuple(held), line, stop),
+                  target_step=target)
 
 
 def test_gate_outcomes():
-    assert judge(_verdict(100)).outcome == PLAUSIBLE
+    assert _verdict(100).gate().outcome == Outcome.PLAUSIBLE
     noisy = _verdict(100, line=0.45, stop=0.51)
-    assert noisy.verdict == MIXED and judge(noisy).outcome == HURT  # a high drift share is overruled
-    walk = diagnose(np.minimum.outer(np.arange(1.0, 13), np.arange(1.0, 13)), list(range(1, 13)))
-    assert walk.verdict == NOISE and judge(walk).outcome == HURT and judge(walk).exit_code == 3
-    short = diagnose(pure_drift_gram([5, 10]), [5, 10])
-    assert judge(short).outcome == INCONCLUSIVE and judge(short).passed and not judge(short, strict=True).passed
-    mixed = _verdict(100)
-    mixed.verdict, mixed.message = MIXED, "mixed drift and noise: extrapolate only a short horizon"
-    assert judge(mixed).outcome == MIXED_OUTCOME and judge(mixed).warning
-    assert judge(mixed, strict=True).exit_code == 3
-    assert judge(None).outcome == INCONCLUSIVE
+    assert noisy.drift_class == MIXED and noisy.gate().outcome == Outcome.HURT  # a high drift share is overruled
+    walk = decide(diagnose(np.minimum.outer(np.arange(1.0, 13), np.arange(1.0, 13)), list(range(1, 13))))
+    assert walk.drift_class == NOISE and walk.gate().outcome == Outcome.HURT and walk.gate().exit_code == 3
+    short = decide(diagnose(pure_drift_gram([5, 10]), [5, 10]))
+    assert short.gate().outcome == Outcome.INCONCLUSIVE and not short.gate().passed and short.gate(lenient=True).passed
+    # drift share 20 / (20 + 10) = 2/3 by construction: mixed drift and noise, whose line still wins
+    mixed = _verdict(100, gram=pure_drift_gram(STEPS) + 10 * random_walk_gram(STEPS))
+    assert mixed.drift_class == MIXED and mixed.finding is Finding.MIXED
+    assert mixed.message.startswith("mixed drift and noise: extrapolate only a short horizon")
+    assert mixed.gate().outcome == Outcome.MIXED and mixed.gate().exit_code == 3
+    assert mixed.gate(lenient=True).passed and mixed.gate(lenient=True).warning
+    assert decide(None, steps=STEPS).gate().outcome == Outcome.INCONCLUSIVE  # no tensor moved
     steps = list(range(4, 41, 4))
     far = _verdict(500, steps=steps, fit=steps[:5], held=steps[5:])  # beyond step 440, however clean the line
-    assert far.backtest["line_beats_stop"] and judge(far).outcome == BEYOND and judge(far).exit_code == 3
-    assert "step 500 is beyond step 440" in judge(far).reason
-    assert judge(_verdict(440, steps=steps, fit=steps[:5], held=steps[5:])).outcome == PLAUSIBLE
+    assert far.backtest["line_beats_stop"] and far.gate().outcome == Outcome.BEYOND and far.gate().exit_code == 3
+    assert "step 500 is beyond step 440" in far.gate().reason
+    assert _verdict(440, steps=steps, fit=steps[:5], held=steps[5:]).gate().outcome == Outcome.PLAUSIBLE
     for target in (10**15, 99999999999999999999, 10**400):
-        assert not judge(_verdict(target), target_step=target).passed
-        assert judge(_verdict(target, line=0.0), target_step=target).outcome == BEYOND
+        assert not _verdict(target).gate().passed
+        assert _verdict(target, line=0.0).gate().outcome == Outcome.BEYOND
 
 
 # ------------------------------------------------------------------ relex eval --fail-if-worse

@@ -72,6 +72,9 @@ def test_the_workflow_installs_the_right_package_and_runs_check_extrapolate_eval
 
 @pytest.mark.slow
 def test_recipe_on_the_toy_run(toy, tmp_path):
+    # the workflow installs relex-rlvr[eval]: its last step is relex eval
+    pytest.importorskip("lm_eval", reason="relex eval needs lm-eval (pip install 'relex-rlvr[eval]')")
+    pytest.importorskip("math_verify", reason="relex eval needs math-verify (pip install 'relex-rlvr[eval]')")
     out = "relex-out"
     summary = tmp_path / "step_summary.md"
     work = tmp_path / "drift"
@@ -80,7 +83,7 @@ def test_recipe_on_the_toy_run(toy, tmp_path):
     assert codes == [0, 0, 0], "\n".join(p.stdout + p.stderr for p in steps)
 
     check = json.loads((work / out / "relex.json").read_text())
-    assert check["verdict"] == "drift-dominated" and check["gate"]["passed"] and check["target_step"] == 60
+    assert check["verdict"]["verdict"] == "drift-dominated" and check["gate"]["passed"] and check["target_step"] == 60
     extrapolated = work / out / "step-60"
     assert (extrapolated / "model.safetensors.index.json").is_file()
     assert json.loads((extrapolated / "relex.json").read_text())["target_steps"] == [60]
@@ -104,7 +107,7 @@ def test_recipe_on_the_toy_run(toy, tmp_path):
     steps = _run_job(work, toy["noisy"], summary)
     assert [p.returncode for p in steps] == [3], "\n".join(p.stdout + p.stderr for p in steps)
     check = json.loads((work / out / "relex.json").read_text())
-    assert not check["gate"]["passed"] and "will likely hurt" in check["message"]
+    assert not check["gate"]["passed"] and "will likely hurt" in check["verdict"]["message"]
     assert not (work / out / "step-60").exists()
     assert summary.read_text().startswith("### ❌ relex check: extrapolation to step 60 will likely hurt")
     assert _uploaded(work) == {f"{out}/relex.json", f"{out}/check.md"}

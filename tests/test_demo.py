@@ -20,11 +20,16 @@ def test_demo_ci_preset(tmp_path, capsys):
     printed = " ".join(capsys.readouterr().out.split())
     demo = json.loads((out / "demo.json").read_text())
     labels = [row["label"] for row in demo["rows"]]
-    assert labels == ["base", "last observed (10%)", "RELEX from 10%", "last observed (20%)", "RELEX from 20%",
-                      "real final"]
-    steps = [row["step"] for row in demo["rows"]]
     final = demo["config"]["steps"]
-    assert steps == [0, 2, final, 4, final, final]
+    auto = {label: curve["chosen"] for label, curve in demo["probes"].items()}  # the probe's choice, or None
+    assert labels == ["base", "last observed (10%)", "RELEX from 10%", "RELEX auto from 10%",
+                      "last observed (20%)", "RELEX from 20%", "RELEX auto from 20%", "real final"]
+    steps = [row["step"] for row in demo["rows"]]
+    assert steps == [0, 2, final, auto["10%"] or 2, 4, final, auto["20%"] or 4, final]
+    for label, curve in demo["probes"].items():  # candidates past the last observed step, up to the horizon limit
+        assert curve["reference_step"] == {"10%": 2, "20%": 4}[label]
+        assert [c["step"] for c in curve["candidates"]] and all(c["step"] > curve["reference_step"]
+                                                                for c in curve["candidates"])
     for row in demo["rows"]:
         for key in ("greedy", "sampled", "expected"):
             assert 0.0 <= row[key] <= 1.0
@@ -33,10 +38,10 @@ def test_demo_ci_preset(tmp_path, capsys):
     if abs(real - base) > 1e-9:
         for row in demo["rows"]:
             assert abs(row["gain_fraction"] - (row["greedy"] - base) / (real - base)) < 1e-9
-    assert set(demo["diagnostics"]) == {"10%", "20%"}
-    for diagnostics in demo["diagnostics"].values():
-        assert diagnostics["verdict"] in {"drift-dominated", "mixed", "noise-dominated"}
-        assert diagnostics["message"] in printed
+    assert set(demo["verdicts"]) == {"10%", "20%"}
+    for verdict in demo["verdicts"].values():
+        assert verdict["verdict"] in {"drift-dominated", "mixed", "noise-dominated"}
+        assert verdict["message"] in printed
     assert [p["step"] for p in demo["curve"]] == list(range(0, final + 1))
     assert (out / "demo.png").stat().st_size > 10_000
     assert (out / "extrapolated" / "relex-from-20pct" / "relex.json").is_file()
@@ -69,6 +74,11 @@ def test_relex_demo_recovers_most_of_the_gain_from_20_percent(toy, tmp_path):
                "last observed (20%)": out / "run" / "checkpoint-20",
                "RELEX from 20%": out / "extrapolated" / "relex-from-20pct",
                "real final": out / "run" / "checkpoint-100"}
+    for label, curve in demo["probes"].items():  # the auto horizon: the probe's choice, or the last observed
+        last = folders[f"last observed ({label})"]
+        chosen = curve["chosen"]
+        folders[f"RELEX auto from {label}"] = (
+            out / "extrapolated" / f"auto-from-{label.rstrip('%')}pct" if chosen else last)
     assert set(rows) == set(folders)
     greedy = {}
     for label, folder in folders.items():
@@ -89,11 +99,11 @@ def test_relex_demo_recovers_most_of_the_gain_from_20_percent(toy, tmp_path):
     assert (greedy["RELEX from 10%"] - base) / gain >= 0.6
     # The verdict printed from 20% carries its window backtest (fit up to step 10, step 20 held out, h = 2) to
     # step 100 (h = 5): the line's error times (5 - 1) / (2 - 1) = 4, stopping's times (1 - 1/5) / (1 - 1/2).
-    diagnostics = demo["diagnostics"]["20%"]
-    backtest = diagnostics["backtest"]
+    verdict = demo["verdicts"]["20%"]
+    backtest = verdict["backtest"]
     assert backtest["fit_steps"] == [5, 10] and backtest["held_out_steps"] == [15, 20]
     assert backtest["projected_line_error"] == pytest.approx(4 * backtest["line_error"], rel=1e-12)
     assert backtest["projected_stop_error"] == pytest.approx(1.6 * backtest["stop_error"], rel=1e-12)
     assert (f"carried to step 100: {backtest['projected_line_error']:.2f} against "
-            f"{backtest['projected_stop_error']:.2f}") in diagnostics["message"]
-    assert diagnostics["message"] in printed
+            f"{backtest['projected_stop_error']:.2f}") in verdict["message"]
+    assert verdict["message"] in printed

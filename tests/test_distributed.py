@@ -11,7 +11,6 @@ import subprocess
 import sys
 from datetime import timedelta
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -19,13 +18,12 @@ import torch.multiprocessing as mp
 
 import relex
 import relex.distributed
-from relex.analysis import analyze
+from relex.api import analyze, check
 from relex.distributed import Ranks, shares
-from relex.engine import rank_names
-from relex.gate import check
 from relex.io.discover import discover_series
 from relex.io.run_readers import RunReaders
-from relex.store import fit_trajectory, materialize
+from relex.run import open_run
+from relex.store import materialize
 from relex.synthetic import write_checkpoint
 from relex.testing import load_state, save_tiny_model
 
@@ -99,10 +97,10 @@ def identical_tensors(a, b) -> None:
 def same_record(a, b) -> None:
     """relex.json of both: the same verdict, choices and per-tensor figures (shards may be cut otherwise)."""
     left, right = (json.loads((folder / "relex.json").read_text()) for folder in (a, b))
-    for key in ("diagnostics", "selection", "tensors", "rank", "regressor", "scale", "passes", "observed_steps"):
+    for key in ("verdict", "selection", "tensors", "rank", "regressor", "scale", "passes", "observed_steps"):
         assert left.get(key) == right.get(key), key
     assert _without_pace(left["summary"]) == _without_pace(right["summary"])
-    assert left["diagnostics"]["verdict"] in {"drift-dominated", "mixed", "noise-dominated"}
+    assert left["verdict"]["verdict"] in {"drift-dominated", "mixed", "noise-dominated"}
 
 
 def _library_worker(rank: int, world: int, port: int, run, out) -> None:
@@ -114,10 +112,10 @@ def _library_worker(rank: int, world: int, port: int, run, out) -> None:
         relex.distributed.join()
         for label, options in MODES.items():
             seen = []
-            relex.extrapolate(run, target_step=TARGET, out_dir=out / label, progress=lambda *a: seen.append(a[1:]),
-                              **options)
+            relex.extrapolate(run, target_step=TARGET, out_dir=out / label,
+                              progress=lambda event: seen.append((event.done, event.total)), **options)
             (out / f"progress-{label}-{rank}.json").write_text(json.dumps(seen))
-        fit_trajectory(run, out_dir=out / "fit")
+        relex.fit(run, out / "fit")
         result = check(run, target_step=TARGET).to_dict()
         analysis = analyze(run, null_samples=10).summary
         if rank == 0:
@@ -174,7 +172,7 @@ def test_torchrun_command_writes_what_one_process_writes(run, single, tmp_path, 
     same_record(single / mode, out)
     assert done.stdout.count("wrote step 90") == 1  # rank 0 alone prints
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["diagnostics"] == json.loads((out / "relex.json").read_text())["diagnostics"]
+    assert report["verdict"] == json.loads((out / "relex.json").read_text())["verdict"]
     if nproc > 1:  # every rank refuses the existing output; torchrun does not stop rank 0 before it prints
         again = subprocess.run(command, env=relex_env(), capture_output=True, text=True, timeout=300)
         errors = [line for line in again.stderr.splitlines() if line.startswith("relex: error:")]
@@ -187,11 +185,9 @@ def test_a_bad_file_one_rank_reads_fails_every_rank(run, tmp_path):
     naming that file, and neither the output nor its staging folder is left."""
     bad = tmp_path / "run"
     shutil.copytree(run, bad)
-    readers = RunReaders(discover_series(bad), allow_pickle=False)
-    try:
-        name = rank_names(readers, Ranks(1, 2))[-1]
-    finally:
-        readers.close()
+    with open_run(bad) as opened:
+        opened.ranks = Ranks(1, 2)  # the run as rank 1 of 2 reads it
+        name = opened.rank_names()[-1]
     state = load_state(bad / "checkpoint-22")
     state[name].view(-1)[5] = float("nan")
     (bad / "checkpoint-22" / "model.safetensors").unlink()

@@ -9,8 +9,8 @@ import numpy as np
 from relex.synthetic import trajectory_gram as synthetic_gram
 import pytest
 
-from relex.analysis.drift import (DRIFT, MIXED, NOISE, DriftDiagnostics, coherent_share, diagnose, drift_stats,
-                                  random_walk_gram)
+from relex.analysis.drift import DriftDiagnostics, coherent_share, diagnose, drift_stats, random_walk_gram
+from relex.analysis.verdict import DRIFT, MIXED, NOISE, decide
 from relex.analysis.nulls import (expected_null, explained_ranks, line_r2, random_walk_null,
                                   sample_random_walk_grams, scalar_walk_r2_null)
 
@@ -46,8 +46,8 @@ def drift_walk_gram(steps, share, seed=0):
 
 def test_pure_drift_matches_its_construction():
     d = diagnose(trajectory_gram(STEPS, [lambda t: 0.01 * t]), STEPS)
-    assert d.verdict == DRIFT
-    assert d.message.startswith("drift-dominated: extrapolation")
+    assert decide(d).drift_class == DRIFT
+    assert decide(d).message.startswith("drift-dominated: extrapolation")
     o = d.observed
     assert o.alpha == pytest.approx(1.0, abs=1e-6)
     assert o.drift_ratio == pytest.approx(o.drift_ratio_max, rel=1e-6)
@@ -60,7 +60,7 @@ def test_pure_drift_matches_its_construction():
 
 def test_random_walk_is_noise_and_its_linearity_figures_sit_at_the_null():
     d = diagnose(trajectory_gram(STEPS, walk=1.0), STEPS)
-    assert d.verdict == NOISE
+    assert decide(d).drift_class == NOISE
     assert d.drift_share < 0.1
     # The "linearity" figures of a random walk look high, and equal their null: they cannot tell.
     assert d.observed.explained_rank1 == pytest.approx(d.null.explained_rank1, abs=0.05)
@@ -77,7 +77,7 @@ def test_random_walk_is_noise_and_its_linearity_figures_sit_at_the_null():
 def test_drift_plus_walk_share_is_recovered(share, verdict):
     d = diagnose(drift_walk_gram(STEPS, share), STEPS)
     assert d.drift_share == pytest.approx(share, abs=0.04)
-    assert d.verdict == verdict
+    assert decide(d).drift_class == verdict
 
 
 def test_drift_share_does_not_depend_on_checkpoint_spacing():
@@ -101,8 +101,8 @@ def test_drift_share_does_not_depend_on_checkpoint_spacing():
 def test_curved_deterministic_paths_are_drift_with_a_shape_note(name, coefficient, note):
     d = diagnose(trajectory_gram(STEPS, [coefficient]), STEPS)
     assert d.drift_share > 0.99
-    assert d.verdict == DRIFT
-    assert note in d.message
+    assert decide(d).drift_class == DRIFT
+    assert note in decide(d).message
     if name == "sqrt":  # growth exponent of √t is the random walk's: α alone cannot tell
         assert d.observed.alpha == pytest.approx(0.5, abs=1e-6)
 
@@ -112,15 +112,15 @@ def test_rank_two_trajectory():
     ev = explained_ranks(g, 3)
     assert ev[0] < 0.995 and ev[1] == pytest.approx(1.0, abs=1e-9)
     d = diagnose(g, STEPS)
-    assert d.verdict == DRIFT
-    assert "turning" in d.message
+    assert decide(d).drift_class == DRIFT
+    assert "turning" in decide(d).message
     assert d.coherent.coherent_cos < 0.85  # the rank-2 fit sees the turn
 
 
 def test_strongly_turning_path_is_coherent_not_noise():
     g = trajectory_gram(STEPS, [lambda t: t, lambda t: 100.0 * np.sin(3 * t / 100.0)])
     d = diagnose(g, STEPS)
-    assert d.verdict == MIXED and d.message.startswith("coherent but")
+    assert decide(d).drift_class == MIXED and decide(d).message.startswith("coherent but")
     assert d.coherent.share > 0.95 and d.drift_share < 0.5
 
 
@@ -129,7 +129,7 @@ def test_momentum_smoothed_noise_is_not_read_as_drift():
     g, steps = momentum_noise_gram()
     d = diagnose(g, steps)
     assert d.drift_share < 0.2
-    assert d.verdict == NOISE
+    assert decide(d).drift_class == NOISE
     # a factor model that also fits nearby increments (no band, no subsampling) calls most of it drift
     assert coherent_share(g, steps, band=0, max_points=len(steps)).share > max(0.3, 5 * d.drift_share)
 
@@ -137,16 +137,16 @@ def test_momentum_smoothed_noise_is_not_read_as_drift():
 def test_short_windows_are_inconclusive_or_still_exact():
     two = [10, 20]
     d = diagnose(trajectory_gram(two, [lambda t: t]), two)
-    assert d.verdict == MIXED and "inconclusive" in d.message
+    assert decide(d).drift_class == MIXED and "inconclusive" in decide(d).message
     three = [10, 20, 30]
-    assert diagnose(trajectory_gram(three, [lambda t: t]), three).verdict == DRIFT
-    assert diagnose(np.zeros((3, 3)), three).verdict == MIXED
+    assert decide(diagnose(trajectory_gram(three, [lambda t: t]), three)).drift_class == DRIFT
+    assert decide(diagnose(np.zeros((3, 3)), three)).drift_class == MIXED
 
 
 def test_uneven_steps():
     steps = np.array([1, 2, 4, 8, 16, 32, 64, 100])
     assert diagnose(drift_walk_gram(steps, 0.9, seed=1), steps).drift_share == pytest.approx(0.9, abs=0.05)
-    assert diagnose(trajectory_gram(steps, walk=1.0), steps).verdict == NOISE
+    assert decide(diagnose(trajectory_gram(steps, walk=1.0), steps)).drift_class == NOISE
 
 
 def test_diagnostics_api_is_backward_compatible():
@@ -154,8 +154,10 @@ def test_diagnostics_api_is_backward_compatible():
     assert isinstance(d, DriftDiagnostics)
     assert {"alpha", "drift_ratio", "cos_first_last", "prefix_cos"} <= set(d.scores)
     payload = d.to_dict()
-    assert {"steps", "observed", "random_walk_null", "pure_drift", "scores", "drift_share", "verdict",
-            "message"} <= set(payload)
+    assert {"steps", "observed", "random_walk_null", "pure_drift", "scores", "drift_share"} <= set(payload)
+    # the class and the message are the verdict's now (relex.analysis.verdict); its record holds the statistics
+    verdict = decide(d).to_dict()
+    assert {"steps", "drift_share", "verdict", "message"} <= set(verdict) and verdict["diagnostics"] == payload
     errors = d.expected_errors(2 * STEPS[-1])
     assert set(errors) == {"extrapolate", "last_checkpoint"}
     assert errors["extrapolate"] < errors["last_checkpoint"]

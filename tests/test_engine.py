@@ -142,7 +142,7 @@ def test_provenance_file(tmp_path):
     for shard, digest in provenance["shards_sha256"].items():
         assert hashlib.sha256((tmp_path / "out" / shard).read_bytes()).hexdigest() == digest
     assert set(provenance["tensors"]) == set(DEFAULT_SHAPES)
-    assert provenance["diagnostics"]["verdict"] in {"drift-dominated", "mixed", "noise-dominated"}
+    assert provenance["verdict"]["verdict"] in {"drift-dominated", "mixed", "noise-dominated"}
 
 
 @pytest.mark.parametrize(
@@ -158,8 +158,7 @@ def test_run_layouts(tmp_path, layout):
 def test_explicit_checkpoint_list_and_base(tmp_path):
     make_run(tmp_path / "run", [4, 8, 12], layout="ckpt_at_{step}")
     ckpts = [(s, tmp_path / "run" / f"ckpt_at_{s}") for s in (4, 8, 12)]
-    result = relex.extrapolate(checkpoints=ckpts, base=tmp_path / "run" / "ckpt_at_0", target_step=30,
-                               out_dir=tmp_path / "out")
+    result = relex.extrapolate(ckpts, tmp_path / "out", base=tmp_path / "run" / "ckpt_at_0", target_step=30)
     assert result.series.steps == [4, 8, 12]
 
 
@@ -183,11 +182,11 @@ def test_model_options_one_by_one_or_as_one_spec(tmp_path):
     relex.extrapolate(tmp_path / "run", target_step=90, out_dir=tmp_path / "options", rank=2, regressor="poly2",
                       scale=0.7)
     spec = relex.ModelSpec(rank=2, regressor="poly2", scale=0.7)
-    relex.extrapolate(tmp_path / "run", target_step=90, out_dir=tmp_path / "spec", spec=spec)
+    relex.extrapolate(tmp_path / "run", target_step=90, out_dir=tmp_path / "spec", model=spec)
     options, from_spec = load_state(tmp_path / "options"), load_state(tmp_path / "spec")
     assert all(torch.equal(options[n], from_spec[n]) for n in options)
     records = [json.loads((tmp_path / f / "relex.json").read_text()) for f in ("options", "spec")]
     assert [r["rank"] for r in records] == [2, 2] and records[0]["tensors"] == records[1]["tensors"]
     with pytest.raises(TypeError, match="not both"):
-        relex.extrapolate(tmp_path / "run", target_step=90, out_dir=tmp_path / "both", spec=spec, rank=3)
+        relex.extrapolate(tmp_path / "run", target_step=90, out_dir=tmp_path / "both", model=spec, rank=3)
     assert not (tmp_path / "both").exists()

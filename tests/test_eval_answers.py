@@ -329,7 +329,7 @@ def test_task_yamls_are_consistent():
         spec = TASKS[name]
         config = yaml.load(spec.yaml_path.read_text(), Loader=_loader())
         assert config["task"] == spec.lm_eval_name == f"relex_{name}"
-        assert config["dataset_path"] == spec.hub_path and config["test_split"] == spec.hub_split
+        assert spec.hub_dataset == f"{config['dataset_path']} ({config['test_split']})" and "/" in spec.hub_dataset
         assert config["include"] == "_relex_math.yaml"
 
 

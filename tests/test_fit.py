@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import relex
-from relex.store import fit_trajectory, materialize
+from relex.store import materialize
 from relex.synthetic import make_run, write_checkpoint
 from relex.testing import load_state
 from relex_cli.app import main
@@ -51,7 +51,7 @@ def assert_identical(a, b):
 ])
 def test_materialize_equals_extrapolate(run, tmp_path, options):
     relex.extrapolate(run, target_step=TARGETS, out_dir=tmp_path / "extrapolated", **options)
-    fit_trajectory(run, out_dir=tmp_path / "trajectory", **options)
+    relex.fit(run, tmp_path / "trajectory", **options)
     materialize(tmp_path / "trajectory", target_step=TARGETS, out_dir=tmp_path / "materialized",
                 **({"block_bytes": options["block_bytes"]} if "block_bytes" in options else {}))
     assert_identical(tmp_path / "extrapolated", tmp_path / "materialized")
@@ -60,7 +60,7 @@ def test_materialize_equals_extrapolate(run, tmp_path, options):
 def test_learned_predictor_is_stored_not_retrained(run, tmp_path):
     options = {"regressor": "mlp", "steps": "7,8,15,22,40"}
     relex.extrapolate(run, target_step=TARGETS, out_dir=tmp_path / "extrapolated", **options)
-    fit_trajectory(run, out_dir=tmp_path / "trajectory", **options)
+    relex.fit(run, tmp_path / "trajectory", **options)
     manifest = json.loads((tmp_path / "trajectory" / "trajectory.json").read_text())
     assert manifest["tensors"]["model.norm.weight"]["params"]["fit"]["kind"] == "mlp"
     materialize(tmp_path / "trajectory", target_step=TARGETS, out_dir=tmp_path / "materialized")
@@ -68,12 +68,12 @@ def test_learned_predictor_is_stored_not_retrained(run, tmp_path):
 
 
 def test_storage_cost_and_layout(run, tmp_path):
-    rank2 = fit_trajectory(run, out_dir=tmp_path / "rank2", rank=2)
+    rank2 = relex.fit(run, tmp_path / "rank2", rank=2)
     model_bytes = rank2.manifest["storage"]["model_bytes"]  # the bf16 base
     assert rank2.storage_bytes == 2 * 2 * model_bytes  # k = 2 float32 directions per tensor
-    compact = fit_trajectory(run, out_dir=tmp_path / "compact", storage_dtype="auto")
+    compact = relex.fit(run, tmp_path / "compact", storage_dtype="auto")
     assert compact.storage_bytes == model_bytes
-    rank1 = fit_trajectory(run, out_dir=tmp_path / "rank1", method="matrix-rank1")
+    rank1 = relex.fit(run, tmp_path / "rank1", method="matrix-rank1")
     assert rank1.storage_bytes < 0.2 * model_bytes  # u and v per matrix
     # the second pass reads only what the models mix: here the base (and two checkpoints of 1-D tensors)
     assert rank1.bytes_read < 1.2 * (1 + len(STEPS)) * model_bytes
@@ -91,7 +91,7 @@ def test_storage_cost_and_layout(run, tmp_path):
 
 
 def test_materialize_scale_override_and_provenance(run, tmp_path):
-    fit_trajectory(run, out_dir=tmp_path / "trajectory")
+    relex.fit(run, tmp_path / "trajectory")
     materialize(tmp_path / "trajectory", target_step=90, out_dir=tmp_path / "half", scale=0.5)
     relex.extrapolate(run, target_step=90, out_dir=tmp_path / "direct", scale=0.5)
     half, direct = load_state(tmp_path / "half"), load_state(tmp_path / "direct")
@@ -113,7 +113,7 @@ def test_fit_and_materialize_on_the_command_line(run, tmp_path, capsys):
 
 
 def test_materialize_bad_inputs(run, tmp_path, capsys):
-    fit_trajectory(run, out_dir=tmp_path / "traj")
+    relex.fit(run, tmp_path / "traj")
 
     def bad(args, fragment):
         code = main(["materialize", *map(str, args)])

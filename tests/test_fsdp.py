@@ -34,6 +34,17 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _train_and_save(model, steps, version: int, root, rank: int, tokenizer) -> None:
+    """Train between ``steps``; at each, verl's actor folder (``fsdp{version}/global_step_N/actor``) and the
+    gathered full state dict (``st{version}/step_N``), which the tests read as the truth."""
+    for step in steps:
+        if step:
+            _train(model, rank)
+        state = model.state_dict()
+        _save_actor(root / f"fsdp{version}" / f"global_step_{step}" / "actor", state, rank, version, model, tokenizer)
+        _save_full(root / f"st{version}" / f"step_{step}", state, rank, tokenizer)
+
+
 def _save_actor(actor: Path, state: dict, rank: int, version: int, model, tokenizer) -> None:
     """What verl's FSDPCheckpointManager writes for the model: rank files, fsdp_config.json, huggingface/."""
     import torch.distributed as dist
@@ -115,12 +126,7 @@ def _worker(rank: int, port: int, root: str) -> None:
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    for step in STEPS:
-        if step:
-            _train(model, rank)
-        state = model.state_dict()
-        _save_actor(root / "fsdp2" / f"global_step_{step}" / "actor", state, rank, 2, model, tokenizer)
-        _save_full(root / "st2" / f"step_{step}", state, rank, tokenizer)
+    _train_and_save(model, STEPS, 2, root, rank, tokenizer)
 
     # FSDP1 over a device mesh with SHARDED_STATE_DICT (verl's FSDP1 setting): also DTensors.
     torch.manual_seed(0)
@@ -131,12 +137,7 @@ def _worker(rank: int, port: int, root: str) -> None:
     model.config, model.generation_config = config, model.module.generation_config
     FullyShardedDataParallel.set_state_dict_type(model, StateDictType.SHARDED_STATE_DICT,
                                                  ShardedStateDictConfig())
-    for step in STEPS[:2]:
-        if step:
-            _train(model, rank)
-        state = model.state_dict()
-        _save_actor(root / "fsdp1" / f"global_step_{step}" / "actor", state, rank, 1, model, tokenizer)
-        _save_full(root / "st1" / f"step_{step}", state, rank, tokenizer)
+    _train_and_save(model, STEPS[:2], 1, root, rank, tokenizer)
 
     # FSDP1 without a device mesh: ShardedTensor values.
     torch.manual_seed(0)

@@ -9,15 +9,12 @@ import pytest
 import torch
 
 from relex.synthetic import write_checkpoint
-from relex.testing import load_state, save_tiny_model
+from relex.testing import tiny_base_and_directions
 from relex_cli.app import main
 
 
 def make_tiny_run(root, arch: str, tie: bool, steps=(10, 20, 30)):
-    save_tiny_model(root / "checkpoint-0", arch=arch, tie=tie)
-    base = load_state(root / "checkpoint-0")
-    generator = torch.Generator().manual_seed(1)
-    directions = {n: torch.randn(t.shape, generator=generator) for n, t in base.items()}
+    base, directions = tiny_base_and_directions(root / "checkpoint-0", 1, arch=arch, tie=tie)
     for step in steps:
         state = {n: (t + 1e-4 * step * directions[n]).to(t.dtype) for n, t in base.items()}
         folder = root / f"checkpoint-{step}"

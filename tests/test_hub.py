@@ -18,6 +18,7 @@ import torch
 from huggingface_hub import constants
 from typer.testing import CliRunner
 
+import relex
 from relex.errors import RelexInputError
 from relex.io import hub
 from relex.synthetic import make_run
@@ -207,6 +208,33 @@ def test_patterns_apply_to_hub_runs_only(run, capsys, tmp_path):
 # --------------------------------------------------------------------------------------------- library
 
 
+@pytest.mark.parametrize("layout", ["branches", "folders"])
+def test_extrapolate_from_python_reads_a_hub_run_offline(run, cache, tmp_path, monkeypatch, layout):
+    """``relex.extrapolate("hf://ORG/REPO", out, target_step=N)`` from Python, offline from the cache: the same
+    checkpoint, figures and verdict as the local run, and nothing asked of the Hub."""
+    if layout == "branches":
+        publish_branches(cache, run, "org/traj")
+        pattern = {}
+    else:
+        publish_folders(cache, run, "org/traj")
+        pattern = {"subfolder_pattern": "step-{N:04d}"}
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("asked the Hub while offline")
+
+    for name in ("_remote_refs", "_remote_files", "download_file"):
+        monkeypatch.setattr(hub, name, no_hub)
+    local = relex.extrapolate(run, tmp_path / "local", target_step=40)
+    remote = relex.extrapolate("hf://org/traj", tmp_path / "hub", target_step=40, **pattern)
+    assert remote.series.steps == local.series.steps == STEPS[1:]
+    assert remote.result.label == "hf://org/traj"
+    assert_same_tensors(tmp_path / "local", tmp_path / "hub")
+    assert remote.verdict.to_dict() == local.verdict.to_dict()
+    assert remote.to_dict()["tensors"] == local.to_dict()["tensors"]
+    files = {p.name for p in (tmp_path / "local").iterdir()}
+    assert {p.name for p in (tmp_path / "hub").iterdir()} == files and "relex.json" in files
+
+
 def test_parse_hub_run():
     assert hub.parse_hub_run("hf://org/repo") == ("org/repo", None)
     assert hub.parse_hub_run("hf://org/repo@step_10") == ("org/repo", "step_10")
@@ -287,15 +315,17 @@ def test_online_downloads_only_weights_config_and_tokenizer(run, cache, online, 
     downloaded = []
 
     def fake_download(repo_id, filename, *, revision, cache_dir, tqdm_class=None):
-        """Write the file where huggingface_hub would, reporting its bytes through ``tqdm_class``."""
+        """Write the file where huggingface_hub would, reporting its bytes through ``tqdm_class`` (given only
+        by the huggingface_hub versions whose ``hf_hub_download`` takes one)."""
         step = next(int(name.split("_")[1]) for name, commit in commits.items() if commit == revision)
         source = run / f"checkpoint-{step}" / filename
         target = storage(Path(cache_dir), repo_id) / "snapshots" / revision / filename
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, target)
-        with tqdm_class(total=source.stat().st_size, unit="B") as bar:
-            bar.update(source.stat().st_size)
-            bar.update_transfer(source.stat().st_size)  # counted once, not twice
+        if tqdm_class is not None:
+            with tqdm_class(total=source.stat().st_size, unit="B") as bar:
+                bar.update(source.stat().st_size)
+                bar.update_transfer(source.stat().st_size)  # counted once, not twice
         downloaded.append((step, filename))
         return str(target)
 
@@ -326,7 +356,7 @@ def test_online_pickled_only_and_hub_errors_are_one_line(run, cache, online, mon
     with pytest.raises(RelexInputError, match=r"hf://org/traj@step_0: only pickled weights .*--allow-pickle"):
         hub.resolve_hub_run("hf://org/traj", None)
 
-    from huggingface_hub.errors import GatedRepoError
+    from huggingface_hub.utils import GatedRepoError  # huggingface_hub.errors has it in later versions only
 
     def gated(repo_id):
         error = GatedRepoError.__new__(GatedRepoError)

@@ -8,7 +8,8 @@ submodules, say) cannot hide a failure of the command here.
 The trajectories have a known truth: every tensor moves along one fixed direction, linearly in the step, so the
 extrapolated checkpoint must equal ``w_0 + t·v`` at the target, computed here from the same seeds without relex.
 
-CI runs this module on the newest versions the dependency ranges allow and on the oldest (``-m installed``).
+CI runs it, with the whole suite, on the newest versions the dependency ranges allow and on the oldest; ``pytest -m
+installed`` selects it alone.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import textwrap
 import zlib
 from datetime import timedelta
@@ -91,6 +93,18 @@ def test_help_of_every_command():
         assert "Usage: relex " + command in " ".join(relex(command, "--help").stdout.split())
 
 
+def test_help_imports_no_torch():
+    """``relex --help`` answers at once: building the command line imports neither torch nor transformers
+    (torch alone takes 2-3 s to import); a command loads torch before it runs (``relex_cli.app``)."""
+    for args in (["--help"], ["extrapolate", "--help"], ["check", "--help"]):
+        done = subprocess.run([sys.executable, "-X", "importtime", "-m", "relex_cli", *args], capture_output=True,
+                              text=True, env=command.environment(), timeout=300)
+        assert done.returncode in (0, 2), done.stderr[-2000:]
+        imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if "|" in line}
+        assert "relex.options" in imported  # the options the command line is generated from were imported
+        assert not {"torch", "transformers"} & imported, args
+
+
 def test_a_hugging_face_folder(line, root):
     relex("extrapolate", line.root, "--target-step", TARGET, "--out", root / "out-hf", "--quiet")
     assert_close(load_state(root / "out-hf"), truth(line))
@@ -160,6 +174,23 @@ def test_a_hub_trajectory_offline(hub_cache, root):
     relex("extrapolate", "hf://org/trajectory", "--target-step", TARGET, "--out", root / "out-hub", "--quiet", env=env)
     assert_identical(root / "out-hub", root / "out-hf")
     relex("check", "hf://org/trajectory", "--target-step", TARGET, "--quiet", env=env)
+
+
+def test_a_hub_trajectory_offline_from_python(hub_cache, root):
+    """``relex.extrapolate("hf://ORG/REPO", out, target_step=N)`` in a fresh Python process, offline from the cache
+    its environment names: the checkpoint of the local run."""
+    script = textwrap.dedent("""
+        import sys
+        import relex
+        result = relex.extrapolate("hf://org/trajectory", sys.argv[1], target_step=int(sys.argv[2]))
+        print(result.series.steps, result.verdict.drift_class)
+    """)
+    done = subprocess.run([sys.executable, "-c", script, str(root / "out-hub-python"), str(TARGET)],
+                          capture_output=True, text=True, timeout=600, cwd=root,
+                          env=command_env(HF_HUB_CACHE=str(hub_cache)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split("\n")[0] == f"{STEPS} drift-dominated", done.stdout
+    assert_identical(root / "out-hub-python", root / "out-hf")
 
 
 def test_a_missing_hub_revision_is_one_line(hub_cache, root):
@@ -319,8 +350,8 @@ def walk(root):
 def test_check_passes_a_line_and_fails_a_random_walk(line, walk, root):
     done = relex("check", line.root, "--target-step", TARGET, "--json", root / "check.json", "--summary",
                  root / "check.md")
-    verdict = json.loads((root / "check.json").read_text())
-    assert verdict["verdict"] == "drift-dominated", verdict
+    record = json.loads((root / "check.json").read_text())
+    assert record["verdict"]["verdict"] == "drift-dominated", record
     assert "passed" in done.stdout and (root / "check.md").read_text().strip()
     done = relex("check", walk.root, "--target-step", 24, code=3)
     assert "failed" in done.stdout

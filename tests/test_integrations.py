@@ -5,7 +5,7 @@ a tiny Llama on CPU for 10 steps with a checkpoint every 2. Whatever the callbac
 independent oracle on the same checkpoints, read from their files afterwards: every figure of the verdict
 computed from the whole tensors in float64 by its textbook definition (tests/naive.py; LoRA adapters merged
 by hand), the verdict against the documented rules applied to those figures; and the checkpoints it writes
-against ``relex.engine.extrapolate`` run afterwards.
+against ``relex.extrapolate`` run afterwards.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from relex.analysis.drift import DRIFT, MIXED, NOISE
-from relex.engine import extrapolate
+from relex.analysis.verdict import DRIFT, MIXED, NOISE
+from relex.api import extrapolate
 from relex.integrations import RelexCallback, assess
 from relex.integrations.trainer import BASE_FOLDER
 from relex.testing import byte_level_tokenizer, load_state, save_tiny_model, tiny_config
@@ -132,7 +132,8 @@ def assert_figures_match(figures: dict, steps, oracle: dict, skip=()):
 
 
 def assert_verdict_matches(verdict: str, message: str, steps, oracle: dict, target=TARGET):
-    """The verdict the documented rules give on the oracle's figures, and its evidence in the message."""
+    """The verdict (its drift class) the documented rules give on the oracle's figures, and its evidence in the
+    message."""
     plausible = naive_plausible(oracle)
     assert (verdict == DRIFT) == plausible, (verdict, message)
     if plausible:
@@ -187,8 +188,8 @@ def test_the_logged_verdict_is_the_verdict_of_the_checkpoints(steady):
     for assessment in callback.history:
         steps, oracle = naive_verdict(run, assessment.step, base=run / BASE_FOLDER)
         assert assessment.steps == steps == [s for s in SAVES if s <= assessment.step]
-        assert assessment.verdict == DRIFT and assessment.plausible
-        assert_verdict_matches(assessment.verdict, assessment.message, steps, oracle)
+        assert assessment.verdict.drift_class == DRIFT and assessment.plausible
+        assert_verdict_matches(assessment.verdict.drift_class, assessment.message, steps, oracle)
         assert_figures_match(assessment.figures, steps, oracle)
     # What a logger placed before the callback (as TensorBoard / W&B are) received: the same figures,
     # logged at the step of the save (blocking mode), all plain numbers.
@@ -216,10 +217,10 @@ def test_the_written_prediction_is_relex_extrapolate_on_the_same_checkpoints(ste
     assert sorted(p.name for p in predicted.iterdir()) == [f"step-{TARGET}"]
     provenance = json.loads((predicted / f"step-{TARGET}" / "relex.json").read_text())
     assert provenance["observed_steps"] == SAVES  # refreshed at the last save with the newest window
-    reference = extrapolate(run, target_step=TARGET, out_dir=tmp_path / "reference", base=run / BASE_FOLDER,
-                            max_step=10, device="cpu")
+    reference = extrapolate(run, tmp_path / "reference", target_step=TARGET, base=run / BASE_FOLDER, max_step=10,
+                            device="cpu")
     assert_same_checkpoint(predicted / f"step-{TARGET}", reference.out_dirs[TARGET])
-    assert reference.diagnostics.verdict == steady["blocking"].latest.verdict
+    assert reference.verdict.drift_class == steady["blocking"].latest.verdict.drift_class
 
 
 def test_the_saved_base_is_the_model_before_training(steady):
@@ -262,24 +263,24 @@ def test_a_noise_dominated_run_writes_nothing_unless_asked(noisy, tmp_path):
         for assessment in callback.history:
             steps, oracle = naive_verdict(run, assessment.step, base=run / BASE_FOLDER)
             assert not naive_plausible(oracle) and not assessment.plausible
-            assert_verdict_matches(assessment.verdict, assessment.message, steps, oracle)
+            assert_verdict_matches(assessment.verdict.drift_class, assessment.message, steps, oracle)
             # the drift share of the 10-step window: see test_the_drift_share_is_the_converged_factor_fit
             assert_figures_match(assessment.figures, steps, oracle,
                                  skip=("drift_share",) if assessment.step == 10 else ())
             assert assessment.figures["relex/plausible"] == 0.0
-    assert gated.latest.verdict == NOISE  # the carried line loses to stopping
+    assert gated.latest.verdict.drift_class == NOISE  # the carried line loses to stopping
     assert gated.latest.figures["relex/written"] == 0.0 and not (root / "gated").exists()
     assert forced.latest.figures["relex/written"] == 1.0
-    reference = extrapolate(run, target_step=TARGET, out_dir=tmp_path / "reference", base=run / BASE_FOLDER,
-                            device="cpu")
+    reference = extrapolate(run, tmp_path / "reference", target_step=TARGET, base=run / BASE_FOLDER, device="cpu")
     assert_same_checkpoint(root / "forced" / f"step-{TARGET}", reference.out_dirs[TARGET])
     from relex_cli.app import main
 
     code = main(["check", str(run), "--base", str(run / BASE_FOLDER), "--target-step", str(TARGET),
                  "--device", "cpu", "--json", str(tmp_path / "check.json"), "--quiet"])
     report = json.loads((tmp_path / "check.json").read_text())
-    assert code == 3 and not report["gate"]["passed"] and report["verdict"] == gated.latest.verdict
-    assert gated.latest.figures["relex/drift_share"] == pytest.approx(report["drift_share"], rel=REL)
+    verdict = report["verdict"]
+    assert code == 3 and not report["gate"]["passed"] and verdict["verdict"] == gated.latest.verdict.drift_class
+    assert gated.latest.figures["relex/drift_share"] == pytest.approx(verdict["drift_share"], rel=REL)
 
 
 @pytest.mark.xfail(strict=True, reason=(
@@ -316,12 +317,12 @@ def test_peft_lora_checkpoints_are_read_in_merged_space(tmp_path, explicit_base)
     for assessment in callback.history:
         # merged by hand; the base from the adapter config, or given
         steps, oracle = naive_verdict(run, assessment.step, base=base if explicit_base else None)
-        assert_verdict_matches(assessment.verdict, assessment.message, steps, oracle)
+        assert_verdict_matches(assessment.verdict.drift_class, assessment.message, steps, oracle)
         assert_figures_match(assessment.figures, steps, oracle)
     written = tmp_path / "out" / f"step-{TARGET}"
     provenance = json.loads((written / "relex.json").read_text())
     assert provenance["sources"]["observed_kind"] == "lora" and provenance["observed_steps"] == SAVES
-    reference = extrapolate(run, target_step=TARGET, out_dir=tmp_path / "reference", base=base, device="cpu")
+    reference = extrapolate(run, tmp_path / "reference", target_step=TARGET, base=base, device="cpu")
     assert_same_checkpoint(written, reference.out_dirs[TARGET])
 
 
@@ -352,7 +353,7 @@ def first_byte_parity(completions, **kwargs):
 def assert_trl_run(trainer, callback, run: Path):
     assert [a.step for a in callback.history] == [8]
     steps, oracle = naive_verdict(run, 8, base=run / BASE_FOLDER)
-    assert_verdict_matches(callback.latest.verdict, callback.latest.message, steps, oracle)
+    assert_verdict_matches(callback.latest.verdict.drift_class, callback.latest.message, steps, oracle)
     assert_figures_match(callback.latest.figures, steps, oracle)
     entries = [e for e in trainer.state.log_history if "relex/step" in e]
     # Only relex's figures: the metrics TRL accumulates between its own logs stay in its own entries.
@@ -412,7 +413,7 @@ def test_with_save_total_limit_the_window_is_the_kept_checkpoints(tmp_path):
     assert (run / BASE_FOLDER).is_dir()  # the saved base is no checkpoint: never rotated away
     steps, oracle = naive_verdict(run, 10, base=run / BASE_FOLDER, target=None)
     assert steps == [4, 6, 8, 10] and callback.latest.steps == steps
-    assert_verdict_matches(callback.latest.verdict, callback.latest.message, steps, oracle, target=None)
+    assert_verdict_matches(callback.latest.verdict.drift_class, callback.latest.message, steps, oracle, target=None)
     assert_figures_match(callback.latest.figures, steps, oracle)
 
 
@@ -511,7 +512,7 @@ def test_assess_is_the_same_outside_a_trainer(steady):
     theirs = {k: v for k, v in steady["blocking"].latest.figures.items() if k not in ("relex/seconds", "relex/written")}
     assert mine == pytest.approx(theirs, rel=REL)
     steps, oracle = naive_verdict(run, 10, base=run / BASE_FOLDER)
-    assert_verdict_matches(assessment.verdict, assessment.message, steps, oracle)
+    assert_verdict_matches(assessment.verdict.drift_class, assessment.message, steps, oracle)
     assert_figures_match(assessment.figures, steps, oracle)
 
 
@@ -520,7 +521,7 @@ def test_a_target_the_run_has_passed_is_left_out(steady, tmp_path):
     assessment = assess(run, base=run / BASE_FOLDER, max_step=10, target_steps=[6], out_dir=tmp_path / "out",
                         require_plausible=False)
     steps, oracle = naive_verdict(run, 10, base=run / BASE_FOLDER, target=None)
-    assert_verdict_matches(assessment.verdict, assessment.message, steps, oracle, target=None)
+    assert_verdict_matches(assessment.verdict.drift_class, assessment.message, steps, oracle, target=None)
     assert_figures_match(assessment.figures, steps, oracle)
     assert not any("projected" in k for k in assessment.figures)
     assert assessment.figures["relex/written"] == 0.0 and not (tmp_path / "out").exists()
@@ -546,10 +547,11 @@ def test_relex_check_json_gives_the_figures_the_callback_logged(steady, tmp_path
     report = json.loads(out.read_text())
     assert code == 0 and report["gate"]["passed"]  # plausible: the gate passes
     assert report["steps"] == [s for s in SAVES if s <= max_step] and report["target_step"] == TARGET
-    assert figures["relex/plausible"] == (1.0 if report["verdict"] == DRIFT else 0.0) == 1.0
-    assert figures["relex/drift_share"] == pytest.approx(report["drift_share"], rel=REL)
-    statistics = {row["key"]: row["observed"] for row in report["statistics"]}
+    verdict = report["verdict"]  # relex-check/2: the verdict's record, its statistics in "diagnostics"
+    assert figures["relex/plausible"] == (1.0 if verdict["verdict"] == DRIFT else 0.0) == 1.0
+    assert figures["relex/drift_share"] == pytest.approx(verdict["drift_share"], rel=REL)
+    statistics = verdict["diagnostics"]["observed"]
     for key in ("explained_rank1", "r2_rank1", "alpha", "drift_ratio", "cos_first_last"):
         assert figures[f"relex/{key}"] == pytest.approx(statistics[key], rel=REL), key
     for key in ("line_error", "stop_error", "projected_line_error", "projected_stop_error"):
-        assert figures[f"relex/backtest_{key}"] == pytest.approx(report["backtest"][key], rel=REL), key
+        assert figures[f"relex/backtest_{key}"] == pytest.approx(verdict["backtest"][key], rel=REL), key

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from relex.engine import extrapolate
+from relex.api import extrapolate
 from relex.errors import RelexInputError
 from relex.io.discover import discover_series, parse_steps
 from relex.synthetic import make_run
@@ -56,7 +56,8 @@ def test_deepspeed_only_run_is_refused_with_the_conversion(tmp_path, capsys):
         (run / f"global_step{step}" / "mp_rank_00_model_states.pt").write_bytes(b"x")
     code, _, lines = invoke(capsys, "extrapolate", run, "--target-step", 50, "--out", tmp_path / "out")
     assert code == 2 and len(lines) == 1, lines
-    assert "DeepSpeed" in lines[0] and "zero_to_fp32.py" in lines[0] and "--save_hf_ckpt" in lines[0]
+    assert "DeepSpeed" in lines[0] and "zero_to_fp32.py" in lines[0] and "--ckpt.save_hf" in lines[0]
+    assert "--tag global_step" in lines[0]
     assert not (tmp_path / "out").exists()
 
 
@@ -117,7 +118,7 @@ def test_steps_range_on_the_command_line(tmp_path, capsys):
 @pytest.mark.parametrize("layout, setting", [
     ("checkpoint-{step}", "save_total_limit"),
     ("global_step_{step}/actor/huggingface", "trainer.max_actor_ckpt_to_keep"),
-    ("global_step{step}_hf", "--max_ckpt_num"),
+    ("global_step{step}_hf", "--ckpt.max_num"),
 ])
 def test_too_few_checkpoints_names_the_trainer_setting(tmp_path, capsys, layout, setting):
     make_run(tmp_path / "run", [5], layout=layout)

@@ -20,8 +20,11 @@ from safetensors.torch import save_file
 from transformers import TrainerCallback
 
 from relex.analysis.verdict import run_verdict
-from relex.engine import collect_grams, extrapolate
-from relex.integrations.leap import LeapCallback, LeapOptions, Leaper, fit_segment
+from relex.api import extrapolate
+from relex.integrations.leap import LeapOptions, Leaper, fit_segment
+from relex.integrations.leap_callback import LeapCallback
+from relex.options import RunOptions
+from relex.run import PassResult, open_run
 from relex.testing import load_state, tiny_config
 from naive import naive_relex
 
@@ -93,6 +96,12 @@ def save_as_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], config) -
     config.save_pretrained(folder)
 
 
+def read_run(run, **settings) -> PassResult:
+    """One pass of relex over a run folder (Gram matrices and the verdict, nothing written)."""
+    with open_run(run, **settings) as opened:
+        return opened.execute()
+
+
 def leap_entries(trainer_state: dict) -> list[dict]:
     return [e for e in trainer_state["log_history"] if "leap/from_step" in e]
 
@@ -113,7 +122,7 @@ def test_a_jump_writes_the_weights_relex_extrapolate_writes_from_the_same_checkp
     oracle_run = tmp_path / "segment"
     for step in (0, 2, 4, 6, 8):
         save_as_checkpoint(oracle_run / f"checkpoint-{step}", watcher.weights[step], trainer.model.config)
-    extrapolate(oracle_run, target_step=24, out_dir=tmp_path / "oracle", device="cpu")
+    extrapolate(oracle_run, tmp_path / "oracle", target_step=24, device="cpu")
     oracle, jumped = load_state(tmp_path / "oracle"), load_state(run / "checkpoint-24")
     assert set(oracle) == set(jumped) == set(watcher.weights[8])
     for name in oracle:
@@ -126,14 +135,15 @@ def test_a_jump_writes_the_weights_relex_extrapolate_writes_from_the_same_checkp
     [entry] = leap_entries(state)
     assert entry["step"] == 24 and entry["leap/from_step"] == 8 and entry["leap/to_step"] == 24
     assert entry["leap/jumped"] == 1.0 and entry["leap/real_step"] == 8 and entry["leap/horizon"] == 3.0
-    grams = collect_grams(oracle_run, device="cpu")
-    diagnostics = run_verdict(grams.grams, {n: len(grams.shapes[n]) for n in grams.grams}, grams.steps, 24)
-    assert decision.verdict == diagnostics.verdict and decision.message == diagnostics.message
-    assert entry["relex/drift_share"] == pytest.approx(diagnostics.drift_share, rel=REL)
+    grams = read_run(oracle_run, device="cpu")
+    shapes = {t.name: t.shape for t in grams.tensors}
+    verdict = run_verdict(grams.grams, {n: len(shapes[n]) for n in grams.grams}, grams.steps, 24)
+    assert decision.verdict["verdict"] == verdict.drift_class and decision.message == verdict.message
+    assert entry["relex/drift_share"] == pytest.approx(verdict.drift_share, rel=REL)
     assert entry["relex/backtest_projected_line_error"] == pytest.approx(
-        diagnostics.backtest["projected_line_error"], rel=REL)
+        verdict.backtest["projected_line_error"], rel=REL)
     # The run's own checkpoints stay a series relex reads, in virtual steps.
-    assert collect_grams(run, base=oracle_run / "checkpoint-0", device="cpu").steps == [2, 4, 6, 24, 26]
+    assert read_run(run, base=oracle_run / "checkpoint-0", device="cpu").steps == [2, 4, 6, 24, 26]
 
 
 def test_a_refused_jump_changes_nothing(tmp_path):
@@ -144,7 +154,7 @@ def test_a_refused_jump_changes_nothing(tmp_path):
                     learning_rate=1e-3)
     [decision] = callback.decisions
     assert not decision.jumped and decision.reason == "refused" and decision.to_step == decision.from_step == 8
-    assert "26× the observed window" in decision.message and decision.verdict != "drift-dominated"
+    assert "26× the observed window" in decision.message and decision.verdict["verdict"] != "drift-dominated"
     assert decision.figures["relex/plausible"] == 0.0 and decision.passes_gate is False
     for name, value in before.weights[8].items():
         assert torch.equal(after.weights[8][name], value), name
@@ -230,12 +240,14 @@ def test_fit_segment_refuses_bad_options_in_one_line():
         LeapOptions(every=10, leap=5, snapshot_every=3)
     with pytest.raises(ValueError, match="at least 2 snapshots"):
         LeapOptions(every=4, leap=5, snapshot_every=4)
-    with pytest.raises(ValueError, match="require must be one of plausible, gate, always"):
+    with pytest.raises(ValueError, match="require must be one of plausible, lenient, always, probe"):
         LeapOptions(every=4, leap=5, require="sometimes")
     with pytest.raises(ValueError, match="optimizer_state must be one of keep, reset"):
         LeapOptions(every=4, leap=5, optimizer_state="extrapolate")
-    with pytest.raises(ValueError, match="unknown engine option"):
-        LeapOptions(every=4, leap=5, engine={"rnak": 2})
+    with pytest.raises(TypeError, match="unknown option: rnak"):
+        LeapOptions(every=4, leap=5, run=RunOptions.of(rnak=2))
+    with pytest.raises(ValueError, match="run must be a relex.RunOptions"):
+        LeapOptions(every=4, leap=5, run={"rank": 2})
     with pytest.raises(ValueError, match="give every"):
         LeapCallback(every=4)
     base = {"w": torch.zeros(3)}
@@ -257,7 +269,7 @@ def test_the_toy_trainer_leaps_in_virtual_steps(tmp_path):
     # The checkpoints due at steps 4 and 16 fall on the jumps: they hold the jumped weights of 12 and 20,
     # and the run's folder is one series in virtual steps.
     assert [c["step"] for c in summary["checkpoints"]] == [0, 12, 20]
-    assert collect_grams(tmp_path / "run", device="cpu").steps == [12, 20]
+    assert read_run(tmp_path / "run", device="cpu").steps == [12, 20]
 
 
 def test_the_smollm_leap_script_runs_grpo_with_the_callback(tmp_path):

@@ -5,17 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from naive import naive_elementwise, naive_matrix_rank1, naive_temporal
 
 import relex
 from relex.backtest import mixing_weights
-from relex.engine import collect_grams
 from relex.methods import TensorData, get_method
 from relex.methods.matrix_rank1 import FactorAccumulator
-from relex.trajectory import ModelSelector, ModelSpec
+from relex.model_spec import ModelSpec
+from relex.run import open_run
 from relex.subspace import top_singular_triple
 from relex.synthetic import DEFAULT_SHAPES, make_run, write_checkpoint
 from relex.testing import load_state
-from naive import naive_elementwise, naive_matrix_rank1, naive_temporal
+from relex.trajectory import ModelSelector
 
 STEPS = [3, 7, 8, 15, 22, 40]
 TOLERANCE = 1e-3
@@ -170,7 +171,8 @@ def test_gram_mixing_weights_for_backtests(run):
     and the predictor chosen per tensor by backtest is the run's true one (saturating), fitted on the whole
     window."""
     root, base, observed = run
-    grams = collect_grams(root)
+    with open_run(root) as opened:
+        grams = opened.execute().grams
     selector = ModelSelector(ModelSpec(regressor="auto", auto_scope="tensor"), STEPS)
     targets = [50.0, 90.0]
     naive = {"anchored": naive_temporal(base, observed, STEPS, targets, anchored=True, shrink="model"),
@@ -178,8 +180,8 @@ def test_gram_mixing_weights_for_backtests(run):
              "saturating": naive_temporal(base, observed, STEPS, targets, predictor="saturating")}
     methods = {"anchored": get_method("relex", regressor="anchored"), "elementwise": get_method("elementwise"),
                "last": get_method("last")}
-    assert set(grams.grams) == set(DEFAULT_SHAPES)
-    for name, g in grams.grams.items():
+    assert set(grams) == set(DEFAULT_SHAPES)
+    for name, g in grams.items():
         shape = DEFAULT_SHAPES[name]
         w0 = base[name].double().numpy().reshape(-1)
         deltas = np.stack([c[name].double().numpy().reshape(-1) - w0 for c in observed])  # T x d

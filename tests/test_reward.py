@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from relex.analysis.drift import DRIFT, MIXED
 from relex.analysis.reward import (RewardLog, checkpoint_reward_trend, find_reward_log, read_reward_log,
                                    reward_trend)
-from relex.analysis.verdict import run_verdict
+from relex.analysis.verdict import DRIFT, MIXED, run_verdict
 from relex.errors import RelexInputError
+from relex.options import RunOptions
 from relex_cli.app import main
 from test_check import TARGET  # the toy fixture (conftest.py): the demo's run and its noisy twin, steps 5..20
 
@@ -84,17 +84,17 @@ def test_a_saturating_reward_makes_a_drift_dominated_verdict_mixed():
         path = np.outer(steps, rng.normal(size=500)) + rng.normal(0, 0.05, (4, 500))
         grams[f"w{i}"] = path @ path.T
     ndims = dict.fromkeys(grams, 2)
-    assert run_verdict(grams, ndims, steps, 60).verdict == DRIFT
+    assert run_verdict(grams, ndims, steps, 60).drift_class == DRIFT
     rising = _log({t: 0.5 + 0.02 * t for t in range(1, 21)})  # reaches 1.0 at step 25
     saturating = reward_trend(rising, steps, 60)
     verdict = run_verdict(grams, ndims, steps, 60, reward=saturating)
-    assert verdict.verdict == MIXED and "training reward saturates before the target" in verdict.message
+    assert verdict.drift_class == MIXED and "training reward saturates before the target" in verdict.message
     assert "step 25, before step 60" in verdict.message
     assert verdict.calibration["reward"]["ceiling_step"] == pytest.approx(25.0)
     slow = reward_trend(_log({t: 0.5 + 0.001 * t for t in range(1, 21)}), steps, 60)  # reaches 1.0 at 500
-    assert run_verdict(grams, ndims, steps, 60, reward=slow).verdict == DRIFT
+    assert run_verdict(grams, ndims, steps, 60, reward=slow).drift_class == DRIFT
     # The verdict before calibration (whole-model figures only) does not weigh the reward.
-    assert run_verdict(grams, ndims, steps, 60, reward=saturating, calibrated=False).verdict == DRIFT
+    assert run_verdict(grams, ndims, steps, 60, reward=saturating, calibrated=False).drift_class == DRIFT
 
 
 def _run(argv, capsys):
@@ -122,34 +122,35 @@ def test_check_and_extrapolate_weigh_the_logged_reward_alike(toy, tmp_path, caps
     data = json.loads(report.read_text())
     logged = json.loads((toy["demo"] / "checkpoint-20" / "trainer_state.json").read_text())["log_history"]
     assert [e["step"] for e in logged] == list(range(1, 21))
-    assert data["reward"]["points"] == 15 and data["reward"]["key"] == "reward"  # steps 6..20
-    assert data["gate"]["outcome"] == "plausible" and not data["reward"]["saturates_before_target"]
-    assert data["reward"]["text"] in " ".join(out.split())
+    reward = data["verdict"]["reward"]
+    assert reward["points"] == 15 and reward["key"] == "reward"  # steps 6..20
+    assert data["gate"]["outcome"] == "plausible" and not reward["saturates_before_target"]
+    assert reward["text"] in " ".join(out.split())
 
-    # The same weights with a reward that reaches 1.0 at step 30, before the target (60): mixed, exit 0 with a
-    # warning; relex extrapolate writes the same verdict into relex.json.
+    # The same weights with a reward that reaches 1.0 at step 30, before the target (60): mixed, exit 3 (exit 0
+    # with a warning under --lenient); relex extrapolate writes the same verdict into relex.json.
     rising = _with_rewards(toy["demo"], tmp_path / "rising", {t: 0.4 + 0.02 * t for t in range(1, 21)})
     code, out, err = _run(["check", rising, "--target-step", TARGET, "--json", report], capsys)
-    assert code == 0, out + err
+    assert code == 3, out + err
     data = json.loads(report.read_text())
-    assert data["verdict"] == MIXED and data["gate"]["outcome"] == "mixed" and data["gate"]["status"] == (
-        "passed with a warning")
-    assert "training reward saturates before the target" in data["message"]
-    assert data["reward"]["ceiling_step"] == pytest.approx(30.0)
+    assert data["verdict"]["verdict"] == MIXED and data["gate"]["outcome"] == "mixed" and data["gate"]["status"] == (
+        "failed")
+    assert _run(["check", rising, "--target-step", TARGET, "--lenient", "--quiet"], capsys)[0] == 0
+    assert "training reward saturates before the target" in data["verdict"]["message"]
+    assert data["verdict"]["reward"]["ceiling_step"] == pytest.approx(30.0)
     out_dir = tmp_path / "pred"
     code, out, err = _run(["extrapolate", rising, "--target-step", TARGET, "--out", out_dir], capsys)
     assert code == 0, out + err
     record = json.loads((out_dir / "relex.json").read_text())
-    assert record["diagnostics"]["verdict"] == MIXED and record["diagnostics"]["message"] == data["message"]
-    # --strict fails it; --rewards none judges the weights alone; a file given explicitly is used instead.
-    assert _run(["check", rising, "--target-step", TARGET, "--strict", "--quiet"], capsys)[0] == 3
-    assert _run(["check", rising, "--target-step", TARGET, "--rewards", "none", "--strict", "--quiet"], capsys)[0] == 0
+    assert record["verdict"]["verdict"] == MIXED and record["verdict"]["message"] == data["verdict"]["message"]
+    # --rewards none judges the weights alone; a file given explicitly is used instead.
+    assert _run(["check", rising, "--target-step", TARGET, "--rewards", "none", "--quiet"], capsys)[0] == 0
     flat = tmp_path / "flat.jsonl"
     flat.write_text("".join(json.dumps({"step": t, "acc": 0.5}) + "\n" for t in range(1, 21)))
     code, out, err = _run(["check", rising, "--target-step", TARGET, "--rewards", flat, "--reward-key", "acc",
-                           "--strict", "--json", report], capsys)
+                           "--json", report], capsys)
     assert code == 0, out + err
-    assert json.loads(report.read_text())["reward"]["source"] == str(flat)
+    assert json.loads(report.read_text())["verdict"]["reward"]["source"] == str(flat)
 
 
 def test_a_bad_reward_file_is_refused_before_anything_is_read(toy, tmp_path, capsys):  # noqa: F811
@@ -185,10 +186,11 @@ def test_the_leap_weighs_the_segment_reward_like_check():
     snapshots = [(t, {name: t * v + 0.01 * torch.randn(64, 64, generator=generator)
                       for name, v in directions.items()}) for t in (2, 4, 6, 8)]
     alone = fit_segment(base, snapshots, 24)
-    assert alone.verdict == DRIFT and alone.plausible
+    assert alone.verdict.drift_class == DRIFT and alone.verdict.plausible
     rising = [(t, 0.5 + 0.05 * t) for t in range(1, 8)]  # reaches 1.0 at step 10, before the jump's end (24)
     guarded = fit_segment(base, snapshots, 24, rewards=rising)
-    assert guarded.verdict == MIXED and not guarded.plausible
-    assert "training reward saturates before the target" in guarded.message
+    assert guarded.verdict.drift_class == MIXED and not guarded.verdict.plausible
+    assert "training reward saturates before the target" in guarded.verdict.message
     assert all(torch.equal(guarded.prediction[n], alone.prediction[n]) for n in directions)  # same fit
-    assert fit_segment(base, snapshots, 24, rewards=rising, reward_max=2.0).plausible  # 2.0 is reached at 30
+    ceiling = RunOptions.of(reward_max=2.0, device="cpu")
+    assert fit_segment(base, snapshots, 24, ceiling, rewards=rising).verdict.plausible  # 2.0 is reached at 30

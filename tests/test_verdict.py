@@ -5,10 +5,16 @@ from __future__ import annotations
 import numpy as np
 
 import relex
-from relex.analysis.drift import DRIFT, NOISE, apply_backtest, diagnose, pure_drift_gram
+from relex.analysis.drift import diagnose, pure_drift_gram
+from relex.analysis.verdict import DRIFT, NOISE, WindowBacktest, decide
 from relex.synthetic import make_run
 
 STEPS = [5, 10, 15, 20]
+
+
+def _carried(diagnostics, fit, held, line, stop, target):
+    """The verdict on ``diagnostics`` with a window backtest of these figures carried to ``target``."""
+    return decide(diagnostics, backtest=WindowBacktest(tuple(fit), tuple(held), line, stop), target_step=target)
 
 
 def test_backtest_projected_to_the_target_overrules_a_drift_share():
@@ -17,22 +23,22 @@ def test_backtest_projected_to_the_target_overrules_a_drift_share():
     # computed here by hand: the backtest fits up to step 10 and predicts step 20 (h = 2), the target is
     # step 100 from step 20 (h = 5); the line's error grows by (5 - 1) / (2 - 1) = 4, stopping's by
     # (1 - 1/5) / (1 - 1/2) = 1.6. tests/test_demo.py checks the same carry on the demo's real run.
-    smooth = apply_backtest(diagnose(pure_drift_gram(STEPS), STEPS), [5, 10], [15, 20], 0.16, 0.49, 100)
+    smooth = _carried(diagnose(pure_drift_gram(STEPS), STEPS), [5, 10], [15, 20], 0.16, 0.49, 100)
     assert np.isclose(smooth.backtest["projected_line_error"], 0.64)
     assert np.isclose(smooth.backtest["projected_stop_error"], 0.784)
     # 0.64 against 0.784: the line wins by less than the 20% margin (0.64 > 0.8 x 0.784 = 0.627) that
     # retraining moves it by (docs/verdict_calibration.md)
-    assert smooth.verdict != DRIFT and smooth.message.startswith("too close to call")
+    assert smooth.drift_class != DRIFT and smooth.message.startswith("too close to call")
     assert smooth.backtest["line_beats_stop"] and smooth.backtest["within_margin"]
-    clear = apply_backtest(diagnose(pure_drift_gram(STEPS), STEPS), [5, 10], [15, 20], 0.10, 0.49, 100)
-    assert clear.verdict == DRIFT  # 0.40 against 0.784
+    clear = _carried(diagnose(pure_drift_gram(STEPS), STEPS), [5, 10], [15, 20], 0.10, 0.49, 100)
+    assert clear.drift_class == DRIFT  # 0.40 against 0.784
     # the noisy twin's size of window errors: 0.45 x 4 = 1.80 against 0.51 x 1.6 = 0.816
-    noisy = apply_backtest(diagnose(pure_drift_gram(STEPS), STEPS), [5, 10], [15, 20], 0.45, 0.51, 100)
-    assert noisy.verdict != DRIFT
+    noisy = _carried(diagnose(pure_drift_gram(STEPS), STEPS), [5, 10], [15, 20], 0.45, 0.51, 100)
+    assert noisy.drift_class != DRIFT
     assert "will likely hurt" in noisy.message and "carried to step 100: 1.80 against 0.82" in noisy.message
     # The same backtest allows a short extrapolation.
-    near = apply_backtest(diagnose(pure_drift_gram(STEPS), STEPS), [5, 10], [15, 20], 0.45, 0.51, 25)
-    assert near.verdict == DRIFT
+    near = _carried(diagnose(pure_drift_gram(STEPS), STEPS), [5, 10], [15, 20], 0.45, 0.51, 25)
+    assert near.drift_class == DRIFT
 
 
 def test_engine_verdicts_on_drift_and_on_random_walk(tmp_path):
@@ -40,11 +46,11 @@ def test_engine_verdicts_on_drift_and_on_random_walk(tmp_path):
     make_run(tmp_path / "drift", steps, noise=0.05, noise_kind="walk", seed=1)
     make_run(tmp_path / "mixed", steps, noise=3.0, noise_kind="walk", seed=1)
     make_run(tmp_path / "walk", steps, noise=10.0, noise_kind="walk", seed=1)
-    drift = relex.extrapolate(tmp_path / "drift", target_step=120, out_dir=tmp_path / "o1").diagnostics
-    mixed = relex.extrapolate(tmp_path / "mixed", target_step=120, out_dir=tmp_path / "o3").diagnostics
-    walk = relex.extrapolate(tmp_path / "walk", target_step=120, out_dir=tmp_path / "o2").diagnostics
-    assert drift.verdict == DRIFT and drift.drift_share > 0.9
-    assert walk.verdict == NOISE and "will likely hurt" in walk.message
+    drift = relex.extrapolate(tmp_path / "drift", tmp_path / "o1", target_step=120).verdict
+    mixed = relex.extrapolate(tmp_path / "mixed", tmp_path / "o3", target_step=120).verdict
+    walk = relex.extrapolate(tmp_path / "walk", tmp_path / "o2", target_step=120).verdict
+    assert drift.drift_class == DRIFT and drift.drift_share > 0.9
+    assert walk.drift_class == NOISE and "will likely hurt" in walk.message
     assert walk.backtest["line_error"] > walk.backtest["stop_error"]
     # Mostly drift (share ~0.8), but too noisy to follow six times as far as observed.
-    assert mixed.verdict != DRIFT and mixed.drift_share > 0.7 and "will likely hurt" in mixed.message
+    assert mixed.drift_class != DRIFT and mixed.drift_share > 0.7 and "will likely hurt" in mixed.message

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from relex.analysis.drift import (BACKTEST_MARGIN, DRIFT, MIN_PACE_RATIO, MIXED, balanced_gram, pace_ratio,
-                                  pure_drift_gram, random_walk_gram)
-from relex.analysis.verdict import run_verdict
+from relex.analysis.drift import balanced_gram, pace_ratio, pure_drift_gram, random_walk_gram
+from relex.analysis.verdict import BACKTEST_MARGIN, DRIFT, MIN_PACE_RATIO, MIXED, run_verdict
 
 STEPS = [5, 10, 15, 20, 25, 30]
 
@@ -46,8 +45,8 @@ def test_one_tensor_cannot_carry_the_verdict():
     ndims = dict.fromkeys(grams, 2)
     before = run_verdict(grams, ndims, STEPS, 40, calibrated=False)
     after = run_verdict(grams, ndims, STEPS, 40)
-    assert before.verdict == DRIFT and before.drift_share > 0.9
-    assert after.verdict != DRIFT and after.calibration["balanced_drift_share"] < 0.5
+    assert before.drift_class == DRIFT and before.drift_share > 0.9
+    assert after.drift_class != DRIFT and after.calibration["balanced_drift_share"] < 0.5
     assert balanced_gram(grams, ndims)[-1, -1] == len(grams)  # each tensor counts once
 
 
@@ -57,7 +56,7 @@ def test_every_tensor_drifting_stays_drift_dominated():
     grams["norm"] = _gram(_walk(rng, 16))  # a noisy vector does not count against the matrices
     ndims = {**dict.fromkeys(grams, 2), "norm": 1}
     verdict = run_verdict(grams, ndims, STEPS, 40)
-    assert verdict.verdict == DRIFT, verdict.message
+    assert verdict.drift_class == DRIFT, verdict.message
     assert verdict.calibration["pace_ratio"] > 0.9
 
 
@@ -67,7 +66,7 @@ def test_a_run_that_slows_inside_the_window_is_not_called_drift_dominated():
     ndims = dict.fromkeys(grams, 2)
     assert run_verdict(grams, ndims, STEPS, 40, calibrated=False).drift_share > 0.9
     verdict = run_verdict(grams, ndims, STEPS, 40)
-    assert verdict.verdict != DRIFT
+    assert verdict.drift_class != DRIFT
     assert verdict.calibration["pace_ratio"] < MIN_PACE_RATIO
 
 
@@ -75,7 +74,7 @@ def test_a_run_that_speeds_up_inside_the_window_is_not_called_drift_dominated():
     rng = np.random.default_rng(3)
     grams = {f"w{i}": _gram(_line(rng, 2000, 1.0, np.square) + _walk(rng, 2000, 0.001)) for i in range(3)}
     verdict = run_verdict(grams, dict.fromkeys(grams, 2), STEPS, 40)
-    assert verdict.verdict != DRIFT and verdict.message.startswith("accelerating")
+    assert verdict.drift_class != DRIFT and verdict.message.startswith("accelerating")
 
 
 def _drift_and_walk(seed: int, walk: float, steps=STEPS, d: int = 3000, tensors: int = 3) -> dict:
@@ -102,12 +101,12 @@ def test_the_margin_is_how_clearly_the_carried_line_must_beat_stopping():
     # with another thread count moved the toy runs' ratio (docs/verdict_calibration.md): a margin of 0.35
     # would be needed for this call to survive it.
     assert 1 / 1.54 < ratio < 1 - BACKTEST_MARGIN, ratio
-    assert default.verdict == DRIFT and math.isclose(BACKTEST_MARGIN, 0.2)
-    assert run_verdict(grams, ndims, STEPS, 90, margin=0.35).verdict == MIXED
+    assert default.drift_class == DRIFT and math.isclose(BACKTEST_MARGIN, 0.2)
+    assert run_verdict(grams, ndims, STEPS, 90, margin=0.35).drift_class == MIXED
     # Plausible at any margin below 1 - ratio, too close to call above it: the same run, the same figures.
-    assert run_verdict(grams, ndims, STEPS, 90, margin=1 - ratio - 0.02).verdict == DRIFT
+    assert run_verdict(grams, ndims, STEPS, 90, margin=1 - ratio - 0.02).drift_class == DRIFT
     strict = run_verdict(grams, ndims, STEPS, 90, margin=1 - ratio + 0.02)
-    assert strict.verdict == MIXED and strict.message.startswith("too close to call")
+    assert strict.drift_class == MIXED and strict.message.startswith("too close to call")
     assert strict.backtest["projected_line_error"] == bt["projected_line_error"]
 
 
@@ -116,7 +115,7 @@ def test_a_margin_never_rescues_a_line_that_loses():
     ndims = dict.fromkeys(grams, 2)
     for margin in (0.0, 0.2, 0.35):
         verdict = run_verdict(grams, ndims, STEPS, 90, margin=margin)
-        assert verdict.verdict != DRIFT and not verdict.backtest["line_beats_stop"]
+        assert verdict.drift_class != DRIFT and not verdict.backtest["line_beats_stop"]
 
 
 def _harness():

@@ -32,7 +32,7 @@ def find_gguf() -> Path:
 
 def convert(out: Path, overwrite: bool = False) -> Path:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if (out / "model.safetensors").exists() and (out / "config.json").exists() and not overwrite:
         print(f"{out} already converted; nothing to do")

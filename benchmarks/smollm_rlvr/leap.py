@@ -1,7 +1,7 @@
 """GRPO on SmolLM2-135M-Instruct with relex's LeapCallback: train M steps, jump N steps ahead, repeat.
 
 The same task, model and GRPOTrainer settings as train.py (4 prompts x 8 completions per step, AdamW lr 5e-6
-constant, float32, no KL), with :class:`relex.integrations.leap.LeapCallback` added: every ``--every`` real
+constant, float32, no KL), with :class:`relex.integrations.LeapCallback` added: every ``--every`` real
 steps the trajectory of the segment since the last decision is fitted in memory and, when the verdict says a
 jump of ``--leap`` steps is plausible (or always, with ``--require always``), the weights jump there.
 
@@ -54,12 +54,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--every", type=int, default=8, help="M: real steps per segment")
     p.add_argument("--leap", type=int, default=16, help="N: steps jumped at the end of a segment")
     p.add_argument("--snapshot-every", type=int, default=2)
-    p.add_argument("--require", default="plausible", help="plausible (the verdict decides) or always")
+    p.add_argument("--require", default="plausible",
+                   help="plausible or lenient (the verdict decides), always, or probe (with --probe)")
+    p.add_argument("--probe", type=Path, help="a JSON Lines probe of training problems (task.py --probe-jsonl): "
+                   "at each decision the jump length is chosen on it (relex.probe)")
+    p.add_argument("--probe-limit", type=int, default=64)
+    p.add_argument("--probe-max-new-tokens", type=int, default=12)
     p.add_argument("--optimizer-state", default="keep", help="keep or reset the AdamW moments at a jump")
     p.add_argument("--max-steps", type=int, default=1000, help="the run's virtual length")
     p.add_argument("--max-real-steps", type=int, default=32)
     p.add_argument("--save-steps", type=int, default=2)
     p.add_argument("--prompts-per-step", type=int, default=4)
+    p.add_argument("--micro-prompts", type=int, default=0,
+                   help="prompts per forward/backward micro-batch, as train.py (default: all of a step's)")
     p.add_argument("--num-generations", type=int, default=8)
     p.add_argument("--lr", type=float, default=5e-6)
     p.add_argument("--max-completion-length", type=int, default=12)
@@ -95,18 +102,22 @@ def train(a: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from relex.integrations.leap import LEAP, LeapCallback
+    from relex.integrations.leap import LEAP
+    from relex.integrations.leap_callback import LeapCallback
 
     out: Path = a.out
     out.mkdir(parents=True, exist_ok=True)
     train_split, _ = task.splits()
     dataset = task.prompt_dataset(train_split)
+    micro = a.micro_prompts or a.prompts_per_step
+    if a.prompts_per_step % micro:
+        raise SystemExit("--prompts-per-step must be a multiple of --micro-prompts")
 
     config = GRPOConfig(
         output_dir=str(out), use_cpu=True, bf16=False, fp16=False, seed=a.seed, max_steps=a.max_steps,
         learning_rate=a.lr, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch", weight_decay=0.0,
-        max_grad_norm=1.0, per_device_train_batch_size=a.prompts_per_step * a.num_generations,
-        gradient_accumulation_steps=1, num_generations=a.num_generations,
+        max_grad_norm=1.0, per_device_train_batch_size=micro * a.num_generations,
+        gradient_accumulation_steps=a.prompts_per_step // micro, num_generations=a.num_generations,
         max_completion_length=a.max_completion_length, temperature=a.temperature, top_p=1.0, top_k=0, beta=0.0,
         num_iterations=1, loss_type="grpo", scale_rewards="group", use_vllm=False, save_strategy="steps",
         save_steps=a.save_steps, save_only_model=True, logging_steps=1, report_to="none", disable_tqdm=True,
@@ -114,8 +125,14 @@ def train(a: argparse.Namespace) -> None:
     tokenizer = AutoTokenizer.from_pretrained(a.base)
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(a.base, dtype=torch.float32)
-    leap = LeapCallback(every=a.every, leap=a.leap, snapshot_every=a.snapshot_every, require=a.require,
-                        optimizer_state=a.optimizer_state)
+    probe = None
+    if a.probe is not None:
+        from relex.probe.problems import load_probe
+
+        probe = load_probe(a.probe, a.probe_limit, max_new_tokens=a.probe_max_new_tokens)
+    leap = LeapCallback(every=a.every, leap=a.leap, snapshot_every=a.snapshot_every,
+                        require="probe" if probe is not None and a.require == "plausible" else a.require,
+                        optimizer_state=a.optimizer_state, probe=probe, tokenizer=tokenizer)
     real_steps: dict[str, int] = {}
 
     class RealSteps(TrainerCallback):
@@ -169,11 +186,13 @@ def replay(a: argparse.Namespace) -> None:
         # what LeapCallback passes: the rewards logged inside the segment before its last step
         inside = [(s - start, r) for s, r in rewards if start < s < end]
         fit = fit_segment(base, snapshots, a.every + a.leap, rewards=inside)
-        reward = ((fit.diagnostics.calibration or {}).get("reward") if fit.diagnostics is not None else None)
+        verdict = fit.verdict
+        reward = (verdict.calibration or {}).get("reward")  # the trend the verdict weighed
         print(json.dumps({"real_step": end, "segment": [start, end], "target": start + a.every + a.leap,
-                          "verdict": fit.verdict, "plausible": fit.plausible, "passes_gate": fit.passes_gate,
-                          "message": fit.message, "reward": None if reward is None else reward["text"],
-                          "figures": fit.figures, "seconds": round(fit.seconds, 1)}), flush=True)
+                          "verdict": verdict.drift_class, "plausible": verdict.plausible,
+                          "passes_gate": fit.passes_gate, "message": verdict.message,
+                          "reward": None if reward is None else reward["text"], "figures": fit.figures,
+                          "seconds": round(fit.seconds, 1)}), flush=True)
 
 
 def main(argv=None) -> None:

@@ -4,7 +4,7 @@ Reads
     RUN/rewards.jsonl                  training reward per step (train.py)
     SCORES/*.json                      held-out scores with per-problem outcomes (score.py --out)
     WEIGHTS                            weight-space errors against the real final checkpoint (weight_error.py)
-    EXTRAP/<name>/relex.json           each extrapolation's provenance, diagnostics and verdict (relex extrapolate)
+    EXTRAP/<name>/relex.json           each extrapolation's provenance and verdict (relex extrapolate)
     ANALYSIS/analysis.json             relex analyze of the whole run (optional)
 and writes a markdown report (tables) and a PNG: the training reward curve (moving average) with the
 held-out greedy accuracy of real checkpoints and of every predictor of the final step.
@@ -73,6 +73,16 @@ def shard_hash(folder: Path) -> str | None:
     if meta.exists():
         return json.dumps(json.loads(meta.read_text()).get("shards_sha256"), sort_keys=True)
     return None
+
+
+def verdict_of(record: dict) -> dict:
+    """The verdict of a relex.json or analysis.json, flat: its drift class ("verdict"), drift share, steps and
+    statistics beside the random-walk null ("observed", "random_walk_null"). Reads the "verdict" record relex
+    writes, and the "diagnostics" record of outputs written by older versions."""
+    if "verdict" in record:
+        verdict = record["verdict"]
+        return {**(verdict.get("diagnostics") or {}), **verdict}
+    return record["diagnostics"]
 
 
 def fmt_ci(ci) -> str:
@@ -146,7 +156,8 @@ def main() -> None:
         meta = {}
         if (folder / "relex.json").exists():
             rj = json.loads((folder / "relex.json").read_text())
-            meta = {"verdict": rj["diagnostics"]["verdict"], "drift_share": rj["diagnostics"]["drift_share"],
+            verdict = verdict_of(rj)
+            meta = {"verdict": verdict["verdict"], "drift_share": verdict["drift_share"],
                     "regressor": rj.get("regressor"), "method": rj.get("method")}
             sel = rj.get("selection") or {}
             dec = (sel.get("decisions") or {}).get("run")
@@ -220,7 +231,7 @@ def main() -> None:
     for prefix, spec in (("10%", "extrap:p10-relex-linear"), ("20%", "extrap:p20-relex-linear")):
         meta = resolve(spec) / "relex.json"
         if meta.exists():
-            d = json.loads(meta.read_text())["diagnostics"]
+            d = verdict_of(json.loads(meta.read_text()))
             o, n = d["observed"], d["random_walk_null"]
             md.append(f"| {prefix}: steps {int(d['steps'][0])}..{int(d['steps'][-1])} (relex extrapolate) | "
                       f"{d['verdict']} | {d['drift_share']:.2f} | {o['alpha']:.2f} | "
@@ -231,7 +242,7 @@ def main() -> None:
     an = None
     if a.analysis and (a.analysis / "analysis.json").exists():
         an = json.loads((a.analysis / "analysis.json").read_text())
-        d = an["diagnostics"]
+        d = verdict_of(an)
         o, n = d["observed"], d["random_walk_null"]
         md.append(f"| whole run: steps {int(d['steps'][0])}..{int(d['steps'][-1])} (relex analyze) | "
                   f"{d['verdict']} | {d['drift_share']:.2f} | {o['alpha']:.2f} | "

@@ -112,18 +112,27 @@ def prompt_dataset(problems: list[dict]):
 
 
 if __name__ == "__main__":
-    # python benchmarks/smollm_rlvr/task.py --logprob-jsonl heldout_logprob.jsonl
+    # python benchmarks/smollm_rlvr/task.py --logprob-jsonl heldout_logprob.jsonl --probe-jsonl probe.jsonl
     # writes the held-out prompts with their correct answers as {"prompt", "response"} records, the input of
     # `relex analyze --logprob-prompts` (log-probability of the right answer under every checkpoint)
     import argparse
     import json
 
     p = argparse.ArgumentParser()
-    p.add_argument("--logprob-jsonl", required=True)
+    p.add_argument("--logprob-jsonl", help="the held-out prompts with their answers, for relex analyze")
+    p.add_argument("--probe-jsonl", help="the training problems as a relex probe (--probe FILE): the model's exact "
+                                         "input, the answer, the last-number verifier of the training reward")
     a = p.parse_args()
-    _, test = splits()
-    with open(a.logprob_jsonl, "w") as f:
-        for prob in test:
-            f.write(json.dumps({"prompt": prompt_text(prob), "response": str(prob["answer"])}) + "\n")
-    print(f"wrote {len(test)} records to {a.logprob_jsonl}")
+    train, test = splits()
+    if a.logprob_jsonl:
+        with open(a.logprob_jsonl, "w") as f:
+            for prob in test:
+                f.write(json.dumps({"prompt": prompt_text(prob), "response": str(prob["answer"])}) + "\n")
+        print(f"wrote {len(test)} records to {a.logprob_jsonl}")
+    if a.probe_jsonl:
+        with open(a.probe_jsonl, "w") as f:
+            for prob in train:
+                f.write(json.dumps({"text": prompt_text(prob), "answer": str(prob["answer"]),
+                                    "verifier": "last-number"}) + "\n")
+        print(f"wrote {len(train)} training problems to {a.probe_jsonl}")
 

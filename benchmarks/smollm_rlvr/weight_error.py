@@ -124,9 +124,9 @@ def main() -> None:
         print(f"{label:24s} rel_error={r['rel_error']:.3f} norm_ratio={r['norm_ratio']:.3f} cos={r['cos']:.3f}",
               file=sys.stderr)
     text = json.dumps(result, indent=2)
+    print(text)
     if a.out:
         a.out.write_text(text)
-    print(text)
 
 
 if __name__ == "__main__":

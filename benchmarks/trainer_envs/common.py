@@ -7,12 +7,14 @@ figures). ``run.py`` collects these and exits non-zero when a check failed.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shlex
 import subprocess
 import sys
 import time
+import traceback
 from importlib import metadata
 from pathlib import Path
 
@@ -113,6 +115,26 @@ class Recorder:
                   "passed": not failed and error is None and bool(self.checks)}
         (self.work / "result.json").write_text(json.dumps(result, indent=1))
         return 0 if result["passed"] else 1
+
+
+def check_main(trainer: str, title: str, description: str, packages, body, **arguments) -> int:
+    """A per-trainer script's ``main``: parse ``--work`` and ``arguments`` (name -> (type, default)), print
+    ``title`` and the versions, run ``body(rec, args)``, and record any exception in ``result.json``."""
+    parser = argparse.ArgumentParser(description=description.splitlines()[0])
+    parser.add_argument("--work", type=Path, required=True)
+    for name, (kind, default) in arguments.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default)
+    args = parser.parse_args()
+    rec = Recorder(trainer, args.work.resolve())
+    rec.versions = versions(packages)
+    print(f"{title} in {rec.work}; versions: {rec.versions}", flush=True)
+    try:
+        body(rec, args)
+    except Exception:  # noqa: BLE001 - recorded in result.json, and the driver fails
+        error = traceback.format_exc()
+        print(error, flush=True)
+        return rec.save(error=error.strip().splitlines()[-1])
+    return rec.save()
 
 
 def compare_states(a: dict, b: dict) -> dict:

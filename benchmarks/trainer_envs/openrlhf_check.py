@@ -19,14 +19,12 @@ OpenRLHF's weights are bf16 (its default; ``--ds.param_dtype`` takes bf16 or fp1
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
-import traceback
 from pathlib import Path
 
-from common import HERE, Recorder, compare_states, load_folder, venv_bin, versions
+from common import HERE, Recorder, check_main, compare_states, load_folder, venv_bin
 
 PACKAGES = ("openrlhf", "deepspeed", "torch", "transformers", "accelerate", "peft", "ray", "flash-attn",
             "safetensors", "typer", "relex-rlvr")
@@ -79,7 +77,7 @@ def check_dtype(rec: Recorder, base: Path, stubs: Path, param_dtype: str, target
     rec.check(f"{label}: relex read CKPT/global_stepN_hf/ over --base",
               from_hf["sources"]["observed_kind"] == "safetensors" and from_hf["observed_steps"] == steps,
               observed_steps=from_hf["observed_steps"], sources=from_hf["sources"]["observed_kind"],
-              verdict=from_hf.get("diagnostics", {}).get("verdict"))
+              verdict=from_hf.get("verdict", {}).get("verdict"))
 
     # (b) DeepSpeed's own folders are refused with the conversion to run
     refused = extrapolate(rec, ckpt / "_actor", root / "relex-from-deepspeed", base, target,
@@ -132,27 +130,18 @@ def check_dtype(rec: Recorder, base: Path, stubs: Path, param_dtype: str, target
               bool(torch.isfinite(logits.logits).all()))
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, required=True)
-    parser.add_argument("--target-step", type=int, default=24)
-    args = parser.parse_args()
-    rec = Recorder("openrlhf", args.work.resolve())
-    rec.versions = versions(PACKAGES)
-    print(f"OpenRLHF check in {rec.work}; versions: {rec.versions}", flush=True)
-    try:
-        from relex.testing import save_tiny_model
+def check(rec: Recorder, args) -> None:
+    from relex.testing import save_tiny_model
 
-        base = rec.work / "base"
-        shutil.rmtree(base, ignore_errors=True)
-        save_tiny_model(base)
-        stubs = write_stub(rec.work / "stubs")
-        check_dtype(rec, base, stubs, "bf16", args.target_step)
-    except Exception:  # noqa: BLE001 - recorded in result.json, and the driver fails
-        error = traceback.format_exc()
-        print(error, flush=True)
-        return rec.save(error=error.strip().splitlines()[-1])
-    return rec.save()
+    base = rec.work / "base"
+    shutil.rmtree(base, ignore_errors=True)
+    save_tiny_model(base)
+    stubs = write_stub(rec.work / "stubs")
+    check_dtype(rec, base, stubs, "bf16", args.target_step)
+
+
+def main() -> int:
+    return check_main("openrlhf", "OpenRLHF check", __doc__, PACKAGES, check, target_step=(int, 24))
 
 
 if __name__ == "__main__":

@@ -16,10 +16,9 @@ import json
 import random
 import shutil
 import sys
-import traceback
 from pathlib import Path
 
-from common import Recorder, compare_states, load_folder, venv_bin, versions
+from common import Recorder, check_main, compare_states, load_folder, venv_bin
 
 PACKAGES = ("trl", "peft", "torch", "transformers", "accelerate", "datasets", "safetensors", "typer", "relex-rlvr")
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -68,85 +67,74 @@ def logits_of(model, ids):
         return model(input_ids=ids).logits.double()
 
 
+def check(rec: Recorder, args) -> None:
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from relex.testing import save_tiny_model
+
+    base, run = rec.work / "base", rec.work / "run"
+    for folder in (base, run):
+        shutil.rmtree(folder, ignore_errors=True)
+    save_tiny_model(base)
+    rec.run([sys.executable, Path(__file__).resolve(), "--work", rec.work, "--train-only",
+             "--steps", args.steps, "--save-steps", args.save_steps, "--lr", args.lr], "grpo-train")
+    rec.notes += json.loads((rec.work / "train_notes.json").read_text())
+
+    saved = sorted(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*"))
+    adapters = [run / f"checkpoint-{s}" for s in saved]
+    complete = all((a / "adapter_model.safetensors").is_file() and (a / "adapter_config.json").is_file()
+                   for a in adapters)
+    last = load_file(adapters[-1] / "adapter_model.safetensors")
+    b_norm = sum(float(v.norm()) for k, v in last.items() if "lora_B" in k)
+    rec.check("GRPOTrainer + LoraConfig wrote >= 4 adapter checkpoints (checkpoint-N/adapter_model.safetensors)",
+              complete and len(adapters) >= 4 and b_norm > 0, steps=saved, adapter_tensors=len(last),
+              sum_of_lora_B_norms_at_last=round(b_norm, 4))
+
+    adapter_out, merged_out = rec.work / "relex-adapter", rec.work / "relex-merged"
+    for out, extra in ((adapter_out, ["--output", "lora"]), (merged_out, [])):
+        shutil.rmtree(out, ignore_errors=True)
+        rec.run([venv_bin("relex"), "extrapolate", run, "--base", base, "--target-step", args.target_step,
+                 "--out", out, *extra], out.name)
+    report = json.loads((merged_out / "relex.json").read_text())
+    rec.check("relex read the adapters as LoRA over the base", report["sources"]["observed_kind"] == "lora"
+              and report["observed_steps"] == saved, sources=report["sources"]["observed_kind"],
+              observed_steps=report["observed_steps"], verdict=report.get("verdict", {}).get("verdict"))
+    adapter_config = json.loads((adapter_out / "adapter_config.json").read_text())
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 256, (3, 32))
+    base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    base_logits = logits_of(base_model, ids)
+    peft_model = PeftModel.from_pretrained(base_model, adapter_out)
+    peft_model.eval()
+    from_adapter = logits_of(peft_model, ids)
+    merged_model = AutoModelForCausalLM.from_pretrained(merged_out, dtype=torch.float32)
+    from_merged = logits_of(merged_model, ids)
+    diff = float((from_adapter - from_merged).abs().max())
+    scale = float(from_merged.abs().max())
+    moved = float((from_merged - base_logits).abs().max())
+    rec.check("PeftModel.from_pretrained(base, relex adapter) logits == relex merged checkpoint's logits "
+              "(max |diff| <= 1e-5 * max |logit|)", diff <= 1e-5 * scale and moved > 1e3 * diff,
+              max_abs_diff=diff, max_abs_logit=round(scale, 4), rel=diff / scale,
+              logits_moved_from_base=round(moved, 4), adapter_r=adapter_config.get("r"),
+              adapter_lora_alpha=adapter_config.get("lora_alpha"))
+
+    # The merged checkpoint is the adapter merged into the base by PEFT itself (merge_and_unload).
+    merged_by_peft = {k: v.detach() for k, v in peft_model.merge_and_unload().state_dict().items()}
+    cmp = compare_states(merged_by_peft, load_folder(merged_out))
+    rec.check("PEFT's merge_and_unload of the relex adapter == relex merged checkpoint (tensor for tensor, "
+              "max |diff| <= 1e-5 * max |value|)",
+              not cmp["only_in_first"] and not cmp["only_in_second"] and cmp["max_rel_diff"] <= 1e-5,
+              tensors=cmp["tensors"], bit_equal=cmp["bit_equal"], max_abs_diff=cmp["max_abs_diff"],
+              max_rel_diff=cmp["max_rel_diff"])
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, required=True)
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--save-steps", type=int, default=2)
-    parser.add_argument("--target-step", type=int, default=24)
-    parser.add_argument("--lr", type=float, default=5e-3)
-    args = parser.parse_args()
-    rec = Recorder("trl", args.work.resolve())
-    rec.versions = versions(PACKAGES)
-    print(f"TRL + PEFT LoRA check in {rec.work}; versions: {rec.versions}", flush=True)
-    try:
-        import torch
-        from peft import PeftModel
-        from safetensors.torch import load_file
-        from transformers import AutoModelForCausalLM
-
-        from relex.testing import save_tiny_model
-
-        base, run = rec.work / "base", rec.work / "run"
-        for folder in (base, run):
-            shutil.rmtree(folder, ignore_errors=True)
-        save_tiny_model(base)
-        rec.run([sys.executable, Path(__file__).resolve(), "--work", rec.work, "--train-only",
-                 "--steps", args.steps, "--save-steps", args.save_steps, "--lr", args.lr], "grpo-train")
-        rec.notes += json.loads((rec.work / "train_notes.json").read_text())
-
-        saved = sorted(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*"))
-        adapters = [run / f"checkpoint-{s}" for s in saved]
-        complete = all((a / "adapter_model.safetensors").is_file() and (a / "adapter_config.json").is_file()
-                       for a in adapters)
-        last = load_file(adapters[-1] / "adapter_model.safetensors")
-        b_norm = sum(float(v.norm()) for k, v in last.items() if "lora_B" in k)
-        rec.check("GRPOTrainer + LoraConfig wrote >= 4 adapter checkpoints (checkpoint-N/adapter_model.safetensors)",
-                  complete and len(adapters) >= 4 and b_norm > 0, steps=saved, adapter_tensors=len(last),
-                  sum_of_lora_B_norms_at_last=round(b_norm, 4))
-
-        adapter_out, merged_out = rec.work / "relex-adapter", rec.work / "relex-merged"
-        for out, extra in ((adapter_out, ["--output", "lora"]), (merged_out, [])):
-            shutil.rmtree(out, ignore_errors=True)
-            rec.run([venv_bin("relex"), "extrapolate", run, "--base", base, "--target-step", args.target_step,
-                     "--out", out, *extra], out.name)
-        report = json.loads((merged_out / "relex.json").read_text())
-        rec.check("relex read the adapters as LoRA over the base", report["sources"]["observed_kind"] == "lora"
-                  and report["observed_steps"] == saved, sources=report["sources"]["observed_kind"],
-                  observed_steps=report["observed_steps"], verdict=report.get("diagnostics", {}).get("verdict"))
-        adapter_config = json.loads((adapter_out / "adapter_config.json").read_text())
-
-        torch.manual_seed(0)
-        ids = torch.randint(0, 256, (3, 32))
-        base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        base_logits = logits_of(base_model, ids)
-        peft_model = PeftModel.from_pretrained(base_model, adapter_out)
-        peft_model.eval()
-        from_adapter = logits_of(peft_model, ids)
-        merged_model = AutoModelForCausalLM.from_pretrained(merged_out, dtype=torch.float32)
-        from_merged = logits_of(merged_model, ids)
-        diff = float((from_adapter - from_merged).abs().max())
-        scale = float(from_merged.abs().max())
-        moved = float((from_merged - base_logits).abs().max())
-        rec.check("PeftModel.from_pretrained(base, relex adapter) logits == relex merged checkpoint's logits "
-                  "(max |diff| <= 1e-5 * max |logit|)", diff <= 1e-5 * scale and moved > 1e3 * diff,
-                  max_abs_diff=diff, max_abs_logit=round(scale, 4), rel=diff / scale,
-                  logits_moved_from_base=round(moved, 4), adapter_r=adapter_config.get("r"),
-                  adapter_lora_alpha=adapter_config.get("lora_alpha"))
-
-        # The merged checkpoint is the adapter merged into the base by PEFT itself (merge_and_unload).
-        merged_by_peft = {k: v.detach() for k, v in peft_model.merge_and_unload().state_dict().items()}
-        cmp = compare_states(merged_by_peft, load_folder(merged_out))
-        rec.check("PEFT's merge_and_unload of the relex adapter == relex merged checkpoint (tensor for tensor, "
-                  "max |diff| <= 1e-5 * max |value|)",
-                  not cmp["only_in_first"] and not cmp["only_in_second"] and cmp["max_rel_diff"] <= 1e-5,
-                  tensors=cmp["tensors"], bit_equal=cmp["bit_equal"], max_abs_diff=cmp["max_abs_diff"],
-                  max_rel_diff=cmp["max_rel_diff"])
-    except Exception:  # noqa: BLE001 - recorded in result.json, and the driver fails
-        error = traceback.format_exc()
-        print(error, flush=True)
-        return rec.save(error=error.strip().splitlines()[-1])
-    return rec.save()
+    return check_main("trl", "TRL + PEFT LoRA check", __doc__, PACKAGES, check, steps=(int, 12),
+                      save_steps=(int, 2), target_step=(int, 24), lr=(float, 5e-3))
 
 
 def train_only() -> None:

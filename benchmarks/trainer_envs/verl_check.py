@@ -18,14 +18,12 @@ For each FSDP version (verl's ``fsdp`` = FSDP1, ``fsdp2``) and weight dtype (flo
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
-import traceback
 from pathlib import Path
 
-from common import HERE, Recorder, compare_states, load_folder, venv_bin, versions
+from common import HERE, Recorder, check_main, compare_states, load_folder, venv_bin
 
 PACKAGES = ("verl", "torch", "transformers", "accelerate", "peft", "ray", "tensordict", "numpy", "safetensors",
             "typer", "relex-rlvr")
@@ -66,7 +64,7 @@ def check_config(rec: Recorder, base: Path, strategy: str, dtype: str, target: i
     kinds = {shards["sources"]["observed_kind"], shards["sources"]["base"]["kind"]}
     rec.check(f"{label}: relex read the per-rank shards", kinds == {"fsdp"} and shards["observed_steps"] == steps[1:],
               sources=sorted(kinds), observed_steps=shards["observed_steps"], base=Path(shards["base"]).parent.name,
-              verdict=shards.get("diagnostics", {}).get("verdict"))
+              verdict=shards.get("verdict", {}).get("verdict"))
 
     # (b) verl's merger on every checkpoint, then relex on the merged folders
     for step in steps:
@@ -125,27 +123,18 @@ def check_config(rec: Recorder, base: Path, strategy: str, dtype: str, target: i
               relative_update_at_last_step=round(moved / size, 4))
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, required=True)
-    parser.add_argument("--target-step", type=int, default=24)
-    args = parser.parse_args()
-    rec = Recorder("verl", args.work.resolve())
-    rec.versions = versions(PACKAGES)
-    print(f"verl check in {rec.work}; versions: {rec.versions}", flush=True)
-    try:
-        from relex.testing import save_tiny_model
+def check(rec: Recorder, args) -> None:
+    from relex.testing import save_tiny_model
 
-        base = rec.work / "base"
-        shutil.rmtree(base, ignore_errors=True)
-        save_tiny_model(base)  # float32 Llama, hidden 64, 2 layers, byte-level tokenizer; built offline
-        for strategy, dtype in CONFIGS:
-            check_config(rec, base, strategy, dtype, args.target_step)
-    except Exception:  # noqa: BLE001 - recorded in result.json, and the driver fails
-        error = traceback.format_exc()
-        print(error, flush=True)
-        return rec.save(error=error.strip().splitlines()[-1])
-    return rec.save()
+    base = rec.work / "base"
+    shutil.rmtree(base, ignore_errors=True)
+    save_tiny_model(base)  # float32 Llama, hidden 64, 2 layers, byte-level tokenizer; built offline
+    for strategy, dtype in CONFIGS:
+        check_config(rec, base, strategy, dtype, args.target_step)
+
+
+def main() -> int:
+    return check_main("verl", "verl check", __doc__, PACKAGES, check, target_step=(int, 24))
 
 
 if __name__ == "__main__":

@@ -1,23 +1,25 @@
-"""How linear, how low-rank and how drift-dominated a run is, each beside its random-walk null.
+"""How linear, how low-rank and how drift-dominated a run is, each beside its random-walk null; the verdict.
 
-``analyze(run_dir)`` reads a run once (streaming, one tensor at a time) and returns a
-:class:`RunAnalysis`: a per-tensor table, whole-run summaries with their random-walk nulls, the drift
-verdict, backtests of every available trajectory model and, optionally, the log-probabilities of fixed
-responses across the checkpoints. ``RunAnalysis.write(out_dir)`` writes JSON, CSV and PNG files.
+* :mod:`relex.analysis.drift` — the drift statistics of a Gram matrix, beside their nulls;
+* :mod:`relex.analysis.verdict` — the verdict's rules (:class:`Verdict`, :class:`RunVerdict`), and
+  :mod:`relex.analysis.wording` its words;
+* :mod:`relex.analysis.report` — the analysis of a pass (:class:`RunAnalysis`: a per-tensor table, whole-run
+  summaries with their random-walk nulls, backtests of every trajectory model, optionally the
+  log-probabilities of fixed responses across the checkpoints). :func:`relex.analyze` runs the pass and this.
 """
 
 from relex.analysis.drift import DriftDiagnostics, DriftStats, coherent_share, diagnose, drift_stats
+from relex.analysis.verdict import Outcome, RunVerdict, Verdict, run_verdict
 
-__all__ = ["DriftDiagnostics", "DriftStats", "RunAnalysis", "analyze", "coherent_share", "diagnose",
-           "drift_stats"]
+__all__ = ["DriftDiagnostics", "DriftStats", "Outcome", "RunAnalysis", "RunVerdict", "Verdict", "coherent_share",
+           "diagnose", "drift_stats", "run_verdict"]
 
 
 def __getattr__(name: str):
-    # A facade: the report streams runs through relex.engine, which builds on this package's statistics
-    # (drift, verdict); it is loaded when first asked for, so that importing those statistics (as the engine
-    # does) does not load the engine, the report and its plots (start-up time of relex.engine and the CLI).
-    if name in ("RunAnalysis", "analyze"):
+    # A facade: the report and its plots load matplotlib, which the verdict's users (every pass) do not need
+    # (start-up time of the command line).
+    if name == "RunAnalysis":
         from relex.analysis import report
 
-        return getattr(report, name)
+        return report.RunAnalysis
     raise AttributeError(f"module 'relex.analysis' has no attribute {name!r}")

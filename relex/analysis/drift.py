@@ -17,15 +17,15 @@ the engine makes anyway. The nulls are computed, not assumed: they are the same 
 the expected Gram matrix of a random walk at the same steps, E[G_ij] ∝ min(t_i, t_j), which is what a
 high-dimensional random walk concentrates on; pure drift has G_ij ∝ t_i t_j.
 
-The verdict rests on ``drift_share``. The drift ratio and the first/last cosine are shown beside their
-nulls but do not decide: both measure the drift share of one *checkpoint interval*, so the same process
-looks noisier the more often it is checkpointed (drift + walk with 91% of ‖x_T‖² drift scores 0.50 on the
-drift ratio with 10 checkpoints and 0.09 with 100), and a deterministic but curved path (c ∝ √t) scores
-like a half-noisy one. The factor model separates the two: the increments d_i = x_i − x_{i−1} of a
-random walk are uncorrelated, those of drift all point the same way, so a rank-1 factor fitted to the
-products ⟨d_i, d_j⟩ of increments far apart in time measures the coherent part, whatever the spacing of
-the checkpoints and whatever the speed profile (line, √t, saturating) of the path. A rank-2 fit tells a
-path that turns from one that is noisy.
+The verdict (:mod:`relex.analysis.verdict`) rests on ``drift_share``. The drift ratio and the first/last
+cosine are shown beside their nulls but do not decide: both measure the drift share of one *checkpoint
+interval*, so the same process looks noisier the more often it is checkpointed (drift + walk with 91% of
+‖x_T‖² drift scores 0.50 on the drift ratio with 10 checkpoints and 0.09 with 100), and a deterministic but
+curved path (c ∝ √t) scores like a half-noisy one. The factor model separates the two: the increments d_i =
+x_i − x_{i−1} of a random walk are uncorrelated, those of drift all point the same way, so a rank-1 factor
+fitted to the products ⟨d_i, d_j⟩ of increments far apart in time measures the coherent part, whatever the
+spacing of the checkpoints and whatever the speed profile (line, √t, saturating) of the path. A rank-2 fit
+tells a path that turns from one that is noisy.
 
 A line + random-walk model G ≈ a²·t tᵀ + b²·min(t, t') fitted to G gives the expected weight-space error
 of extrapolating along the line through the base versus stopping at the last checkpoint.
@@ -40,11 +40,6 @@ from functools import lru_cache
 import numpy as np
 
 from relex.subspace import fit_drift_noise
-
-DRIFT = "drift-dominated"
-MIXED = "mixed"
-NOISE = "noise-dominated"
-
 
 def random_walk_gram(steps) -> np.ndarray:
     """Expected Gram matrix of a random walk observed at ``steps`` (unit variance per step)."""
@@ -245,7 +240,8 @@ def _normalised(observed: float, null: float, drift: float) -> float:
 
 @dataclass
 class DriftDiagnostics:
-    """Observed statistics beside their random-walk null and pure-drift values, and a verdict."""
+    """Observed statistics beside their random-walk null and pure-drift values, and the factor fits behind the
+    drift share. The verdict built on them lives in :mod:`relex.analysis.verdict`."""
 
     steps: list[float]
     observed: DriftStats
@@ -253,18 +249,23 @@ class DriftDiagnostics:
     drift: DriftStats
     scores: dict  # normalised: 0 = random walk, 1 = pure drift
     drift_share: float  # share of ‖x_T‖² that is coherent motion, not random walk (coherent_share)
-    verdict: str  # DRIFT, MIXED or NOISE
-    message: str
-    coherent: CoherentFit | None = None  # the rank-2 fit (its cos and alpha describe the path's shape)
-    backtest: dict | None = None  # line vs stopping on the observed window (see apply_backtest)
-    calibration: dict | None = None  # balanced drift share and pace ratio (relex.analysis.verdict.run_verdict)
+    straight: CoherentFit  # the rank-1 factor fit (its share is the drift share)
+    turning: CoherentFit | None = None  # the rank-2 fit (its cos and alpha describe the path's shape; 5+ steps)
+    drift_per_step_sq: float = float("nan")  # a² of the line + random-walk fit G ≈ a²·t tᵀ + b²·min(t, t')
+    noise_per_step: float = float("nan")  # b²
+
+    @property
+    def coherent(self) -> CoherentFit:
+        """The fit that describes the path's shape: the rank-2 one when there is one."""
+        return self.turning if self.turning is not None else self.straight
 
     def expected_errors(self, target: float) -> dict:
         """Expected relative weight error ‖pred − true‖/‖true − w_0‖ at ``target`` under the fitted
         drift + random-walk model, for the line through the base and for stopping at the last checkpoint."""
-        return expected_errors(self._a2, self._b2, self.steps[-1], target)
+        return expected_errors(self.drift_per_step_sq, self.noise_per_step, self.steps[-1], target)
 
     def to_dict(self) -> dict:
+        coherent = self.coherent
         return {
             "steps": self.steps,
             "observed": asdict(self.observed),
@@ -272,19 +273,14 @@ class DriftDiagnostics:
             "pure_drift": asdict(self.drift),
             "scores": self.scores,
             "drift_share": self.drift_share,
-            "verdict": self.verdict,
-            "message": self.message,
-            "coherent": None if self.coherent is None else {
-                "share": self.coherent.share,
-                "alpha": self.coherent.coherent_alpha,
-                "cos_first_last": self.coherent.coherent_cos,
-                "factors": self.coherent.factors,
-                "band": self.coherent.band,
+            "coherent": {
+                "share": coherent.share,
+                "alpha": coherent.coherent_alpha,
+                "cos_first_last": coherent.coherent_cos,
+                "factors": coherent.factors,
+                "band": coherent.band,
             },
-            "backtest": self.backtest,
-            "calibration": self.calibration,
-            "line_fit": {"drift_per_step_sq": getattr(self, "_a2", float("nan")),
-                         "noise_per_step": getattr(self, "_b2", float("nan"))},
+            "line_fit": {"drift_per_step_sq": self.drift_per_step_sq, "noise_per_step": self.noise_per_step},
         }
 
 
@@ -297,19 +293,6 @@ def expected_errors(a2: float, b2: float, last_step: float, target: float) -> di
     extrapolate = b2 * target * (ratio - 1.0)
     stop = a2 * (target - last_step) ** 2 + b2 * (target - last_step)
     return {"extrapolate": math.sqrt(max(extrapolate, 0) / true_sq), "last_checkpoint": math.sqrt(max(stop, 0) / true_sq)}
-
-
-# A carried backtest in which the line beats stopping by less than this fraction of stopping's error does
-# not make a run plausible (see apply_backtest and docs/verdict_calibration.md). It is smaller than the
-# spread measured there: retraining a toy run with another thread count moved the ratio line / stop by a
-# factor of up to 1.54, which only a margin of 0.35 (1 - 1/1.54) would cover; that margin still let
-# saturated runs through and halved the runs called plausible where extrapolating helped, so it was not
-# adopted, and a plausible call with a ratio above 0.65 may not repeat on another CPU or thread count.
-BACKTEST_MARGIN = 0.2
-
-# Verdict thresholds on the drift share s (see _verdict).
-DRIFT_THRESHOLD = 0.8
-NOISE_THRESHOLD = 0.5
 
 
 @lru_cache(maxsize=64)
@@ -334,230 +317,10 @@ def diagnose(gram: np.ndarray, steps, prefix_fraction: float = 0.2) -> DriftDiag
     a2, b2 = fit_drift_noise(gram, steps)
     straight = coherent_share(gram, steps, factors=1)
     turning = coherent_share(gram, steps, factors=2) if len(steps) >= 5 else None
-    verdict, message = _verdict(straight, turning, len(steps))
-    result = DriftDiagnostics(steps, observed, null, drift, scores, straight.share, verdict, message,
-                              turning if turning is not None else straight)
-    result._a2, result._b2 = a2, b2
-    return result
+    return DriftDiagnostics(steps, observed, null, drift, scores, straight.share, straight, turning, a2, b2)
 
 
-def _shape_note(fit: CoherentFit | None) -> str:
-    """How the coherent path departs from a straight line through the base, if it does."""
-    if fit is None:
-        return ""
-    notes = []
-    if math.isfinite(fit.coherent_alpha):
-        if fit.coherent_alpha < 0.8:
-            notes.append("decelerating")
-        elif fit.coherent_alpha > 1.25:
-            notes.append("accelerating")
-    if math.isfinite(fit.coherent_cos) and fit.coherent_cos < 0.85:
-        notes.append("turning")
-    return " and ".join(notes)
-
-
-def _verdict(straight: CoherentFit, turning: CoherentFit | None, n_steps: int) -> tuple[str, str]:
-    # Under drift + random walk, extrapolating along the drift beats stopping at the last checkpoint
-    # exactly when s > 0.5, whatever the horizon, and its relative weight error far out tends to
-    # sqrt((1 - s) / s): 0.5 at s = 0.8, 0.33 at s = 0.9. Toy runs lost most of their gain beyond ~0.5.
-    share = straight.share
-    if n_steps < 3 or not math.isfinite(share):
-        return MIXED, "inconclusive: the window is too short to tell drift from noise"
-    shape = _shape_note(turning)
-    if share >= DRIFT_THRESHOLD:
-        if shape:
-            return DRIFT, (f"drift-dominated but {shape}: a line through the base will miss; "
-                           "extrapolate with the model the backtest ranks first")
-        return DRIFT, "drift-dominated: extrapolation along the trajectory is plausible"
-    if turning is not None and turning.share >= DRIFT_THRESHOLD:
-        return MIXED, (f"coherent but {shape or 'turning'}: the direction of the update changes, so a "
-                       "line extrapolates poorly; check the backtest")
-    if share < NOISE_THRESHOLD:
-        return NOISE, "noise-dominated: extrapolation will likely hurt"
-    return MIXED, "mixed drift and noise: extrapolate only a short horizon and check the backtest"
-
-
-def verdict_holdout(n_steps: int) -> int | None:
-    """Checkpoints the verdict's backtest holds out: the second half of the window (horizon about 2x),
-    keeping at least two to fit; None when the window is too short (fewer than 4 checkpoints)."""
-    if n_steps < 4:
-        return None
-    return n_steps - max(2, (n_steps + 1) // 2)
-
-
-# How far the window backtest may be carried (see :func:`horizon`): its line was checked over one horizon
-# h_b (the farthest held-out step over the last fitted one, about 2); its error is carried to the target
-# multiplied by k = (h − 1) / (h_b − 1). Beyond k = 10, an order of magnitude more extrapolation than the
-# backtest checked, the carried error is an assumption rather than a measurement, and the verdict refuses to
-# call the extrapolation plausible. The extrapolations relex is built for, from 10-20% of a run to its end,
-# carry it 4-9 times.
-MAX_CARRY = 10.0
-
-
-def _as_float(value) -> float:
-    """``float(value)``, with integers too large for a float as infinity (never an OverflowError)."""
-    try:
-        return float(value)
-    except OverflowError:
-        return math.inf if value > 0 else -math.inf
-
-
-def step_text(step) -> str:
-    """A step as it is written: an integer when it is one, however large."""
-    if isinstance(step, (int, np.integer)):
-        digits = str(abs(int(step)))
-        if len(digits) > 24:  # an absurd step stays readable
-            return f"{'-' if step < 0 else ''}{digits[0]}.{digits[1:3]}e+{len(digits) - 1}"
-        return str(int(step))
-    value = _as_float(step)
-    if math.isfinite(value) and value.is_integer():
-        return str(int(value))
-    return f"{value:g}"
-
-
-def _step_value(step):
-    value = float(step)
-    return int(value) if value.is_integer() else value
-
-
-def times_text(ratio: float) -> str:
-    """A ratio of steps as '12.5', '250' or '6.2e+17'."""
-    if not math.isfinite(ratio):
-        return "∞"
-    if ratio < 100:
-        return f"{ratio:.3g}"
-    if ratio < 1e6:
-        return f"{ratio:,.0f}"
-    return f"{ratio:.2g}"
-
-
-def horizon(steps, target_step, fit_steps=None, held_out_steps=None) -> tuple[dict, str] | None:
-    """How far beyond the observed window ``target_step`` lies, and whether the window backtest reaches it.
-
-    Returns ``(record, text)``, or ``None`` without a target. The record holds the target, the window, the
-    ratio of the target to the last observed step and, with the backtest's ``fit_steps`` and
-    ``held_out_steps``: the backtest's own horizon ``backtest_ratio`` (h_b), the factor ``carry`` by which
-    its error is carried to the target, and the farthest step it can vouch for (``max_target_step``, where
-    the carry reaches :data:`MAX_CARRY`); ``within_limit`` is False beyond it. Any integer target is
-    accepted (a step too large for a float is an infinite ratio).
-    """
-    if target_step is None or not len(steps):
-        return None
-    first, last = steps[0], steps[-1]
-    target = _as_float(target_step)
-    last_value = float(last)
-    ratio = target / last_value if last_value > 0 else math.inf
-    record = {"target_step": int(target_step) if isinstance(target_step, (int, np.integer)) else target,
-              "first_observed_step": _step_value(first), "last_observed_step": _step_value(last), "ratio": ratio}
-    window = f"steps {step_text(first)}..{step_text(last)}"
-    if target <= last_value:
-        return record, f"the target lies inside the observed window (step {step_text(target_step)} from {window})"
-    text = (f"the target is {times_text(ratio)}× the observed window "
-            f"(step {step_text(target_step)} from {window})")
-    if fit_steps is not None and held_out_steps is not None and len(fit_steps) and len(held_out_steps):
-        fit_last, held_last = float(fit_steps[-1]), float(held_out_steps[-1])
-        if fit_last > 0 and held_last > fit_last:
-            h_b = held_last / fit_last
-            carry = (ratio - 1.0) / (h_b - 1.0)
-            max_ratio = 1.0 + MAX_CARRY * (h_b - 1.0)
-            max_target = int(math.floor(last_value * max_ratio))
-            within = carry <= MAX_CARRY
-            record.update(backtest_ratio=h_b, carry=carry, max_carry=MAX_CARRY, max_ratio=max_ratio,
-                          max_target_step=max_target, within_limit=within)
-            if not within:
-                text += (f", beyond the {times_text(max_ratio)}× (step {max_target}) that a backtest over "
-                         f"{times_text(h_b)}× can vouch for (relex carries it at most {MAX_CARRY:g} times as far)")
-    return record, text
-
-
-def apply_backtest(diagnostics: DriftDiagnostics, fit_steps, held_out_steps, line_error: float,
-                   stop_error: float, target_step: float | None = None,
-                   margin: float | None = None) -> DriftDiagnostics:
-    """Let a backtest on the observed window overrule the drift share when the two disagree.
-
-    ``line_error`` is the relative weight-space error at the farthest held-out step of RELEX (rank 1,
-    linear) fitted on ``fit_steps``; ``stop_error`` that of stopping at the last fitted checkpoint. The
-    drift share describes the motion; the backtest checks that a line actually predicts it.
-
-    With ``target_step``, both errors are carried to the real horizon before they are compared: the
-    line's error grows in proportion to how far beyond the window it goes, ``(h − 1)`` with h the ratio of
-    the predicted step to the last fitted one (the cautious assumption: a direction that is slightly off
-    misses by more the farther it is followed), while stopping's error grows like ``1 − 1/h`` (what pure
-    drift gives). When the line does worse than stopping, extrapolating will likely hurt, whatever the
-    drift share says. The message says how far beyond the window the target lies (:func:`horizon`); a
-    target beyond the :data:`MAX_CARRY` limit is never called plausible, whatever the errors.
-
-    The record (``diagnostics.backtest``) holds the errors, ``line_beats_stop`` and, with a target,
-    ``horizon`` (see :func:`horizon`).
-
-    A drift-dominated run whose line beats stopping by less than ``margin`` (a fraction of stopping's
-    error; default :data:`BACKTEST_MARGIN`) is called mixed: too close to call.
-    """
-    margin = BACKTEST_MARGIN if margin is None else float(margin)
-    fit_steps, held_out_steps = [int(s) for s in fit_steps], [int(s) for s in held_out_steps]
-    record = {"fit_steps": fit_steps, "held_out_steps": held_out_steps,
-              "line_error": float(line_error), "stop_error": float(stop_error)}
-    diagnostics.backtest = record
-    if not (math.isfinite(line_error) and math.isfinite(stop_error)):
-        return diagnostics
-    evidence = (f"on the observed window a line fitted up to step {fit_steps[-1]} predicted step "
-                f"{held_out_steps[-1]} with weight error {line_error:.2f}, stopping {stop_error:.2f}")
-    line, stop = line_error, stop_error
-    last_observed = float(diagnostics.steps[-1])
-    target = None if target_step is None else _as_float(target_step)
-    reach = horizon(diagnostics.steps, target_step, fit_steps, held_out_steps)
-    beyond = False
-    if reach is not None:
-        record["horizon"], horizon_note = reach
-        beyond = not reach[0].get("within_limit", True)
-        evidence = f"{horizon_note}; {evidence}"
-    if target is not None and target > last_observed and held_out_steps[-1] > fit_steps[-1]:
-        h_backtest = held_out_steps[-1] / fit_steps[-1]
-        h_target = target / last_observed
-        carry = (h_target - 1.0) / (h_backtest - 1.0)
-        line = line_error * carry if line_error > 0 else 0.0  # never 0 × ∞
-        stop = stop_error * (1.0 - 1.0 / h_target) / (1.0 - 1.0 / h_backtest)
-        record.update(target_step=target, projected_line_error=line, projected_stop_error=stop)
-        evidence += f"; carried to step {step_text(target_step)}: {_error_text(line)} against {stop:.2f}"
-    record["line_beats_stop"] = bool(line < stop)
-    if line >= stop:
-        if diagnostics.verdict == DRIFT:
-            diagnostics.verdict = MIXED
-            diagnostics.message = (f"extrapolation this far will likely hurt: the drift share is "
-                                   f"{diagnostics.drift_share:.2f}, but {evidence}")
-        else:
-            diagnostics.verdict = NOISE
-            diagnostics.message = f"noise-dominated: extrapolation will likely hurt ({evidence})"
-    elif beyond and diagnostics.verdict == DRIFT:
-        diagnostics.verdict = MIXED
-        diagnostics.message = f"extrapolation this far cannot be vouched for: {evidence}"
-    elif line > (1.0 - margin) * stop and diagnostics.verdict == DRIFT:
-        # the line wins, but by less than the margin; the same run retrained on another CPU or thread count
-        # moves these figures by more (docs/verdict_calibration.md): too close to call
-        record["within_margin"] = True
-        diagnostics.verdict = MIXED
-        diagnostics.message = (f"too close to call: the line beats stopping by less than the {margin:.0%} "
-                               "margin, and retraining the same run with another thread count can move this "
-                               f"comparison by more ({evidence})")
-    else:
-        diagnostics.message = f"{diagnostics.message} ({evidence})"
-    return diagnostics
-
-
-def _error_text(error: float) -> str:
-    """A relative error, readable however large it was carried."""
-    if not math.isfinite(error):
-        return "∞"
-    return f"{error:.2f}" if error < 1e4 else f"{error:.2g}"
-
-
-# ------------------------------------------------------------------ calibration checks (run level)
-
-# A run is called drift-dominated only when these hold too (see docs/verdict_calibration.md):
-# the balanced drift share (each weight matrix counted once, whatever its norm) is at least DRIFT_THRESHOLD,
-# and the pace of the second half of the window is at least MIN_PACE_RATIO times that of the first.
-MIN_PACE_RATIO = 0.75
-MAX_PACE_RATIO = 1.5  # above: accelerating (a momentum optimizer's start): the pace is not settled
+# ------------------------------------------------------------------ run-level figures of the calibration checks
 
 
 def balanced_gram(grams, ndims=None) -> np.ndarray | None:

@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from relex.analysis.drift import DriftDiagnostics, diagnose
+from relex.analysis.verdict import drift_class
 from relex.analysis.nulls import line_r2, scalar_walk_r2_null
 from relex.errors import RelexInputError
 
@@ -144,7 +145,7 @@ class LogprobAnalysis:
             "fraction_r2_above_null_p95": float(np.mean(self.r2 > self.r2_null.get("p95", np.nan))),
             "fraction_increasing": float(np.mean(self.slope > 0)),
             "drift_share": None if self.diagnostics is None else self.diagnostics.drift_share,
-            "drift_verdict": None if self.diagnostics is None else self.diagnostics.verdict,
+            "drift_verdict": None if self.diagnostics is None else drift_class(self.diagnostics)[0],
             "seconds": self.seconds,
         }
 

@@ -223,7 +223,7 @@ def drift_figure(analysis) -> Figure:
     """Left: each drift statistic of the whole model on a scale where the random walk is 0 and pure drift
     1, raw values written beside it. Right: ‖x_t‖ against t (log-log) with the random-walk (t^0.5) and
     drift (t^1) slopes, and the coherent part found by the factor model."""
-    d = analysis.diagnostics
+    d = analysis.verdict.diagnostics
     fig = Figure(figsize=(12, 4.0), dpi=DPI, layout="constrained")
     ax = fig.add_subplot(1, 2, 1)
     if d is not None:
@@ -248,7 +248,7 @@ def drift_figure(analysis) -> Figure:
             ax.text(1.03, yy, text, va="center", fontsize=7, transform=ax.get_yaxis_transform())
         ax.set_xlim(min(-0.1, np.nanmin(scores) - 0.05) if np.isfinite(scores).any() else -0.1, 1.1)
         ax.set_xlabel("0 = random walk of the same length, 1 = pure drift", fontsize=8)
-        ax.set_title(f"whole model — verdict: {d.verdict}", fontsize=9)
+        ax.set_title(f"whole model — verdict: {analysis.verdict.drift_class}", fontsize=9)
         ax.tick_params(labelsize=7)
     ax2 = fig.add_subplot(1, 2, 2)
     t = np.asarray(analysis.steps, dtype=np.float64)

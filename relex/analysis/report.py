@@ -1,16 +1,15 @@
 """``analyze``: how linear a run is, per tensor and as a whole, each figure beside its random-walk null.
 
-One streaming pass (:func:`relex.engine.collect_grams`) gives every tensor's Gram matrix G = X Xᵀ of its
-deltas; everything else is arithmetic on these T×T matrices: explained variance of the temporal SVD at
+One streaming pass (:meth:`relex.run.Run.execute`) gives every tensor's Gram matrix G = X Xᵀ of its deltas
+and the run's verdict; everything else is arithmetic on these T×T matrices: explained variance of the temporal SVD at
 ranks 1..k, the R² and slope of the rank-1 coefficient against the step, the drift diagnostics, exact
 weight-space backtests of every available trajectory model, and Monte-Carlo random-walk nulls at each
 tensor's own dimension. Optionally, the log-probabilities of fixed responses are scored by every
-checkpoint (output-space linearity).
+checkpoint (output-space linearity). :func:`relex.api.analyze` is the pass and this analysis, in one call.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -20,11 +19,11 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from relex.analysis.backtesting import BacktestResult, run_backtests
-from relex.analysis.drift import DriftDiagnostics, diagnose
-from relex.analysis.verdict import run_verdict
+from relex.analysis.drift import diagnose
 from relex.analysis.nulls import expected_null, explained_ranks, random_walk_null
 from relex.analysis.tables import parse_name, rows_to_csv
-from relex.engine import collect_grams
+from relex.analysis.verdict import Verdict, drift_class
+from relex.jsonable import jsonable, write_json
 from relex.subspace import temporal_svd
 
 TENSOR_COLUMNS = [
@@ -47,7 +46,7 @@ class RunAnalysis:
     rank: int
     tensors: list[dict]  # one row per floating-point tensor (see TENSOR_COLUMNS)
     summary: dict
-    diagnostics: DriftDiagnostics | None  # whole model: Gram matrices summed over tensors
+    verdict: Verdict  # the run's, from the same pass (carried to the options' target, weighing the reward)
     backtest: BacktestResult
     grams: dict[str, np.ndarray] = field(repr=False)
     logprob: object | None = None  # relex.analysis.logprob.LogprobAnalysis
@@ -76,7 +75,7 @@ class RunAnalysis:
             "observed_steps": self.steps,
             "rank": self.rank,
             "summary": self.summary,
-            "diagnostics": self.diagnostics.to_dict() if self.diagnostics else None,
+            "verdict": self.verdict.to_dict(),
             "backtest": {"main_fit_points": self.backtest.main_fit_points,
                          "ranking": [{"model": m, "relative_error": e} for m, e in self.backtest.ranking()],
                          "rows": self.backtest.rows, "skipped": self.backtest.skipped},
@@ -86,7 +85,7 @@ class RunAnalysis:
         }
         if per_tensor:
             payload["tensors"] = self.tensors
-        return _json_safe(payload)
+        return jsonable(payload)
 
     def summary_lines(self) -> list[str]:
         """A few lines for a terminal or a notebook: the figures that matter, each beside its null."""
@@ -113,8 +112,7 @@ class RunAnalysis:
             lines.append(f"log-prob R² vs step (median over {ls['responses']} responses): {ls['r2_median']:.3f} "
                          f"(random walk {ls['r2_null']['median']:.3f}); mean log-prob "
                          f"{ls['mean_logprob'][0]:.2f} -> {ls['mean_logprob'][-1]:.2f}")
-        if self.diagnostics is not None:
-            lines.append(f"verdict: {self.diagnostics.message}")
+        lines.append(f"verdict: {self.verdict.message}")
         return lines
 
     def write(self, out_dir: str | Path, plots: bool = True, overwrite: bool = False) -> Path:
@@ -124,7 +122,7 @@ class RunAnalysis:
 
         out_dir = Path(out_dir)
         with staged_folder(out_dir, overwrite) as staging:
-            (staging / "analysis.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+            write_json(staging / "analysis.json", self.to_dict())
             rows_to_csv(self.tensors, staging / "tensors.csv", _tensor_columns(self.tensors))
             rows_to_csv(self.backtest.rows, staging / "backtest.csv",
                         ["model", "fit_points", "fit_end_step", "held_out_step", "horizon", "relative_error"])
@@ -142,20 +140,6 @@ def _tensor_columns(rows: Sequence[dict]) -> list[str]:
     for row in rows:
         columns.extend(k for k in row if k not in columns)
     return columns
-
-
-def _json_safe(value):
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        return _json_safe(value.item())
-    if isinstance(value, np.ndarray):
-        return _json_safe(value.tolist())
-    return value
 
 
 def _fit_line(t: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
@@ -201,7 +185,7 @@ def tensor_row(name: str, gram: np.ndarray, steps: Sequence[int], shape: Sequenc
     # ≈ 0.75); its verdict means little unless the share clears that.
     row["drift_share_significant"] = bool(row["drift_share"] > row["drift_share_null_p95"])
     row["drift_ratio_max"] = diag.observed.drift_ratio_max
-    row["verdict"] = diag.verdict
+    row["verdict"] = drift_class(diag)[0]
     return row
 
 
@@ -210,8 +194,8 @@ def _median(rows: Iterable[dict], key: str) -> float:
     return float(np.median(values)) if values else float("nan")
 
 
-def summarize(rows: Sequence[dict], run_gram: np.ndarray, steps: Sequence[int], rank: int,
-              diagnostics: DriftDiagnostics | None, backtest: BacktestResult) -> dict:
+def summarize(rows: Sequence[dict], run_gram: np.ndarray, steps: Sequence[int], rank: int, verdict: Verdict,
+              backtest: BacktestResult) -> dict:
     """Whole-run figures: the whole-model statistics beside the random-walk null, per-tensor medians
     beside the medians of their own nulls, and the backtest ranking."""
     moved = [r for r in rows if r.get("moved")]
@@ -222,7 +206,7 @@ def summarize(rows: Sequence[dict], run_gram: np.ndarray, steps: Sequence[int], 
             whole[f"explained_r{j}"] = value
         _, _, whole["r2_rank1"] = _fit_line(np.asarray(steps, float), temporal_svd(run_gram, 1).coefficients[:, 0])
         for key in ("drift_share", "alpha", "drift_ratio", "drift_ratio_max", "cos_first_last", "prefix_cos"):
-            whole[key] = getattr(diagnostics.observed, key)
+            whole[key] = getattr(verdict.diagnostics.observed, key)
     null = expected_null(steps, rank)
     whole_null = {k: null[k] for k in whole if k in null}
     whole_null["drift_ratio_max"] = whole.get("drift_ratio_max", float("nan"))
@@ -253,47 +237,21 @@ def summarize(rows: Sequence[dict], run_gram: np.ndarray, steps: Sequence[int], 
         "alpha_median": _median(moved, "alpha"),
         "relative_delta_median": _median(moved, "relative_delta"),
         "tensor_verdicts": verdicts,
-        "verdict": diagnostics.verdict if diagnostics else None,
+        "verdict": verdict.drift_class,
         "backtest_best": ranking[0][0] if ranking else None,
         "backtest_ranking": [{"model": m, "relative_error": e} for m, e in ranking],
     }
 
 
-ProgressCallback = Callable[[str, int, int], None]
-
-
-def _torch_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def analyze(
-    run_dir: str | Path | None = None,
-    *,
-    base: str | Path | None = None,
-    steps: str | Sequence[int] | None = None,
-    max_step: int | None = None,
-    checkpoints: Iterable[tuple[int, str | Path]] | None = None,
-    rank: int = 3,
-    holdout: int | None = None,
-    fractions: Sequence[float] = (0.25, 0.5, 0.75),
-    backtest_ranks: Sequence[int] = (1, 2),
-    learned: bool = False,
-    null_samples: int = 200,
-    logprob_records: Sequence[dict] | None = None,
-    logprob_batch_size: int = 64,
-    device: str = "cpu",
-    allow_pickle: bool = False,
-    progress: ProgressCallback | None = None,
-    logprob_progress: Callable[[int, int], None] | None = None,
-) -> RunAnalysis:
-    """Analyse a run's linearity in weight space (and, given ``logprob_records``, in output space).
+def analyze_pass(result, *, run_dir: str | None = None, rank: int = 3, holdout: int | None = None,
+                 fractions: Sequence[float] = (0.25, 0.5, 0.75), backtest_ranks: Sequence[int] = (1, 2),
+                 learned: bool = False, null_samples: int = 200, logprob_records: Sequence[dict] | None = None,
+                 logprob_batch_size: int = 64, device: str = "cpu",
+                 logprob_progress: Callable[[int, int], None] | None = None) -> RunAnalysis:
+    """The analysis of a pass's result (:class:`relex.run.PassResult`: every tensor's Gram matrix, the verdict),
+    and, given ``logprob_records``, of the log-probabilities every checkpoint gives them.
 
     Args:
-        run_dir, base, steps, max_step, checkpoints: the checkpoint series, as for ``relex extrapolate``.
         rank: explained variance is reported at ranks 1..``rank``.
         holdout: checkpoints held out by the main backtest (default: the last quarter).
         fractions: further backtests fit on these fractions of the window (error vs horizon).
@@ -301,52 +259,32 @@ def analyze(
         learned: also backtest learned predictors (slow: one training per tensor and fit window).
         null_samples: Monte-Carlo random walks per tensor size for the nulls.
         logprob_records: ``{"prompt", "response"}`` records to score under every checkpoint.
-        progress: ``progress(tensor_name, bytes_done, bytes_total)`` while reading the run.
         logprob_progress: ``logprob_progress(checkpoints_done, checkpoints_total)`` while scoring.
-
-    The run is read once, one tensor at a time; only T×T Gram matrices are kept.
     """
     started = time.perf_counter()
-    if rank < 1:
-        from relex.errors import RelexInputError
-
-        raise RelexInputError(f"--rank must be at least 1, got {rank}")
-    grams = collect_grams(run_dir, base=base, steps=steps, max_step=max_step, checkpoints=checkpoints,
-                          device=device, allow_pickle=allow_pickle, progress=progress)
-    observed = list(grams.steps)
-    rows = [tensor_row(name, grams.grams[name], observed, grams.shapes[name], grams.base_norms[name], rank,
-                       null_samples) for name in grams.names]
-    run_gram = grams.total() if grams.grams else np.zeros((len(observed), len(observed)))
-    ndims = {name: len(grams.shapes[name]) for name in grams.names}
-    # The same verdict as relex extrapolate's (drift statistics, then the window backtest).
-    diagnostics = run_verdict(grams.grams, ndims, observed)
-    bt = run_backtests(grams.grams, observed, ndims, holdout=holdout, fractions=fractions, ranks=backtest_ranks,
+    observed = list(result.steps)
+    grams = result.grams
+    shapes = {t.name: t.shape for t in result.tensors}
+    rows = [tensor_row(name, grams[name], observed, shapes[name], result.base_norms[name], rank, null_samples)
+            for name in grams]
+    run_gram = sum(grams.values()) if grams else np.zeros((len(observed), len(observed)))
+    ndims = {name: len(shapes[name]) for name in grams}
+    bt = run_backtests(grams, observed, ndims, holdout=holdout, fractions=fractions, ranks=backtest_ranks,
                        learned=learned)
     for row in rows:
         for model, errors in bt.per_tensor.items():
             if row["name"] in errors:
                 row[f"backtest_{model}"] = errors[row["name"]]
-    summary = summarize(rows, run_gram, observed, rank, diagnostics, bt)
+    summary = summarize(rows, run_gram, observed, rank, result.verdict, bt)
     logprob = None
     if logprob_records:
-        from relex.analysis.logprob import logprob_trajectory
+        from relex.analysis.logprob import logprob_trajectory  # start-up: transformers loads only to score
 
-        series = grams.series
+        series = result.series
         points = [(0, series.base.path)] + [(c.step, c.path) for c in series.observed]
-        logprob = logprob_trajectory(points, logprob_records, batch_size=logprob_batch_size,
-                                     device=_torch_device(device), progress=logprob_progress)
+        logprob = logprob_trajectory(points, logprob_records, batch_size=logprob_batch_size, device=device,
+                                     progress=logprob_progress)
         summary["logprob"] = logprob.summary()
-    return RunAnalysis(
-        run_dir=str(run_dir) if run_dir is not None else None,
-        base=str(grams.series.base.path),
-        steps=observed,
-        rank=rank,
-        tensors=rows,
-        summary=summary,
-        diagnostics=diagnostics,
-        backtest=bt,
-        grams=grams.grams,
-        logprob=logprob,
-        seconds=time.perf_counter() - started,
-        bytes_read=grams.bytes_read,
-    )
+    return RunAnalysis(run_dir=run_dir, base=str(result.series.base.path), steps=observed, rank=rank, tensors=rows,
+                       summary=summary, verdict=result.verdict, backtest=bt, grams=grams, logprob=logprob,
+                       seconds=result.seconds + time.perf_counter() - started, bytes_read=result.bytes_read)

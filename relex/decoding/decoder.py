@@ -192,7 +192,7 @@ class TwoModelDecoder:
             for row, length, reason in zip(tokens.tolist(), lengths, why):
                 kept = row[:length]
                 text = tokenizer.decode(kept, skip_special_tokens=skip_special_tokens)
-                texts.append(_cut_at_stop(text, stop))
+                texts.append(cut_at_stop(text, stop))
                 ids.append(kept)
                 reasons.append(reason)
         return DecodeOutput(texts, ids, reasons, stats)
@@ -264,7 +264,7 @@ class TwoModelDecoder:
         return out, lengths, reasons, stats
 
 
-def _cut_at_stop(text: str, stop: Sequence[str] | None) -> str:
+def cut_at_stop(text: str, stop: Sequence[str] | None) -> str:
     cut = len(text)
     for s in stop or []:
         if s:

@@ -146,7 +146,7 @@ def _number(pairs: dict, key: str, option: str, kind=float):
 def checkpoint_step(folder: str | Path) -> int | None:
     """The training step of a checkpoint folder: ``trainer_state.json``'s ``global_step``, else its name (or
     the name of a parent, for verl's ``global_step_N/actor/huggingface``); None when neither says."""
-    from relex.io.discover import _step_of
+    from relex.io.discover import step_of
 
     folder = Path(folder).expanduser()
     state = folder / "trainer_state.json"
@@ -158,7 +158,7 @@ def checkpoint_step(folder: str | Path) -> int | None:
         if step is not None:
             return int(step)
     for part in [folder, *list(folder.parents)[:2]]:
-        step = _step_of(part.name)
+        step = step_of(part.name)
         if step is not None:
             return step
     return None

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from relex.decoding.decoder import DecodeOutput, DecodeStats, _cut_at_stop
+from relex.decoding.decoder import DecodeOutput, DecodeStats, cut_at_stop
 
 
 class VLLMPairDecoder:
@@ -93,7 +93,7 @@ class VLLMPairDecoder:
                 else:
                     still.append(i)
             live = still
-        texts = [_cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens), stop)
+        texts = [cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens), stop)
                  for ids in history]
         stats.seconds = time.perf_counter() - started
         return DecodeOutput(texts, history, reasons, stats)

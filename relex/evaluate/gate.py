@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 
 from relex.errors import RelexInputError
+from relex.jsonable import jsonable
 
 
 @dataclass
@@ -25,7 +26,7 @@ class CheckpointJudgement:
 
     def to_dict(self) -> dict:
         return {"label": self.label, "worse": self.worse, "reason": self.reason,
-                "difference": _finite(self.difference)}
+                "difference": jsonable(self.difference)}
 
 
 @dataclass
@@ -92,11 +93,3 @@ def judge(results, margin_points: float = 0.0) -> EvalGate:
                 f"{100 * high:+.1f}] ({confidence:.0f}% interval)")
         gate.checkpoints.append(CheckpointJudgement(label, difference, worse, text))
     return gate
-
-
-def _finite(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    return value

@@ -11,15 +11,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import relex
 from relex.errors import RelexInputError
 from relex.evaluate.results import EvalResults, add_checkpoint, compare, new_document, unique_labels
 from relex.evaluate.runner import EvalSettings, check_dependencies
 from relex.evaluate.tasks import TASKS
+from relex.progress import Progress, Report
 
-Progress = Callable[[dict], None]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -107,7 +107,7 @@ def _tail(path: Path, lines: int = 25) -> str:
 
 
 def _run_worker(checkpoint: str, label: str, settings: EvalSettings, folder: Path, index: int, count: int,
-                env: dict, progress: Progress | None, decoding: dict | None = None) -> dict:
+                env: dict, progress: Report, decoding: dict | None = None) -> dict:
     job = {
         "checkpoint": checkpoint,
         "settings": settings.to_dict(),
@@ -118,9 +118,9 @@ def _run_worker(checkpoint: str, label: str, settings: EvalSettings, folder: Pat
     job_path = folder / f"job-{index}.json"
     job_path.write_text(json.dumps(job), encoding="utf-8")
     log_path = folder / f"worker-{index}.log"
-    base_event = {"checkpoint": label, "path": checkpoint, "index": index, "count": count}
+    task = f"[{index + 1}/{count}] {label}"
     if progress:
-        progress(dict(base_event, stage="starting", message="starting a worker"))
+        progress(Progress(task, 0, None, "", "starting a worker"))
     with log_path.open("w", encoding="utf-8") as log:
         process = subprocess.Popen([sys.executable, "-m", "relex.evaluate.worker", str(job_path)],
                                    stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -128,7 +128,7 @@ def _run_worker(checkpoint: str, label: str, settings: EvalSettings, folder: Pat
         try:
             while True:
                 code = process.poll()
-                offset = _forward_progress(Path(job["progress"]), offset, base_event, progress)
+                offset = _forward_progress(Path(job["progress"]), offset, task, progress)
                 if code is not None:
                     break
                 time.sleep(0.2)
@@ -156,7 +156,8 @@ def _run_worker(checkpoint: str, label: str, settings: EvalSettings, folder: Pat
                        f"{_tail(log_path)}")
 
 
-def _forward_progress(path: Path, offset: int, base_event: dict, progress: Progress | None) -> int:
+def _forward_progress(path: Path, offset: int, task: str, progress: Report) -> int:
+    """The worker's new records (``{"stage", "message", "done", "total"}`` per line) as progress events."""
     if not path.is_file():
         return offset
     with path.open("rb") as handle:
@@ -166,9 +167,16 @@ def _forward_progress(path: Path, offset: int, base_event: dict, progress: Progr
     for line in complete.decode("utf-8", errors="replace").splitlines():
         if progress and line.strip():
             try:
-                progress(dict(base_event, **json.loads(line)))
+                record = json.loads(line)
             except json.JSONDecodeError:
-                pass
+                continue
+            stage = record.get("stage", "")
+            if stage == "generating":
+                progress(Progress(task, record.get("done", 0), record.get("total") or None, "", "generating"))
+            elif stage == "done":
+                progress(Progress(task, 1, 1, "", "done"))
+            else:
+                progress(Progress(task, 0, None, "", record.get("message", stage)))
     return offset + len(complete)
 
 
@@ -206,7 +214,7 @@ def evaluate(
     out: str | Path | None = None,
     n_boot: int = 10_000,
     confidence: float = 0.95,
-    progress: Progress | None = None,
+    progress: Report = None,
 ) -> EvalResults:
     """Score checkpoints on math benchmarks with lm-evaluation-harness.
 
@@ -233,8 +241,8 @@ def evaluate(
             :func:`relex.decoding.parse_selective`), labelled by their ``label`` or a default.
         out: write the results JSON here (atomically, only once everything succeeded).
         n_boot, confidence: paired bootstrap of the differences to the baseline.
-        progress: called with progress events (dicts with ``checkpoint``, ``index``, ``count``, ``stage`` and,
-            while generating, ``done``/``total``).
+        progress: called with :class:`relex.progress.Progress` events, one task per checkpoint (``[i/n]
+            LABEL``): its stage as the item, and the completions generated of all while generating.
 
     Returns:
         :class:`EvalResults`. Raises :class:`RelexInputError` for bad input (unknown task, missing data file,

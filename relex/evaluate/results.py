@@ -30,13 +30,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 from relex.errors import RelexInputError
+from relex.jsonable import jsonable
 from relex.evaluate import stats
 
 FORMAT = "relex-eval/1"
@@ -84,6 +84,24 @@ class EvalResults:
     def problems(self, task: str, label: str) -> list[dict]:
         return self.data["tasks"][task]["results"][label]["problems"]
 
+    @property
+    def columns(self) -> list[str]:
+        """The tasks, then ``"mean"`` when there are several: the columns of every table of results."""
+        return list(self.tasks) + (["mean"] if len(self.tasks) > 1 else [])
+
+    def problem_count(self, task: str) -> int:
+        """The most problems any checkpoint was scored on in ``task``."""
+        return max((len(r["problems"]) for r in self.data["tasks"][task]["results"].values()), default=0)
+
+    def percent(self, task: str, label: str) -> str:
+        """``41.2``: the accuracy of ``label`` on ``task`` (or ``"mean"``) in %; ``–`` where there is none."""
+        if task == "mean":
+            value = self.data["mean"]["accuracy"].get(label)
+        else:
+            result = self.data["tasks"][task]["results"].get(label)
+            value = result["summary"]["accuracy"] if result else None
+        return "–" if value is None or value != value else f"{100 * value:.1f}"
+
     def difference(self, task: str, label: str) -> dict | None:
         """``{"diff", "ci_low", "ci_high", ...}`` of ``label`` minus the baseline (``task="mean"`` for the mean)."""
         block = self.data["mean"] if task == "mean" else self.data["tasks"][task]
@@ -100,7 +118,7 @@ class EvalResults:
 
     # ------------------------------------------------------------------ io
     def to_json(self) -> str:
-        return json.dumps(_finite(self.data), indent=1, ensure_ascii=False)
+        return json.dumps(jsonable(self.data), indent=1, ensure_ascii=False)
 
     def save(self, path: str | Path) -> Path:
         """Write atomically (a temporary file beside ``path``, then a rename)."""
@@ -134,17 +152,6 @@ class EvalResults:
 
     def __repr__(self) -> str:
         return f"EvalResults(checkpoints={self.labels}, tasks={self.tasks})"
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no NaN: write ``None`` instead."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
 
 
 def new_document(settings: dict, relex_version: str) -> dict:
@@ -287,22 +294,15 @@ def table_rows(results: EvalResults) -> tuple[list[str], list[list[str]]]:
     """
     header = ["checkpoint"]
     for task in results.tasks:
-        block = results.data["tasks"][task]
-        n = max((len(r["problems"]) for r in block["results"].values()), default=0)
-        header.append(f"{task} {block.get('metric') or ''} (n={n})".replace("  ", " "))
+        metric = results.data["tasks"][task].get("metric") or ""
+        header.append(f"{task} {metric} (n={results.problem_count(task)})".replace("  ", " "))
     if len(results.tasks) > 1:
         header.append("mean")
     rows = []
     for label in results.labels:
         row = [label]
-        columns = list(results.tasks) + (["mean"] if len(results.tasks) > 1 else [])
-        for task in columns:
-            if task == "mean":
-                value = results.data["mean"]["accuracy"].get(label)
-            else:
-                result = results.data["tasks"][task]["results"].get(label)
-                value = result["summary"]["accuracy"] if result else None
-            cell = "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
+        for task in results.columns:
+            cell = results.percent(task, label)
             difference = results.difference(task, label)
             if difference:
                 cell += f"  {format_difference(difference)}"

@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
-from relex.errors import RelexInputError
+from relex.device import resolve_device
+from relex.errors import RelexInputError, one_line
 from relex.evaluate import stats
 from relex.evaluate.tasks import (
     CHAT_PROMPT,
@@ -35,7 +36,7 @@ from relex.evaluate.tasks import (
     toy_answer_tokens,
 )
 
-Progress = Callable[[dict], None]
+WorkerEvents = Callable[[dict], None]  # a worker's progress records, written one JSON line each
 
 BACKENDS = ("hf", "vllm")
 PROMPT_FORMATS = ("auto", "chat", "plain")
@@ -145,7 +146,7 @@ def check_dependencies(backend: str = "hf") -> None:
         try:
             importlib.import_module(module)
         except Exception as exc:  # noqa: BLE001 - any failure of a third-party import is the environment's
-            raise RelexInputError(f"{package} is installed but cannot be imported ({_one_line(exc)}); repair this "
+            raise RelexInputError(f"{package} is installed but cannot be imported ({one_line(exc)}); repair this "
                                   "environment's packages (pip check lists conflicts)") from None
     if backend == "vllm" and not module_available("vllm"):
         raise RelexInputError("--backend vllm needs vLLM, which is not installed; pip install vllm (needs a GPU)")
@@ -155,23 +156,6 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    try:
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    except Exception:
-        return "cpu"
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    message = text[0] if text else ""
-    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 def _model_args(checkpoint: str, settings: EvalSettings, device: str) -> tuple[dict, dict]:
@@ -218,7 +202,7 @@ def load_model(checkpoint: str, settings: EvalSettings, device: str, decoding: d
     except Exception as exc:
         if type(exc).__name__ in {"OutOfMemoryError"}:
             raise
-        raise RelexInputError(f"checkpoint does not load: {_one_line(exc)}", checkpoint) from exc
+        raise RelexInputError(f"checkpoint does not load: {one_line(exc)}", checkpoint) from exc
 
 
 def has_chat_template(lm) -> bool:
@@ -284,7 +268,7 @@ def write_task_configs(folder: Path, specs: list[TaskSpec], settings: EvalSettin
         (folder / f"{spec.lm_eval_name}.yaml").write_text(text, encoding="utf-8")
 
 
-def _report_generation(lm, total: int, progress: Progress | None, chunk: int | None) -> None:
+def _report_generation(lm, total: int, progress: WorkerEvents | None, chunk: int | None) -> None:
     """Wrap ``lm.generate_until`` so that it reports how many completions are done."""
     if progress is None:
         return
@@ -380,9 +364,7 @@ def task_source(spec: TaskSpec, settings: EvalSettings) -> str:
     """Where the problems of ``spec`` come from: a local file, or a hub dataset and split."""
     if spec.kind == "math" and settings.data_dir is not None:
         return str(local_data_file(spec, settings.data_dir))
-    if spec.hub_path:
-        return f"{spec.hub_path} ({spec.hub_split})"
-    return spec.title
+    return spec.hub_dataset or spec.title
 
 
 def _load_task(manager, spec: TaskSpec, settings: EvalSettings) -> list:
@@ -398,11 +380,11 @@ def _load_task(manager, spec: TaskSpec, settings: EvalSettings) -> list:
     except Exception as exc:
         hint = "" if settings.data_dir is not None or spec.kind != "math" else (
             " (offline? read local copies with --data-dir)")
-        raise RelexInputError(f"cannot read the problems of '{spec.name}': {_one_line(exc)}{hint}",
+        raise RelexInputError(f"cannot read the problems of '{spec.name}': {one_line(exc)}{hint}",
                               task_source(spec, settings)) from exc
 
 
-def run_checkpoint(checkpoint: str, settings: EvalSettings, progress: Progress | None = None,
+def run_checkpoint(checkpoint: str, settings: EvalSettings, progress: WorkerEvents | None = None,
                    decoding: dict | None = None) -> dict:
     """Evaluate one checkpoint on ``settings.tasks``; returns ``{"checkpoint": {...}, "tasks": {...}}``.
 
@@ -411,7 +393,7 @@ def run_checkpoint(checkpoint: str, settings: EvalSettings, progress: Progress |
     settings.validate()
     notify = progress or (lambda event: None)
     started = time.time()
-    device = resolve_device(settings.device)
+    device = str(resolve_device(settings.device))
 
     notify({"stage": "loading", "message": "loading the model"})
     lm = load_model(checkpoint, settings, device, decoding)

@@ -10,10 +10,9 @@
 
 from __future__ import annotations
 
-from relex.integrations.assess import Assessment, assess, figures_of, is_plausible
+from relex.integrations.assess import Assessment, assess, figures_of
 
-__all__ = ["Assessment", "LeapCallback", "LeapOptions", "Leaper", "RelexCallback", "assess", "figures_of",
-           "is_plausible"]
+__all__ = ["Assessment", "LeapCallback", "LeapOptions", "Leaper", "RelexCallback", "assess", "figures_of"]
 
 
 def __getattr__(name: str):
@@ -22,7 +21,11 @@ def __getattr__(name: str):
         from relex.integrations.trainer import RelexCallback
 
         return RelexCallback
-    if name in ("LeapCallback", "LeapOptions", "Leaper"):
+    if name == "LeapCallback":
+        from relex.integrations.leap_callback import LeapCallback
+
+        return LeapCallback
+    if name in ("LeapOptions", "Leaper"):
         from relex.integrations import leap
 
         return getattr(leap, name)

@@ -7,13 +7,14 @@ train on from there, repeat), as a component:
   trainable parameters, kept on the CPU in their own dtype, at every ``snapshot_every`` steps of the segment
   since the last decision; at the segment's end the fit, the verdict, and — when the verdict says a jump of N
   steps is plausible — the predicted weights written into the live model;
-* :class:`LeapCallback` — the same for the Hugging Face ``Trainer`` and TRL's trainers (``GRPOTrainer``).
+* :class:`relex.integrations.leap_callback.LeapCallback` — the same for the Hugging Face ``Trainer`` and TRL's
+  trainers (``GRPOTrainer``).
 
-The fit is relex's own engine, in memory: each snapshot is a :class:`SnapshotSource` (the
-:class:`relex.io.source.Source` interface over tensors), streamed through :func:`relex.engine.stream_models`
+The fit is relex's own engine, in memory: the snapshots are a run (:class:`relex.io.runs.Snapshots`), opened with
+:func:`relex.run.open_run` and streamed by :meth:`relex.run.Run.execute`
 with the same trajectory models and predictors as ``relex extrapolate`` — the jump writes exactly the weights
 ``relex extrapolate`` would write from the same snapshots saved as checkpoints (the segment's first weights
-as the base, steps counted from the segment's start). The verdict is :func:`relex.analysis.verdict.run_verdict`
+as the base, steps counted from the segment's start). The verdict is the one that pass computes
 on the same Gram matrices, carried to the jump's target, as ``relex check`` gives it, and it weighs the
 training reward logged inside the segment as ``relex check`` weighs a run's ``trainer_state.json``.
 
@@ -29,68 +30,26 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
-import numpy as np
 import torch
-from safetensors.torch import load_file
-from transformers import TrainerCallback
 
-from relex.analysis.reward import DEFAULT_CEILING, DEFAULT_KEY, RewardLog, reward_trend
-from relex.analysis.verdict import run_verdict
-from relex.device import resolve_device
-from relex.engine import stream_models
-from relex.gate import judge
-from relex.integrations.assess import PREFIX, figures_of, is_plausible
-from relex.integrations.trainer import calling_trainer, log_through, one_line
-from relex.io.discover import Checkpoint, CheckpointSeries
-from relex.io.run_readers import RunReaders
-from relex.io.source import Source, TensorInfo
+from relex.analysis.verdict import Verdict
+from relex.errors import one_line
+from relex.integrations.assess import PREFIX, figures_of
+from relex.io.runs import Snapshots
+from relex.options import RunOptions
+from relex.run import open_run
 from relex.sinks import TensorSink
-from relex.trajectory import ModelSelector, ModelSpec
 
 logger = logging.getLogger(__name__)
 
 LEAP = "leap/"  # prefix of the figures of each decision
 OPTIMIZER_STATES = ("keep", "reset")
-REQUIREMENTS = ("plausible", "gate", "always")
-MEMORY = Path("<memory>")  # names the in-memory snapshots in messages and records
+REQUIREMENTS = ("plausible", "lenient", "always", "probe")
 
 
-# -- the engine over snapshots in memory --------------------------------------------------------------------
-
-
-class SnapshotSource(Source):
-    """One snapshot of a model's trainable parameters (CPU tensors in their own dtype) as a checkpoint."""
-
-    kind = "memory"
-
-    def __init__(self, tensors: Mapping[str, torch.Tensor], step: int):
-        self.folder = MEMORY / f"step-{step}"
-        self.data = dict(tensors)
-        self.tensors = {name: TensorInfo(name, tuple(t.shape), t.dtype, self.folder, i)
-                        for i, (name, t) in enumerate(self.data.items())}
-
-    def read(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
-        tensor = self.data[name]
-        return tensor if start is None and stop is None else tensor[start:stop]
-
-
-class SnapshotReaders(RunReaders):
-    """:class:`relex.io.run_readers.RunReaders` over sources already open in memory (nothing to open or close)."""
-
-    def __init__(self, base: SnapshotSource, observed: Sequence[tuple[int, SnapshotSource]]):
-        # Not RunReaders.__init__: it opens each checkpoint's files; these sources are the tensors themselves.
-        self.series = CheckpointSeries(Checkpoint(0, base.folder, "memory"),
-                                       [Checkpoint(step, source.folder, "memory") for step, source in observed])
-        self.base = base
-        self.observed = [source for _, source in observed]
-        self.names = base.order()
-        for source in self.observed:
-            if {n: i.shape for n, i in source.tensors.items()} != {n: i.shape for n, i in base.tensors.items()}:
-                raise ValueError(f"snapshot {source.folder} does not hold the tensors of the segment's base")
-        self.aliases = [{} for _ in self.observed]
+# -- the fit of one segment, in memory ------------------------------------------------------------------
 
 
 @dataclass
@@ -98,51 +57,36 @@ class SegmentFit:
     """The fit of one segment: the prediction of the target and the verdict on the way there."""
 
     steps: list[int]  # the snapshots' steps, counted from the segment's start
-    target: int  # likewise
-    prediction: dict[str, torch.Tensor]
-    diagnostics: object  # relex.analysis.drift.DriftDiagnostics, or None when nothing moved
-    verdict: str | None
-    message: str
-    plausible: bool
-    passes_gate: bool  # what relex check (without --strict) says: True unless it will likely hurt or is too far
+    target: int  # likewise (the farthest target when there are several)
+    prediction: dict[str, torch.Tensor]  # the prediction of the target
+    verdict: Verdict
     figures: dict[str, float]
     seconds: float
+    predictions: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # of every target
+
+    @property
+    def passes_gate(self) -> bool:
+        """What relex check --lenient says: True unless it will likely hurt or is too far."""
+        return self.verdict.gate(lenient=True).passed
 
 
 def fit_segment(base: Mapping[str, torch.Tensor], snapshots: Sequence[tuple[int, Mapping[str, torch.Tensor]]],
-                target: int, engine_options: Mapping | None = None, device: str = "cpu",
-                rewards: Sequence[tuple[float, float]] | None = None,
-                reward_max: float = DEFAULT_CEILING) -> SegmentFit:
-    """Fit the trajectory of ``snapshots`` (``(step, tensors)``, steps from the segment's start, base at 0)
-    and predict ``target``, with relex's engine (``engine_options``: ``method``, ``rank``, ``regressor``,
-    ``scale``, ``auto_scope``, ``candidates``, ``holdout``, ``block_bytes``) and give the verdict, which
-    weighs the training reward's trend when ``rewards`` (``(step, mean reward)``, steps counted like the
-    snapshots') are given, as ``relex check`` weighs a run's logged reward."""
-    started = time.perf_counter()
-    options = dict(engine_options or {})
-    block_bytes = options.pop("block_bytes", None)
-    steps = [int(s) for s, _ in snapshots]
-    readers = SnapshotReaders(SnapshotSource(base, 0), [(s, SnapshotSource(t, s)) for s, t in snapshots])
-    selector = ModelSelector(ModelSpec(**options), steps)
-    sink = TensorSink([target], {name: info.dtype for name, info in readers.observed[-1].tensors.items()},
-                      resolve_device(device))
-    extra = {} if block_bytes is None else {"block_bytes": block_bytes}
-    measured = stream_models(readers, selector, lambda models: sink, resolve_device(device),
-                             targets=np.array([float(target)]), keep_grams=True, **extra)
-    grams = {t.name: t.gram for t in measured.tensors if t.gram is not None and readers.info(t.name).is_float}
-    ndims = {name: len(readers.info(name).shape) for name in grams}
-    reward = None
-    if rewards:
-        log = RewardLog(tuple(float(s) for s, _ in rewards), tuple(float(r) for _, r in rewards), DEFAULT_KEY,
-                        str(MEMORY))
-        reward = reward_trend(log, steps, target, reward_max)
-    diagnostics = run_verdict(grams, ndims, steps, target, reward=reward)
-    verdict = diagnostics.verdict if diagnostics is not None else None
-    message = diagnostics.message if diagnostics is not None else "no tensor moved in the segment"
-    plausible = is_plausible(verdict)
-    passes_gate = judge(diagnostics, strict=False, target_step=target).passed
-    return SegmentFit(steps, target, sink.tensors[target], diagnostics, verdict, message, plausible, passes_gate,
-                      figures_of(diagnostics, steps, plausible), time.perf_counter() - started)
+                target: int | Sequence[int], options: RunOptions | None = None,
+                rewards: Sequence[tuple[float, float]] | None = None) -> SegmentFit:
+    """Fit the trajectory of ``snapshots`` (``(step, tensors)``, steps from the segment's start, base at 0) and
+    predict ``target`` (or several targets, the verdict carried to the farthest): one pass of relex's engine over
+    the snapshots in memory (:class:`relex.io.runs.Snapshots`),
+    with the trajectory model of ``options`` (:class:`relex.options.RunOptions`), giving the verdict ``relex
+    check`` gives on the same checkpoints; it weighs the training reward's trend when ``rewards`` (``(step, mean
+    reward)``, steps counted like the snapshots') are given, as ``relex check`` weighs a run's logged reward."""
+    targets = sorted({int(t) for t in ([target] if isinstance(target, int) else target)})
+    options = (options or RunOptions(device="cpu")).replace(target_steps=tuple(targets))
+    with open_run(Snapshots(base, list(snapshots), list(rewards or ())), options) as run:
+        dtypes = {name: info.dtype for name, info in run.readers.observed[-1].tensors.items()}
+        sink = TensorSink(targets, dtypes, run.device)
+        result = run.execute(sink)
+    return SegmentFit(list(result.steps), targets[-1], sink.tensors[targets[-1]], result.verdict,
+                      figures_of(result.verdict), result.seconds, dict(sink.tensors))
 
 
 # -- options and records ------------------------------------------------------------------------------------
@@ -163,29 +107,35 @@ class LeapOptions:
     # Snapshot the trainable parameters every this many steps of a segment (its first weights are the base).
     # Default: every // 4 (4 snapshots, the fewest with which the verdict backtests the window).
     snapshot_every: int | None = None
-    # "plausible": jump only when the verdict on the segment, carried to the target, is drift-dominated
-    # (relex check --strict passes); "gate": unless relex check (without --strict) fails, i.e. also on a
-    # mixed or inconclusive verdict, never when it says the jump will likely hurt or lies beyond the horizon
-    # the backtest vouches for; "always": whatever the verdict says (the figures are still recorded).
+    # "plausible": jump only when the verdict on the segment, carried to the target, is plausible (relex check
+    # passes); "lenient": unless relex check --lenient fails, i.e. also on a mixed or inconclusive verdict, never
+    # when it says the jump will likely hurt or lies beyond the horizon the backtest vouches for; "always":
+    # whatever the verdict says (the figures are still recorded); "probe": the probe decides (set with probe).
     require: str = "plausible"
     # The optimizer's state at a jump: "keep" its moments as they are (never extrapolated), or "reset" them
     # (torch optimizers: the per-parameter state is cleared, so Adam restarts its bias correction).
     optimizer_state: str = "keep"
     # Step the learning-rate scheduler N times at a jump, so the rate follows the virtual step.
     advance_scheduler: bool = True
+    # A probe set (relex.probe: "toy-train", a JSON Lines file of training problems, or a loaded ProbeSet): at each
+    # decision the jump length is chosen on it (require "probe"): candidates on a grid of lengths up to leap are
+    # scored against the current weights, and the run jumps to the best one that beats them with
+    # probe_confidence; none better: no jump. tokenizer: the model's, for a chat probe.
+    probe: object = field(default=None, compare=False)
+    probe_limit: int = 64
+    probe_mode: str = "reward"
+    probe_confidence: float = 0.95
+    probe_looks: int = 3
+    tokenizer: object = field(default=None, compare=False)
     # An optional check of a jump: called as check(model) before and after it (higher is better, e.g. the
     # reward on a small validation set); a jump that lowers it by more than check_tolerance is reverted.
     check: Callable[[torch.nn.Module], float] | None = field(default=None, compare=False)
     check_tolerance: float = 0.0
-    # Options of relex's engine for the fit (method, rank, regressor, scale, auto_scope, candidates, holdout,
-    # block_bytes), as relex extrapolate takes them.
-    engine: dict = field(default_factory=dict)
-    device: str = "cpu"  # where the fit computes
-    # The training reward the verdict weighs (relex.analysis.reward): the key the trainer logs its mean reward
-    # under (TRL's GRPOTrainer: "reward"), and the reward's ceiling; a reward whose trend over the segment
-    # reaches the ceiling before the jump's end makes the verdict mixed.
-    reward_key: str = "reward"
-    reward_max: float = 1.0
+    # The fit's settings, as relex extrapolate takes them: the trajectory model (method, rank, regressor, scale,
+    # …), the device it computes on (the CPU, beside training), the training reward the verdict weighs (the key
+    # the trainer logs its mean reward under, its ceiling: a reward whose trend over the segment reaches the
+    # ceiling before the jump's end makes the verdict mixed) and block_bytes.
+    run: RunOptions = field(default_factory=lambda: RunOptions(device="cpu"))
 
     def __post_init__(self):
         if not isinstance(self.every, int) or self.every < 2:
@@ -200,6 +150,14 @@ class LeapOptions:
         if self.every // self.snapshot_every < 2:
             raise ValueError(f"a segment needs at least 2 snapshots to fit a line: every={self.every} with "
                              f"snapshot_every={self.snapshot_every} gives {self.every // self.snapshot_every}")
+        if self.probe is not None and self.require == "plausible":
+            self.require = "probe"  # a probe given decides
+        if self.require == "probe" and self.probe is None:
+            raise ValueError("require='probe' needs a probe set (probe=...)")
+        if isinstance(self.probe, str):
+            from relex.probe.problems import load_probe  # start-up: only with a probe
+
+            self.probe = load_probe(self.probe, self.probe_limit)
         if self.require not in REQUIREMENTS:
             raise ValueError(f"require must be one of {', '.join(REQUIREMENTS)}, not {self.require!r}")
         if self.optimizer_state not in OPTIMIZER_STATES:
@@ -209,10 +167,8 @@ class LeapOptions:
             raise ValueError("check must be a callable check(model) -> float")
         if not (isinstance(self.check_tolerance, (int, float)) and self.check_tolerance >= 0):
             raise ValueError(f"check_tolerance must be a number >= 0, not {self.check_tolerance!r}")
-        known = {"method", "rank", "regressor", "scale", "auto_scope", "candidates", "holdout", "block_bytes"}
-        unknown = sorted(set(self.engine) - known)
-        if unknown:
-            raise ValueError(f"unknown engine option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        if not isinstance(self.run, RunOptions):
+            raise ValueError(f"run must be a relex.RunOptions, not {type(self.run).__name__}")
 
     @property
     def snapshots(self) -> int:
@@ -231,13 +187,14 @@ class LeapDecision:
     segment_start: int  # the (virtual) step the segment started at
     jumped: bool
     reason: str  # "jumped", "refused" (verdict), "reverted" (check), "failed" (error)
-    verdict: str | None
+    verdict: dict | None  # the verdict on the segment (Verdict.to_dict()); None when the fit failed
     message: str
     figures: dict[str, float] = field(default_factory=dict)  # relex/... verdict figures
-    passes_gate: bool | None = None  # relex check without --strict would pass the jump (None: no fit)
+    passes_gate: bool | None = None  # relex check --lenient would pass the jump (None: no fit)
     check_before: float | None = None
     check_after: float | None = None
     seconds: float = 0.0
+    probe: dict | None = None  # the probe's curve over the candidate jumps (relex.probe.search.ProbeCurve)
 
     def log_figures(self) -> dict[str, float]:
         """The numbers logged for this decision (``leap/...`` and the verdict's ``relex/...``)."""
@@ -368,22 +325,37 @@ class Leaper:
         record = dict(real_step=real_step, from_step=step, to_step=step, length=length,
                       segment_start=self.segment_start, jumped=False)
         current = self.snapshots[-1][1]
+        targets = [offset + length]
+        if options.require == "probe":  # the jump length is chosen on the probe among a grid of them
+            from relex.probe.search import target_grid  # start-up: only with a probe
+
+            targets = target_grid(offset, offset + length) or targets
         try:
-            fit = fit_segment(self.base, self.snapshots, offset + length, options.engine, options.device,
-                              rewards, options.reward_max)
+            fit = fit_segment(self.base, self.snapshots, targets, options.run, rewards)
         except Exception as exc:  # noqa: BLE001 — a failed fit leaves training as it was
             logger.warning("relex leap at step %d: no jump, the fit failed: %s", step, one_line(exc))
             self._restart(step)
             return LeapDecision(**record, reason="failed", verdict=None, message=one_line(exc),
                                 seconds=time.perf_counter() - started)
-        record.update(verdict=fit.verdict, message=fit.message, figures=fit.figures, passes_gate=fit.passes_gate)
-        allowed = {"plausible": fit.plausible, "gate": fit.passes_gate, "always": True}[options.require]
+        record.update(verdict=fit.verdict.to_dict(), message=fit.verdict.message, figures=fit.figures,
+                      passes_gate=fit.passes_gate)
+        prediction = fit.prediction
+        if options.require == "probe":
+            curve = self._probe(model, parameters, current, fit)
+            record["probe"] = curve.to_dict()
+            allowed = curve.chosen is not None
+            if allowed:
+                length, prediction = curve.chosen - offset, fit.predictions[curve.chosen]
+                record["length"] = length
+        else:
+            allowed = {"plausible": fit.verdict.plausible, "lenient": fit.passes_gate,
+                       "always": True}[options.require]
         if not allowed:
-            logger.info("relex leap at step %d: no jump (%s)", step, fit.message)
+            logger.info("relex leap at step %d: no jump (%s)", step, fit.verdict.message)
             self._restart(step)
             return LeapDecision(**record, reason="refused", seconds=time.perf_counter() - started)
         before = float(options.check(model)) if options.check is not None else None
-        self._write(parameters, fit.prediction)
+        self._write(parameters, prediction)
         try:
             after = float(options.check(model)) if options.check is not None else None
         except BaseException:
@@ -401,9 +373,25 @@ class Leaper:
             for _ in range(length):
                 scheduler.step()
         record.update(to_step=step + length, jumped=True)
-        logger.info("relex leap at step %d: jumped to step %d (%s)", step, step + length, fit.message)
-        self._restart(step + length, base=fit.prediction)
+        logger.info("relex leap at step %d: jumped to step %d (%s)", step, step + length, fit.verdict.message)
+        self._restart(step + length, base=prediction)
         return LeapDecision(**record, reason="jumped", seconds=time.perf_counter() - started)
+
+    def _probe(self, model, parameters, current, fit: SegmentFit):
+        """The probe's horizon search over the fit's candidate jumps, on the live model (its weights put back)."""
+        from relex.probe.scoring import ProbeModel  # start-up: only with a probe
+        from relex.probe.search import search
+
+        options = self.options
+        scorer = ProbeModel(model, options.probe, str(next(model.parameters()).device), tokenizer=options.tokenizer)
+        try:
+            reference = _OnWeights(scorer, parameters, current)
+            reference.step = fit.steps[-1]
+            return search(reference, {t: (lambda t=t: _OnWeights(scorer, parameters, fit.predictions[t]))
+                                      for t in fit.predictions}, options.probe, mode=options.probe_mode,
+                          confidence=options.probe_confidence, looks=options.probe_looks)
+        finally:
+            self._write(parameters, current)
 
     @staticmethod
     @torch.no_grad()
@@ -412,142 +400,20 @@ class Leaper:
             p.copy_(values[name])
 
 
-# -- the Trainer callback -----------------------------------------------------------------------------------
+class _OnWeights:
+    """A probe scorer of the live model with given weights written into it before it scores."""
 
-
-def _saved_parameters(folder: Path, names: set[str]) -> dict[str, torch.Tensor] | None:
-    """The tensors ``names`` of a saved checkpoint (full weights), or None when it does not hold them all."""
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        return None
-    tensors: dict[str, torch.Tensor] = {}
-    for file in files:
-        tensors.update({k: v for k, v in load_file(file).items() if k in names})
-    return tensors if set(tensors) == names else None
-
-
-class LeapCallback(TrainerCallback):
-    """Leap during training with the Hugging Face ``Trainer`` or TRL's trainers (e.g. ``GRPOTrainer``).
-
-    Every ``every`` real steps the trajectory of the trainable parameters over the segment since the last
-    decision is fitted in memory and, when the verdict allows (``require``), the weights jump ``leap``
-    steps ahead (see :class:`LeapOptions` for every option; keyword arguments here are its fields).
-
-    Steps: a jump adds its length to ``state.global_step``, so checkpoints, logs and ``max_steps`` count
-    virtual steps (``max_steps`` is the virtual length of the run: leaping trains fewer real steps). A save
-    that falls on the step of a jump holds the jumped weights under the new step. Choose ``save_steps`` that
-    divides both ``every`` and ``leap`` so saves stay on their grid. The learning-rate scheduler is stepped
-    along (``advance_scheduler``); the optimizer's moments are kept or reset (``optimizer_state``), never
-    extrapolated.
-
-    Each decision is logged through the trainer at its step (``leap/from_step``, ``leap/to_step``,
-    ``leap/length``, ``leap/jumped``, ``leap/reverted``, ``leap/real_step``, ``leap/segment_start``,
-    ``leap/horizon`` (the target over the window), ``leap/passes_gate``, ``leap/seconds``, with a check
-    ``leap/check_before`` and ``leap/check_after``, and the verdict's ``relex/...`` figures), so it is in ``state.log_history`` and in every
-    ``trainer_state.json`` saved after it; the decisions are also kept in :attr:`decisions`.
-
-    Resuming from a checkpoint: the decisions are read back from the trainer state; the current segment
-    is rebuilt from the run's saved checkpoints of its snapshot steps (full-weight checkpoints with
-    ``save_steps`` dividing ``snapshot_every``); when one is missing the segment restarts at the resumed step,
-    with a warning. The trainer fast-forwards its data by ``global_step``, i.e. by virtual steps.
-
-    PEFT models: the trainable parameters are the adapter's, and each (``lora_A``, ``lora_B``,
-    ``modules_to_save``) is extrapolated along its own trajectory. The product ``B A`` then follows the
-    product of two lines, not the line of the merged update that ``relex extrapolate`` fits on adapter
-    checkpoints; a rank-r adapter cannot hold that line's prediction, which has rank up to r × snapshots.
-
-    Runs on a single process (``state.is_world_process_zero`` and no DeepSpeed / FSDP sharding): in
-    distributed training the parameters of the other ranks would not follow the jump.
-    """
-
-    def __init__(self, every: int | None = None, leap: int | None = None, options: LeapOptions | None = None,
-                 **fields):
-        if options is None:
-            if every is None or leap is None:
-                raise ValueError("give every (M) and leap (N), or options=LeapOptions(...)")
-            options = LeapOptions(every=every, leap=leap, **fields)
-        elif every is not None or leap is not None or fields:
-            raise ValueError("give either options=LeapOptions(...) or its fields, not both")
-        self.options = options
-        self.leaper = Leaper(options)
-        self._trainer = None
-        self._disabled: str | None = None
-        self._jumped_before = 0  # steps jumped before a resume (from the trainer state)
+    def __init__(self, scorer, parameters: Mapping[str, torch.nn.Parameter], values: Mapping[str, torch.Tensor]):
+        self.scorer, self.parameters, self.values = scorer, parameters, values
 
     @property
-    def decisions(self) -> list[LeapDecision]:
-        return self.leaper.decisions
+    def tokens(self) -> int:
+        return self.scorer.tokens
 
-    def attach(self, trainer) -> "LeapCallback":
-        """Log through ``trainer`` (added to its callbacks if it is not there yet); returns the callback."""
-        self._trainer = trainer
-        if not any(c is self for c in trainer.callback_handler.callbacks):
-            trainer.add_callback(self)
-        return self
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if self._trainer is None:
-            self._trainer = calling_trainer(self)
-        if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None) or getattr(args, "world_size", 1) > 1:
-            self._disabled = "distributed training: the other ranks' parameters would not follow a jump"
-        elif model is None:
-            self._disabled = "the trainer passed no model"
-        if self._disabled:
-            logger.warning("relex leap: no jumps in this run: %s", self._disabled)
-            return
-        step = state.global_step
-        if step == 0:
-            self.leaper.begin(model, 0)
-            return
-        self._resume(args, state, model)
-
-    def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
-        if self._disabled or model is None:
-            return
-        real_step = state.global_step - self._jumped()
-        # The trainer logs this step's reward after on_step_end: the segment's rewards up to the step before.
-        rewards = [(e["step"], e[self.options.reward_key]) for e in state.log_history
-                   if "step" in e and isinstance(e.get(self.options.reward_key), (int, float))]
-        decision = self.leaper.after_step(model, optimizer, real_step, state.global_step,
-                                          max_step=state.max_steps or None, scheduler=lr_scheduler, rewards=rewards)
-        if decision is None:
-            return
-        if decision.jumped:
-            state.global_step = decision.to_step
-            trainer = self._trainer
-            # The trainer's mean loss divides by the steps since its last log: a jump trained none of them.
-            if trainer is not None and hasattr(trainer, "_globalstep_last_logged"):
-                trainer._globalstep_last_logged += decision.length
-            if state.max_steps and state.global_step >= state.max_steps:
-                control.should_training_stop = True
-                control.should_save = args.save_strategy != "no"
-        figures = decision.log_figures()
-        if self._trainer is not None:
-            log_through(self._trainer, figures)
-        else:
-            state.log_history.append({**figures, "step": state.global_step})
-
-    # -- internals ----------------------------------------------------------------------------------
-
-    def _jumped(self) -> int:
-        return sum(d.length for d in self.leaper.decisions if d.jumped) + self._jumped_before
-
-    def _resume(self, args, state, model) -> None:
-        logged = decisions_from_log(state.log_history)
-        self._jumped_before = int(sum(e[LEAP + "length"] for e in logged if e.get(LEAP + "jumped")))
-        start = int(logged[-1][LEAP + "to_step"]) if logged else 0
-        names = set(trainable_parameters(model))
-        every = self.options.snapshot_every
-        saved = {}
-        for s in range(start, state.global_step, every):
-            tensors = _saved_parameters(Path(args.output_dir) / f"checkpoint-{s}", names)
-            if tensors is not None:
-                saved[s] = tensors
-        if not self.leaper.resume(model, state.global_step, start, saved):
-            logger.warning("relex leap: resumed at step %d without the segment's checkpoints since step %d "
-                           "(save_steps must divide snapshot_every=%d); the segment restarts here",
-                           state.global_step, start, every)
+    def score(self, indices, mode: str):
+        Leaper._write(self.parameters, self.values)
+        return self.scorer.score(indices, mode)
 
 
-__all__ = ["LEAP", "LeapCallback", "LeapDecision", "LeapOptions", "Leaper", "SegmentFit",
-           "SnapshotReaders", "SnapshotSource", "decisions_from_log", "fit_segment", "trainable_parameters"]
+__all__ = ["LEAP", "LeapDecision", "LeapOptions", "Leaper", "SegmentFit", "decisions_from_log", "fit_segment",
+           "trainable_parameters"]

@@ -27,20 +27,14 @@ from typing import Sequence
 
 from transformers import TrainerCallback
 
-from relex.errors import RelexInputError
-from relex.integrations.assess import PREFIX, Assessment, assess, check_options
+from relex.errors import one_line
+from relex.integrations.assess import PREFIX, Assessment, assess
+from relex.options import RunOptions
 
 logger = logging.getLogger(__name__)
 
 BASE_FOLDER = "relex-base"  # under args.output_dir: not a checkpoint name, so neither relex nor the trainer reads it
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-
-
-def one_line(exc: BaseException) -> str:
-    """An error as one short line (input errors as relex words them, anything else with its type)."""
-    text = str(exc) if isinstance(exc, RelexInputError) else f"{type(exc).__name__}: {exc}"
-    text = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-    return text if len(text) <= 400 else text[:397] + "..."
 
 
 def count_checkpoints(run_dir: str | Path, max_step: int) -> int:
@@ -118,9 +112,9 @@ class RelexCallback(TrainerCallback):
             first step after they are ready, and carry ``relex/step``, the checkpoint they describe). Before
             the next save the callback waits for the worker, so checkpoints are never written, rotated or
             deleted while relex reads them. By default the training loop waits for relex at each save.
-        device: where relex computes (``cpu`` by default, leaving the accelerator to training).
-        engine_options: options of :func:`relex.engine.collect_grams` and :func:`relex.engine.extrapolate`
-            (``block_bytes``, ``method``, ``rank``, ``regressor``, ``dtype``, ``output``, …).
+        options: the run's settings (:class:`relex.options.RunOptions`), or any of them as keywords (``method``,
+            ``rank``, ``regressor``, ``dtype``, ``output``, ``block_bytes``, ``rewards``, …); ``device`` is
+            ``cpu`` unless given, leaving the accelerator to training.
 
     Figures (all numbers; logged through the trainer, so TensorBoard / W&B show them): ``relex/plausible``
     (1 when the verdict — the window backtest carried to the target included — is drift-dominated, 0
@@ -151,10 +145,10 @@ class RelexCallback(TrainerCallback):
         require_plausible: bool = True,
         background: bool = False,
         save_base: bool = True,
-        device: str = "cpu",
-        **engine_options,
+        options: RunOptions | None = None,
+        **settings,
     ):
-        check_options(engine_options)
+        self.options = (options or RunOptions(device="cpu")).replace(**settings)  # refuses unknown settings now
         if every < 1:
             raise ValueError(f"every must be at least 1, not {every}")
         if min_checkpoints < 2:
@@ -170,8 +164,6 @@ class RelexCallback(TrainerCallback):
         self.require_plausible = require_plausible
         self.background = background
         self.save_base = save_base
-        self.device = device
-        self.engine_options = engine_options
         self.history: list[Assessment] = []
         self._trainer = None
         self._base: str | Path | None = base
@@ -237,10 +229,9 @@ class RelexCallback(TrainerCallback):
         try:
             if count_checkpoints(args.output_dir, step) < self.min_checkpoints:
                 return
-            job = functools.partial(
-                assess, args.output_dir, base=self._base, max_step=step, target_steps=self.target_steps,
-                out_dir=self.out_dir if self._write else None, require_plausible=self.require_plausible,
-                device=self.device, write_errors="keep", **self.engine_options)
+            options = self.options.replace(base=self._base, max_step=step, target_steps=tuple(self.target_steps))
+            job = functools.partial(assess, args.output_dir, options, out_dir=self.out_dir if self._write else None,
+                                    require_plausible=self.require_plausible, write_errors="keep")
             if self.background:
                 if self._executor is None:
                     self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relex")

@@ -6,7 +6,7 @@ Recognised layouts (each gives a step number):
   weights or a PEFT LoRA adapter (``adapter_model.safetensors`` + ``adapter_config.json``);
 * verl: ``RUN/global_step_<N>/actor/`` with per-rank FSDP shards (``model_world_size_W_rank_R.pt``), a
   LoRA adapter in ``actor/lora_adapter/``, or weights merged to HF in ``actor/huggingface/``;
-* OpenRLHF: ``RUN/global_step<N>_hf/`` (``--save_hf_ckpt``); its DeepSpeed folders ``global_step<N>/`` are
+* OpenRLHF: ``RUN/global_step<N>_hf/`` (``--ckpt.save_hf``); its DeepSpeed folders ``global_step<N>/`` are
   refused with the conversion to run;
 * plain: ``RUN/step_<N>/`` and ``RUN/step<N>/``.
 
@@ -22,7 +22,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from relex.errors import RelexInputError
 from relex.io import hub
@@ -43,7 +43,8 @@ PROVENANCE = "relex.json"  # written by relex into every output folder
 RETENTION = {
     "hf": "HF Trainer / TRL: save_steps (smaller) and save_total_limit (None keeps all)",
     "verl": "verl: trainer.save_freq (smaller) and trainer.max_actor_ckpt_to_keep (null keeps all)",
-    "openrlhf": "OpenRLHF: --save_steps (smaller), --max_ckpt_num (larger) and --save_hf_ckpt",
+    "openrlhf": ("OpenRLHF: --ckpt.save_steps (smaller), --ckpt.max_num (larger) and --ckpt.save_hf "
+                 "(before 0.10.4: --save_steps, --max_ckpt_num, --save_hf_ckpt)"),
     "plain": "save a checkpoint more often during training and keep them all",
 }
 
@@ -53,12 +54,14 @@ class Checkpoint:
     """One checkpoint folder, the training step it was saved at, and how to read it.
 
     ``kind`` is ``hf`` (safetensors or pickled weights in a Hugging Face folder), ``fsdp`` (verl's per-rank
-    shards; ``path`` is the ``actor/`` folder) or ``lora`` (a PEFT adapter over the base).
+    shards; ``path`` is the ``actor/`` folder), ``lora`` (a PEFT adapter over the base) or ``memory`` (tensors
+    held in memory, ``tensors``; ``path`` only names them).
     """
 
     step: int
     path: Path
     kind: str = "hf"
+    tensors: Mapping | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -73,6 +76,7 @@ class CheckpointSeries:
     observed: list[Checkpoint] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     layout: str = "plain"
+    rewards: tuple[tuple[float, float], ...] | None = None  # (step, mean reward) logged beside in-memory runs
 
     @property
     def steps(self) -> list[int]:
@@ -122,12 +126,14 @@ def _deepspeed_hint(folder: Path) -> str | None:
     if any(folder.glob("*model_states.pt")) or any(folder.glob("zero_pp_rank_*")) or any(
             folder.glob("*/mp_rank_*_model_states.pt")):
         return ("a DeepSpeed checkpoint, not model weights: convert it with DeepSpeed's zero_to_fp32.py "
-                "(python zero_to_fp32.py CKPT_DIR OUT_DIR --safe_serialization), or save with OpenRLHF's "
-                "--save_hf_ckpt, which writes global_stepN_hf/ folders relex reads")
+                f"(python zero_to_fp32.py {folder.parent} OUT_DIR --tag {folder.name} --safe_serialization), or "
+                "save with OpenRLHF's --ckpt.save_hf (--save_hf_ckpt before 0.10.4), which writes "
+                "global_stepN_hf/ folders relex reads")
     return None
 
 
-def _step_of(name: str) -> int | None:
+def step_of(name: str) -> int | None:
+    """The step a checkpoint folder's name gives (``checkpoint-200``, ``global_step_200``, ``step_200``, …)."""
     for pattern in _PATTERNS:
         match = pattern.match(name)
         if match:
@@ -137,7 +143,7 @@ def _step_of(name: str) -> int | None:
 
 def is_checkpoint_name(name: str) -> bool:
     """True when a folder called ``name`` would be read as a training checkpoint."""
-    return _step_of(name) is not None
+    return step_of(name) is not None
 
 
 def _layout_of(names: Sequence[str]) -> str:
@@ -177,7 +183,7 @@ def scan_run(run_dir: str | Path, skipped: list[tuple[Path, str]] | None = None)
     for child in sorted(run_dir.iterdir()):
         if not child.is_dir():
             continue
-        step = _step_of(child.name)
+        step = step_of(child.name)
         if step is None:
             continue
         if (child / PROVENANCE).is_file():

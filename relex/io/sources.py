@@ -6,6 +6,7 @@ from relex.errors import RelexInputError
 from relex.io.discover import Checkpoint
 from relex.io.fsdp import FsdpSource
 from relex.io.lora import LoraSource
+from relex.io.memory import MemorySource
 from relex.io.reader import CheckpointReader
 from relex.io.source import Source
 
@@ -14,6 +15,8 @@ def open_source(checkpoint: Checkpoint, *, base: Source | None = None, allow_pic
     """The source reading ``checkpoint``; a LoRA adapter needs the opened ``base`` it applies to."""
     if checkpoint.kind == "hf":
         return CheckpointReader(checkpoint.path, allow_pickle=allow_pickle)
+    if checkpoint.kind == "memory":
+        return MemorySource(checkpoint.tensors, checkpoint.path)
     if checkpoint.kind == "fsdp":
         return FsdpSource(checkpoint.path, allow_pickle=allow_pickle)
     if checkpoint.kind == "lora":

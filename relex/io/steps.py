@@ -1,9 +1,12 @@
-"""Step selections as users write them: ``10,20,30``, ranges ``1-75`` and strides ``10-100:10``."""
+"""Steps as users write them: selections ``10,20,30``, ranges ``1-75`` and strides ``10-100:10``; target steps."""
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Sequence
+
+import numpy as np
 
 from relex.errors import RelexInputError
 
@@ -39,3 +42,47 @@ def parse_steps(text: str | Sequence[int]) -> list[int]:
     if len(set(values)) != len(values):
         raise RelexInputError(f"duplicate steps in --steps: {sorted({v for v in values if values.count(v) > 1})}")
     return sorted(values)
+
+
+def parse_targets(value) -> tuple[int, ...]:
+    """The target steps, sorted and unique: one step (an int, or its text), several as ``"100,200"``, or a list.
+
+    Every target is an integer from 1 to 2⁶³ − 1 (a step a training run can reach); anything else raises
+    :class:`RelexInputError`.
+    """
+    if isinstance(value, str):
+        parts = [part for part in value.replace(" ", "").split(",") if part]
+    elif isinstance(value, (int, float, np.integer, np.floating)):
+        parts = [value]
+    else:
+        parts = list(value)
+    if not parts:
+        raise RelexInputError("give at least one --target-step")
+    targets = set()
+    for part in parts:
+        number = _integer(part)
+        if number is None:
+            raise RelexInputError(f"--target-step must be an integer or a comma-separated list of integers, got "
+                                  f"{value!r}")
+        if not 1 <= number <= MAX_STEP:
+            shown = str(number) if len(str(number)) <= 30 else f"a {len(str(abs(number)))}-digit number"
+            raise RelexInputError(f"--target-step {shown} is not a training step: steps run from 1 to 2^63 − 1 "
+                                  f"({MAX_STEP})")
+        targets.add(number)
+    return tuple(sorted(targets))
+
+
+def _integer(value) -> int | None:
+    """``value`` as an int when it is one (``12``, ``"12"``, ``12.0``), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, str):
+        text = value.strip()
+        return int(text) if re.fullmatch(r"[+-]?\d+", text) else None
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return int(number) if math.isfinite(number) and number.is_integer() else None

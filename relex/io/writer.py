@@ -24,20 +24,11 @@ import torch
 
 from relex.io.files import AUX_FILES
 from relex.io.reader import DTYPE_NAMES
+from relex.io.sizes import parse_size
+from relex.jsonable import write_json
 
 INDEX = "model.safetensors.index.json"
 PENDING_PIECES = 4  # pieces queued for the writer thread before the producer waits
-
-
-def parse_size(size: str | int) -> int:
-    """``"5GB"`` / ``"500MB"`` / ``1000`` -> bytes."""
-    if isinstance(size, int):
-        return size
-    text = size.strip().upper()
-    for unit, factor in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
-        if text.endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
 
 
 @dataclass(frozen=True)
@@ -295,7 +286,7 @@ class ShardedWriter(SafetensorsWriter):
         return copy_aux_files(self.folder, sources)
 
     def write_json(self, filename: str, payload: dict) -> None:
-        (self.folder / filename).write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+        write_json(self.folder / filename, payload)
 
     def finish(self) -> None:
         """Check that every tensor was written whole, create shards holding nothing but a header, and write

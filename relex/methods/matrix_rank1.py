@@ -172,16 +172,14 @@ class MatrixRankOne:
         gains = f.coef_fit[p:] - f.sigma[p - 1]  # ⟨Δ_j − Δ_{p−1}, u v ᵀ⟩ = Q_j − σ_{p−1}
         return backtest_shrink(increments, gains)
 
-    @staticmethod
-    def coefficients(params: dict, targets: np.ndarray) -> np.ndarray:
-        # Anchored models here always carry a numeric λ (from the backtest), which fitted_coefficients uses.
-        return fitted_coefficients(params, targets)
+    # Anchored models here always carry a numeric λ (from the backtest), which fitted_coefficients uses.
+    coefficients = staticmethod(fitted_coefficients)
 
     @staticmethod
     def describe(params: dict, targets: np.ndarray) -> dict:
-        if not params.get("anchored") or params.get("fit") is None:
-            return {}
-        return {"shrink": [float(params["shrink"])] * len(np.atleast_1d(targets))}
+        """λ of an anchored model, the same at every target."""
+        anchored = params.get("anchored") and params.get("fit") is not None
+        return {"shrink": [float(params["shrink"])] * len(np.atleast_1d(targets))} if anchored else {}
 
     def backtest_products(self, data: TensorData, holdout: int, *, regressor=None, shared=None, scale=1.0):
         """(⟨x̂_j, x_j⟩, ‖x̂_j‖², ‖x_j‖²) for the held-out j of a fit on the first T − holdout checkpoints

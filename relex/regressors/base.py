@@ -8,10 +8,12 @@ every predictor module and looks names up in these registries.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from dataclasses import dataclass, field, fields
+from typing import Callable, ClassVar, Protocol
 
 import numpy as np
+
+from relex.errors import RelexInputError
 
 
 class Fit(Protocol):
@@ -56,13 +58,29 @@ def register_pattern(pattern: str, factory: Callable[[re.Match], Regressor]) -> 
 
 
 def loader(kind: str):
-    """Class decorator: ``cls.from_dict`` rebuilds fits whose ``to_dict()['kind'] == kind``."""
+    """Class decorator: ``cls.from_dict`` rebuilds fits whose ``to_dict()['kind'] == kind`` (``cls.kind``)."""
 
     def wrap(cls):
+        cls.kind = kind
         LOADERS[kind] = cls.from_dict
         return cls
 
     return wrap
+
+
+class ArrayFit:
+    """A dataclass fit whose fields are arrays (one value per column) or floats: its JSON form, ``{"kind": ...,
+    field: value, ...}`` in field order, and back."""
+
+    kind: ClassVar[str]
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind} | {f.name: float(getattr(self, f.name)) if f.type == "float"
+                                      else as_array(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        return cls(**{f.name: float(d[f.name]) if f.type == "float" else np.array(d[f.name]) for f in fields(cls)})
 
 
 def r_squared(values: np.ndarray, fitted: np.ndarray) -> np.ndarray:
@@ -72,6 +90,15 @@ def r_squared(values: np.ndarray, fitted: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         r2 = np.where(total > 0, 1.0 - residual / np.where(total > 0, total, 1.0), 1.0)
     return r2
+
+
+def positive_steps(name: str, steps, values) -> tuple[np.ndarray, np.ndarray]:
+    """``(t, values)`` as float64, values one column per series; refuses steps ≤ 0 (curves in log t or
+    through the base at t = 0)."""
+    t = np.asarray(steps, dtype=np.float64)
+    if np.any(t <= 0):
+        raise RelexInputError(f"{name} needs positive step numbers")
+    return t, np.asarray(values, dtype=np.float64).reshape(len(t), -1)
 
 
 def as_array(values) -> list:

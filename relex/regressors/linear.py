@@ -6,12 +6,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from relex.regressors.base import as_array, loader, r_squared, register
+from relex.regressors.base import ArrayFit, loader, r_squared, register
 
 
 @loader("linear")
 @dataclass
-class LinearFit:
+class LinearFit(ArrayFit):
     intercept: np.ndarray  # (k,)
     slope: np.ndarray  # (k,)
     r2: np.ndarray  # (k,)
@@ -19,14 +19,6 @@ class LinearFit:
     def predict(self, t: np.ndarray) -> np.ndarray:
         t = np.asarray(t, dtype=np.float64).reshape(-1, 1)
         return self.intercept + t * self.slope
-
-    def to_dict(self) -> dict:
-        return {"kind": "linear", "intercept": as_array(self.intercept), "slope": as_array(self.slope),
-                "r2": as_array(self.r2)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "LinearFit":
-        return cls(np.array(d["intercept"]), np.array(d["slope"]), np.array(d["r2"]))
 
 
 @register("linear", "least squares with intercept on the step (the paper's default)")

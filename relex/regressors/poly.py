@@ -13,14 +13,20 @@ from functools import partial
 import numpy as np
 
 from relex.errors import RelexInputError
-from relex.regressors.base import Regressor, as_array, loader, r_squared, register_pattern
+from relex.regressors.base import (
+    ArrayFit,
+    Regressor,
+    loader,
+    r_squared,
+    register_pattern,
+)
 
 MAX_DEGREE = 6
 
 
 @loader("poly")
 @dataclass
-class PolyFit:
+class PolyFit(ArrayFit):
     coefficients: np.ndarray  # (degree + 1, k), lowest power first, in τ = t / t_ref
     t_ref: float
     r2: np.ndarray
@@ -29,14 +35,6 @@ class PolyFit:
         tau = np.asarray(t, dtype=np.float64).reshape(-1) / self.t_ref
         design = np.vander(tau, len(self.coefficients), increasing=True)
         return design @ self.coefficients
-
-    def to_dict(self) -> dict:
-        return {"kind": "poly", "coefficients": as_array(self.coefficients), "t_ref": float(self.t_ref),
-                "r2": as_array(self.r2)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "PolyFit":
-        return cls(np.array(d["coefficients"]), float(d["t_ref"]), np.array(d["r2"]))
 
 
 def fit_poly(steps: np.ndarray, values: np.ndarray, degree: int = 2) -> PolyFit:

@@ -11,15 +11,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from relex.errors import RelexInputError
-from relex.regressors.base import as_array, loader, r_squared, register
+from relex.regressors.base import ArrayFit, loader, positive_steps, r_squared, register
 
 B_MIN, B_MAX = -2.0, 4.0
 
 
 @loader("powerlaw")
 @dataclass
-class PowerLawFit:
+class PowerLawFit(ArrayFit):
     amplitude: np.ndarray  # a, for t in units of t_ref
     exponent: np.ndarray  # b
     t_ref: float
@@ -28,14 +27,6 @@ class PowerLawFit:
     def predict(self, t: np.ndarray) -> np.ndarray:
         tau = np.asarray(t, dtype=np.float64).reshape(-1, 1) / self.t_ref
         return self.amplitude * tau**self.exponent
-
-    def to_dict(self) -> dict:
-        return {"kind": "powerlaw", "amplitude": as_array(self.amplitude), "exponent": as_array(self.exponent),
-                "t_ref": float(self.t_ref), "r2": as_array(self.r2)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "PowerLawFit":
-        return cls(np.array(d["amplitude"]), np.array(d["exponent"]), float(d["t_ref"]), np.array(d["r2"]))
 
 
 def fit_shape(basis, values: np.ndarray, lo: float, hi: float, grid: int = 121) -> tuple[float, float]:
@@ -67,10 +58,7 @@ def fit_shape(basis, values: np.ndarray, lo: float, hi: float, grid: int = 121) 
 
 @register("powerlaw", "c ≈ a·t^b through the base (b fitted, least squares)", min_points=2)
 def fit_powerlaw(steps: np.ndarray, values: np.ndarray) -> PowerLawFit:
-    t = np.asarray(steps, dtype=np.float64)
-    if np.any(t <= 0):
-        raise RelexInputError("powerlaw needs positive step numbers")
-    values = np.asarray(values, dtype=np.float64).reshape(len(t), -1)
+    t, values = positive_steps("powerlaw", steps, values)
     t_ref = float(t.max())
     tau = t / t_ref
     amplitudes, exponents = [], []

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from relex.errors import RelexInputError
-from relex.regressors.base import as_array, loader, r_squared, register
+from relex.regressors.base import ArrayFit, loader, positive_steps, r_squared, register
 from relex.regressors.powerlaw import fit_shape
 
 LOG_TAU_RANGE = (math.log(0.01), math.log(100.0))
@@ -21,7 +20,7 @@ LOG_TAU_RANGE = (math.log(0.01), math.log(100.0))
 
 @loader("saturating")
 @dataclass
-class SaturatingFit:
+class SaturatingFit(ArrayFit):
     amplitude: np.ndarray  # a
     tau: np.ndarray  # τ, in steps
     r2: np.ndarray
@@ -30,21 +29,10 @@ class SaturatingFit:
         t = np.asarray(t, dtype=np.float64).reshape(-1, 1)
         return self.amplitude * -np.expm1(-t / self.tau)
 
-    def to_dict(self) -> dict:
-        return {"kind": "saturating", "amplitude": as_array(self.amplitude), "tau": as_array(self.tau),
-                "r2": as_array(self.r2)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SaturatingFit":
-        return cls(np.array(d["amplitude"]), np.array(d["tau"]), np.array(d["r2"]))
-
 
 @register("saturating", "c ≈ a·(1 − exp(−t/τ)) through the base (deceleration toward a plateau)")
 def fit_saturating(steps: np.ndarray, values: np.ndarray) -> SaturatingFit:
-    t = np.asarray(steps, dtype=np.float64)
-    if np.any(t <= 0):
-        raise RelexInputError("saturating needs positive step numbers")
-    values = np.asarray(values, dtype=np.float64).reshape(len(t), -1)
+    t, values = positive_steps("saturating", steps, values)
     t_ref = float(t.max())
     amplitudes, taus = [], []
     for column in values.T:

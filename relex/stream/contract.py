@@ -95,7 +95,19 @@ class Sink:
     in the pass's order; the next tensors' ``on_model`` and ``open_span`` may come before a tensor's last
     ``emit`` (the pass goes on while a tensor is mixed). ``finish`` at the end of a successful pass, ``close``
     always.
+
+    A sink whose layout depends on every tensor's model (``needs_models``) is given them all, before the pass
+    that writes, through ``bind(models)``: the run then reads twice (a Gram pass decides every model first).
     """
+
+    needs_models = False
+
+    def describe(self) -> str:
+        """What the sink makes, for a printed plan."""
+        return type(self).__name__
+
+    def bind(self, models: dict) -> None:
+        """Every tensor's model (``needs_models`` sinks), before any of them is written."""
 
     def wants_chunks(self, state: TensorState) -> bool:
         return False

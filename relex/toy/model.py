@@ -23,7 +23,9 @@ def build_tokenizer():
         single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", BOS_ID)])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
-        padding_side="left")
+        padding_side="left",
+        # a Llama's inputs: older transformers default to adding token_type_ids, which generate() refuses
+        model_input_names=["input_ids", "attention_mask"])
     return tokenizer
 
 

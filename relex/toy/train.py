@@ -26,6 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from relex.progress import Progress, Report
 from relex.toy import task as _task
 from relex.toy.evaluate import (answer_ids, answer_logprob, answer_probabilities, generate, greedy_accuracy,
                                 prompt_ids, rewards)
@@ -186,7 +187,7 @@ def _set_threads(config: ToyConfig):
         torch.set_num_threads(int(config.num_threads))
 
 
-def warmup_model(config: ToyConfig, progress: Callable[[dict], None] | None = None):
+def warmup_model(config: ToyConfig, progress: Report = None):
     """Build the model and run the supervised warm-up; return the base model (deterministic in the seed)."""
     _set_threads(config)
     model = build_model(build_config(config.hidden, config.layers, config.heads, config.intermediate), config.seed)
@@ -211,7 +212,7 @@ def warmup_model(config: ToyConfig, progress: Callable[[dict], None] | None = No
         loss.backward()
         opt.step()
         if progress is not None and (step % 50 == 0 or step == config.warmup_steps):
-            progress({"phase": "warmup", "step": step, "total": config.warmup_steps, "loss": loss.item()})
+            progress(Progress("supervised warm-up", step, config.warmup_steps, "", f"loss {loss.item():.3f}"))
     model.eval()
     return model
 
@@ -223,7 +224,7 @@ def _eval(model) -> dict:
 
 
 def train_run(out_dir: str | Path | None, config: ToyConfig | None = None,
-              progress: Callable[[dict], None] | None = None, base=None,
+              progress: Report = None, base=None,
               on_checkpoint: Callable[[int, torch.nn.Module], None] | None = None,
               evaluate: bool = True, leap=None,
               on_step: Callable[[int, int, torch.nn.Module], None] | None = None) -> dict:
@@ -234,7 +235,7 @@ def train_run(out_dir: str | Path | None, config: ToyConfig | None = None,
     ``generation_config.json``, tokenizer files, ``trainer_state.json``), plus ``toy_run.json`` (the config
     and this summary). With ``out_dir=None`` nothing is written; ``on_checkpoint(step, model)`` is called at
     each checkpoint either way. ``base`` may be a warmed-up model (copied, not modified) to skip the warm-up.
-    ``progress(event)`` receives dicts with ``phase`` ("warmup", "rl", "done"), ``step`` and ``total``.
+    ``progress(event)`` receives :class:`relex.progress.Progress` events (the warm-up, then the GRPO steps).
     Returns a summary: timings, base and final held-out accuracy (if ``evaluate``), checkpoint steps/paths.
 
     With ``leap`` (a :class:`relex.integrations.leap.Leaper`, whose ``decisions`` the caller reads) the run
@@ -341,7 +342,8 @@ def train_run(out_dir: str | Path | None, config: ToyConfig | None = None,
                 history[-1]["leap"] = decision.to_dict()
                 step = decision.to_step
         if progress is not None:
-            progress(info)
+            reward = f"reward {info['reward']:.3f}" if "reward" in info else ""
+            progress(Progress("GRPO", step, config.steps, "", reward))
         if step % config.checkpoint_every == 0 or step == config.steps:
             checkpoint(step)
         if on_step is not None:
@@ -357,6 +359,4 @@ def train_run(out_dir: str | Path | None, config: ToyConfig | None = None,
     if out is not None:
         summary["base_dir"] = str(out / "checkpoint-0")
         (out / "toy_run.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if progress is not None:
-        progress({"phase": "done", "step": config.steps, "total": config.steps, "summary": summary})
     return summary

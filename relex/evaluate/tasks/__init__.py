@@ -38,9 +38,7 @@ class TaskSpec:
     name: str
     title: str
     size: int
-    hub_path: str | None = None
-    hub_split: str | None = None
-    local_file: str | None = None
+    local_file: str | None = None  # its file in a --data-dir (the layout of ../shared/data/math)
     kind: str = "math"
 
     @property
@@ -51,15 +49,23 @@ class TaskSpec:
     def yaml_path(self) -> Path:
         return TASKS_DIR / f"{self.lm_eval_name}.yaml"
 
+    @property
+    def hub_dataset(self) -> str | None:
+        """``path (split)``: the hub dataset its YAML reads (``dataset_path``, ``test_split``), if any."""
+        keys = dict(line.split(":", 1) for line in self.yaml_path.read_text().splitlines()
+                    if ":" in line and not line.startswith(("#", " ", "-")))
+        path = keys.get("dataset_path", "").strip()
+        return f"{path} ({keys['test_split'].strip()})" if path else None
+
 
 TASKS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in (
-        TaskSpec("aime24", "AIME 2024", 30, "HuggingFaceH4/aime_2024", "train", "aime24.jsonl"),
-        TaskSpec("aime25", "AIME 2025", 30, "math-ai/aime25", "test", "aime25.jsonl"),
-        TaskSpec("amc23", "AMC 2023", 40, "math-ai/amc23", "test", "amc23.jsonl"),
-        TaskSpec("minerva_math", "Minerva math (OCW)", 272, "math-ai/minervamath", "test", "minerva_math.jsonl"),
-        TaskSpec("math500", "MATH-500", 500, "HuggingFaceH4/MATH-500", "test", "math500.jsonl"),
+        TaskSpec("aime24", "AIME 2024", 30, "aime24.jsonl"),
+        TaskSpec("aime25", "AIME 2025", 30, "aime25.jsonl"),
+        TaskSpec("amc23", "AMC 2023", 40, "amc23.jsonl"),
+        TaskSpec("minerva_math", "Minerva math (OCW)", 272, "minerva_math.jsonl"),
+        TaskSpec("math500", "MATH-500", 500, "math500.jsonl"),
         TaskSpec("toy", "Toy addition (held-out)", 300, kind="toy"),
     )
 }

@@ -1,3 +1,0 @@
-from relex_cli.app import run
-
-run()

@@ -1,0 +1,130 @@
+"""The probe: verifying predictions on training problems, and choosing the target on them.
+
+Through the installed ``relex`` command on the demo's own toy run (its first 20 steps observed; the cached
+100-step run of ``tests/toy_runs.py``) and its noisy twin: ``--target-step auto --probe toy-train`` writes the one
+checkpoint the probe chose, better than the last observed one on the held-out problems the probe never saw
+(scored independently, ``tests/naive.py``), and records the curve; on the noisy run every candidate loses and
+nothing is written (exit 3). The statistics of the search are checked against hand-made scores.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from command import one_error_line, relex
+from naive import naive_toy_greedy
+from relex.probe.problems import ProbeSet, load_probe
+from relex.probe.search import search, target_grid
+
+WINDOW = 20
+
+
+def test_auto_horizon_on_the_demo_run_writes_the_chosen_checkpoint(toy, tmp_path):
+    out = tmp_path / "auto"
+    done = relex("extrapolate", toy["demo-final"], "--max-step", WINDOW, "--target-step", "auto", "--probe",
+                 "toy-train", "--out", out)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads((out / "relex.json").read_text())
+    curve = record["probe"]["curve"]
+    chosen = record["probe"]["chosen"]
+    assert record["target_steps"] == [chosen] and record["target_step"] == chosen
+    # candidates from just past the last observed step to the horizon the window backtest vouches for (220)
+    steps = [c["step"] for c in curve["candidates"]]
+    assert steps == target_grid(WINDOW, 220) and steps[0] > WINDOW and steps[-1] <= 220
+    better = [c for c in curve["candidates"] if c["decision"] == "better"]
+    assert chosen in [c["step"] for c in better]
+    assert all(c["difference"]["ci_low"] > 0 for c in better)
+    assert curve["tokens"] > 0 and (out / "probe.png").stat().st_size > 10_000
+    assert record["verdict"]["target_step"] == chosen  # the weights' verdict, beside the probe, at the chosen step
+    assert record["probe"]["decided_by"] == "probe"
+    assert len(list(out.glob("model-*.safetensors"))) == 1 and not (out / ".candidates").exists()
+    # the held-out problems, never seen by the probe: the chosen checkpoint is far better than the last observed
+    last = naive_toy_greedy(toy["demo-final"] / f"checkpoint-{WINDOW}")
+    picked = naive_toy_greedy(out)
+    assert sum(picked) / 300 - sum(last) / 300 >= 0.25, (sum(picked), sum(last))
+    assert f"wrote step {chosen}" in done.stdout and "the probe chose step" in done.stdout
+
+
+def test_auto_horizon_on_the_noisy_run_writes_nothing(toy, tmp_path):
+    out = tmp_path / "auto"
+    done = relex("extrapolate", toy["noisy"], "--max-step", WINDOW, "--target-step", "auto", "--probe", "toy-train",
+                 "--out", out, "--report", tmp_path / "report.json")
+    assert done.returncode == 3, done.stdout[-2000:] + done.stderr[-2000:]
+    assert not out.exists() and not list(tmp_path.glob(".auto*"))
+    assert "no target beats the last observed step 20 on the probe" in done.stderr
+    assert not (tmp_path / "report.json").exists()  # nothing written, not even the report
+    assert re.search(r"probe cost: [\d,]+ forward tokens, [\d.]+ s", done.stdout), done.stdout[-1000:]
+    done = relex("check", toy["noisy"], "--max-step", WINDOW, "--target-step", "auto", "--probe", "toy-train",
+                 "--json", tmp_path / "check.json", "--quiet")
+    assert done.returncode == 3
+    check = json.loads((tmp_path / "check.json").read_text())
+    assert check["gate"]["decided_by"] == "probe" and not check["gate"]["passed"]
+    assert check["probe"]["chosen"] is None
+    assert all(c["decision"] == "worse" for c in check["probe"]["curve"]["candidates"])
+
+
+def test_a_fixed_target_is_verified_the_same_way(toy, tmp_path):
+    done = relex("check", toy["demo-final"], "--max-step", WINDOW, "--target-step", 100, "--probe", "toy-train",
+                 "--json", tmp_path / "check.json", "--quiet")
+    assert done.returncode == 0, done.stdout[-2000:]
+    check = json.loads((tmp_path / "check.json").read_text())
+    assert check["probe"]["chosen"] == 100 and [c["step"] for c in check["probe"]["curve"]["candidates"]] == [100]
+
+
+def test_bad_probes_are_one_line(toy, tmp_path):
+    done = relex("extrapolate", toy["demo-final"], "--max-step", WINDOW, "--target-step", "auto", "--out", tmp_path / "o")
+    assert done.returncode == 2 and "--target-step auto needs --probe" in one_error_line(done)
+    done = relex("check", toy["demo-final"], "--max-step", WINDOW, "--probe", "aime24", "--target-step", 100)
+    assert done.returncode == 2 and "names a benchmark" in one_error_line(done)
+    done = relex("check", toy["demo-final"], "--max-step", WINDOW, "--probe", "toy-train", "--target-step", 100,
+                 "--lenient")
+    assert done.returncode == 2 and "give one of them" in one_error_line(done)
+    done = relex("extrapolate", toy["demo-final"], "--max-step", WINDOW, "--probe", "toy-train", "--target-step",
+                 100, "--require", "plausible", "--out", tmp_path / "o")
+    assert done.returncode == 2 and "give one of them" in one_error_line(done) and not (tmp_path / "o").exists()
+    bad = tmp_path / "probe.jsonl"
+    bad.write_text('{"problem": "1+1?", "answer": "2"}\n{"answer": "3"}\n')
+    done = relex("check", toy["demo-final"], "--max-step", WINDOW, "--probe", bad, "--target-step", 100)
+    assert done.returncode == 2 and f"{bad}: line 2" in one_error_line(done)
+
+
+class _Scores:
+    def __init__(self, values, step=0):
+        self.values, self.tokens, self.step = np.asarray(values, dtype=float), 0, step
+
+    def score(self, indices, mode):
+        indices = list(indices)
+        self.tokens += len(indices)
+        return self.values[indices]
+
+
+def test_the_search_drops_losers_stops_once_decided_and_picks_the_nearest_of_the_best():
+    n = 60
+    probe = ProbeSet("hand-made", "toy", tuple(range(n)), 4)
+    rng = np.random.default_rng(0)
+    reference = _Scores(rng.random(n) < 0.5, step=10)
+    better, worse = np.ones(n), np.zeros(n)
+    # 14, 20 and 28 solve everything, the reference about half, 40 nothing
+    candidates = {14: better, 20: better, 28: better, 40: worse}
+    curve = search(reference, {t: (lambda v=v: _Scores(v)) for t, v in candidates.items()}, probe, looks=3)
+    decisions = {c.step: c.decision for c in curve.candidates}
+    assert decisions[40] == "worse" and decisions[14] == decisions[20] == decisions[28] == "better"
+    assert curve.chosen == 14  # tied with 20 and 28: the nearest step
+    # every remaining candidate decided better after the first look: the search stopped there
+    assert curve.looks_done == 1 and all(c.problems == 20 for c in curve.candidates)
+    assert reference.tokens == 20
+    # a family-wise confidence split over 4 candidates and 3 looks
+    assert curve.candidates[0].difference["confidence"] == pytest.approx(1 - 0.05 / 12)
+
+
+def test_the_probe_set_is_the_training_split():
+    probe = load_probe("toy-train", 64)
+    from relex.toy.task import heldout_problems
+
+    held = {p.prompt for p in heldout_problems()}
+    assert len(probe) == 64 and not held & {p.prompt for p in probe.problems}
+    assert load_probe("toy-train", 64).problems == probe.problems  # a fixed seed: the same problems
