@@ -93,6 +93,18 @@ def _default(param) -> str:
     return f"`{default}`"
 
 
+def _argument_help(command, param) -> str:
+    """An argument's help. Typer before 0.28 loses it under click 8.2 and later (click's ``Argument`` sets no help
+    attribute, and ``relex CMD --help`` shows none there); then it is read from the command's own signature."""
+    if getattr(param, "help", None):
+        return param.help
+    try:
+        annotation = inspect.signature(command.callback, eval_str=True).parameters[param.name].annotation
+    except (KeyError, NameError, TypeError, ValueError):
+        return ""
+    return next((meta.help for meta in getattr(annotation, "__metadata__", ()) if getattr(meta, "help", None)), "")
+
+
 def _panel(param, fallback: str) -> str:
     return getattr(param, "rich_help_panel", None) or fallback
 
@@ -107,7 +119,7 @@ def _command(name: str, command) -> str:
         out += [text, ""]
     if arguments:
         out += ["| argument | help |", "|---|---|"]
-        out += [f"| `{_cell(_usage_piece(p))}` | {_cell(getattr(p, 'help', '') or '')} |" for p in arguments]
+        out += [f"| `{_cell(_usage_piece(p))}` | {_cell(_argument_help(command, p))} |" for p in arguments]
         out.append("")
     out += ["| option | default | help | panel |", "|---|---|---|---|"]
     for p in options:
