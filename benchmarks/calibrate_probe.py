@@ -12,9 +12,11 @@ per problem):
 - the oracle: the best of the same candidates (and the fixed target) on the held-out set, which the probe
   never sees.
 
-Measuring stores, per (run, prefix), every candidate's per-problem held-out correctness and its per-problem
-probe scores on a large probe set (both modes), so the search itself is replayed offline (``--report``) for
-any probe setting: the settings are tuned on seeds 0-1 and reported on seed 2, held out.
+Measuring stores, per (run, prefix), every candidate of a fine grid (each √2 times the previous step) with its
+per-problem held-out correctness and its per-problem probe scores on a large probe set (both modes), so the
+search itself is replayed offline (``--report``) for any probe setting, the grid's factor included (a grid of
+factor 2 is every other candidate of the stored one): the settings are tuned on seeds 0-1 and reported on
+seed 2, held out.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/calibrate_probe.py --out probe-calibration.jsonl \\
         [--only demo,noisy,...] [--seeds 0,1,2] [--threads 1]
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import shutil
 import sys
@@ -39,10 +42,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from calibrate_verdict import ORDER, PREFIXES, per_problem_greedy, settings, trained_run  # noqa: E402
 
+from relex.probe.search import GRID_FACTOR, target_grid  # noqa: E402
+
 PROBE_PROBLEMS = 128  # scored for every candidate when measuring; a setting's search uses a prefix of them
+MEASURED_FACTOR = math.sqrt(2.0)  # the stored grid; a setting's grid (factor √2 or 2) is a subset of it
 SIGNIFICANT = 0.95  # the held-out comparisons (as relex eval reports them)
-DEFAULT = {"mode": "reward", "limit": 64, "confidence": 0.95, "looks": 3}
-GRID = {"mode": ("reward", "logprob"), "limit": (32, 64, 128), "confidence": (0.8, 0.9, 0.95), "looks": (1, 3)}
+DEFAULT = {"mode": "reward", "limit": 64, "confidence": 0.95, "looks": 3, "factor": GRID_FACTOR}
+GRID = {"mode": ("reward", "logprob"), "limit": (32, 64, 128), "confidence": (0.8, 0.9, 0.95), "looks": (1, 3),
+        "factor": (MEASURED_FACTOR, 2.0)}
 
 
 def measure_run(name: str, kwargs: dict, seed: int, threads: int, bases: dict, out: Path, log=print) -> None:
@@ -50,7 +57,6 @@ def measure_run(name: str, kwargs: dict, seed: int, threads: int, bases: dict, o
     from relex.errors import RelexInputError
     from relex.probe.problems import load_probe
     from relex.probe.scoring import ProbeModel
-    from relex.probe.search import target_grid
     from relex.run import open_run
     from relex.sinks import CheckpointSink, checkpoint_layout, target_folders
 
@@ -65,7 +71,7 @@ def measure_run(name: str, kwargs: dict, seed: int, threads: int, bases: dict, o
                 with open_run(work / "run", max_step=max_step, device="cpu") as run:
                     steps = list(run.steps)
                     last = steps[-1]
-                    grid = target_grid(last, horizon_limit(steps) or 10 * last)
+                    grid = target_grid(last, horizon_limit(steps) or 10 * last, MEASURED_FACTOR)
                     targets = sorted(set(grid) | {final})
                     folders = target_folders(work / f"candidates-{max_step}", targets)
                     sink = CheckpointSink(folders, checkpoint_layout(run.readers, "auto"),
@@ -126,8 +132,21 @@ class Recorded:
         return self.scores[indices]
 
 
+def setting_grid(row: dict, factor: float) -> list[int]:
+    """The candidates a search of grid ``factor`` scores on a stored row (a subset of the stored grid)."""
+    from relex.analysis.verdict import horizon_limit
+
+    grid = target_grid(row["last"], horizon_limit(row["steps"]) or 10 * row["last"], factor)
+    missing = sorted(set(grid) - set(row["grid"]))
+    if missing:
+        raise SystemExit(f"{row['setting']} s{row['seed']}: the grid of factor {factor:g} needs candidates "
+                         f"{missing}, which were not measured")
+    return grid
+
+
 def choose(row: dict, setting: dict) -> tuple[int | None, dict]:
-    """The probe's choice on a stored row under ``setting`` (mode, limit, confidence, looks), and its curve."""
+    """The probe's choice on a stored row under ``setting`` (mode, limit, confidence, looks, factor), and its
+    cost."""
     from relex.probe.problems import ProbeSet
     from relex.probe.search import search
 
@@ -136,7 +155,8 @@ def choose(row: dict, setting: dict) -> tuple[int | None, dict]:
     n = min(setting["limit"], len(stored[str(row["last"])]))
     probe = ProbeSet("toy-train", "toy", tuple(range(n)), 4)  # only its length matters to the search
     reference = Recorded(stored[str(row["last"])][:n], per, row["last"])
-    curve = search(reference, {t: (lambda t=t: Recorded(stored[str(t)][:n], per, t)) for t in row["grid"]}, probe,
+    grid = setting_grid(row, setting["factor"])
+    curve = search(reference, {t: (lambda t=t: Recorded(stored[str(t)][:n], per, t)) for t in grid}, probe,
                    mode=mode, confidence=setting["confidence"], looks=setting["looks"])
     return curve.chosen, {"tokens": curve.tokens, "seconds": curve.seconds}
 
@@ -205,16 +225,24 @@ def tune(rows: list[dict]) -> tuple[dict, list[tuple[dict, dict]]]:
     return best[0], results
 
 
+def describe(setting: dict) -> str:
+    factor = "√2" if abs(setting["factor"] - MEASURED_FACTOR) < 1e-9 else f"{setting['factor']:g}"
+    return (f"{setting['mode']}, {setting['limit']} problems, confidence {setting['confidence']}, "
+            f"{setting['looks']} look(s), grid ×{factor}")
+
+
 def report(rows: list[dict]) -> str:
     tuned_rows = [r for r in rows if r["seed"] in (0, 1)]
     held_rows = [r for r in rows if r["seed"] == 2]
     setting, _ = tune(tuned_rows) if tuned_rows else (DEFAULT, [])
-    lines = [f"setting tuned on seeds 0-1 ({len(tuned_rows)} rows): {setting}", f"relex's default: {DEFAULT}", "",
+    previous = {**DEFAULT, "factor": MEASURED_FACTOR}  # the default's search on a grid of √2 steps
+    lines = [f"setting tuned on seeds 0-1 ({len(tuned_rows)} rows): {describe(setting)}",
+             f"relex's default: {describe(DEFAULT)}", f"default √2: the default on the √2 grid ({describe(previous)})", "",
              "| probe setting | rows | n | helping | fixed: hurt | fixed: share of oracle gain | auto: hurt | "
              "auto: share | jumped | probe tokens / row | probe s / row (est.) | held-out tokens / checkpoint |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     hurts = []
-    for name, chosen_setting in (("tuned", setting), ("default", DEFAULT)):
+    for name, chosen_setting in (("tuned", setting), ("default", DEFAULT), ("default √2", previous)):
         for label, chosen in (("seeds 0-1 (tuned on)", tuned_rows), ("seed 2 (held out)", held_rows), ("all", rows)):
             if not chosen:
                 continue

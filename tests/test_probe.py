@@ -32,9 +32,9 @@ def test_auto_horizon_on_the_demo_run_writes_the_chosen_checkpoint(toy, tmp_path
     curve = record["probe"]["curve"]
     chosen = record["probe"]["chosen"]
     assert record["target_steps"] == [chosen] and record["target_step"] == chosen
-    # candidates from just past the last observed step to the horizon the window backtest vouches for (220)
-    steps = [c["step"] for c in curve["candidates"]]
-    assert steps == target_grid(WINDOW, 220) and steps[0] > WINDOW and steps[-1] <= 220
+    # candidates from just past the last observed step to the horizon the window backtest vouches for (220),
+    # each twice the previous
+    assert [c["step"] for c in curve["candidates"]] == [40, 80, 160]
     better = [c for c in curve["candidates"] if c["decision"] == "better"]
     assert chosen in [c["step"] for c in better]
     assert all(c["difference"]["ci_low"] > 0 for c in better)
@@ -119,6 +119,15 @@ def test_the_search_drops_losers_stops_once_decided_and_picks_the_nearest_of_the
     assert reference.tokens == 20
     # a family-wise confidence split over 4 candidates and 3 looks
     assert curve.candidates[0].difference["confidence"] == pytest.approx(1 - 0.05 / 12)
+
+
+def test_the_target_grid_doubles_up_to_the_limit_and_coarsens_past_eight():
+    assert target_grid(20, 220) == [40, 80, 160]
+    assert target_grid(10, 100) == [20, 40, 80]
+    assert target_grid(20, 39) == [] and target_grid(20, 20) == []
+    assert target_grid(10, 100, factor=2 ** 0.5) == [14, 20, 28, 40, 57, 80]
+    # 2^1 … 2^12 would be 12 candidates: the factor grows to 2^1.5 (8 candidates)
+    assert target_grid(1, 5000) == [round(2 ** (1.5 * k)) for k in range(1, 9)] == [3, 8, 23, 64, 181, 512, 1448, 4096]
 
 
 def test_the_probe_set_is_the_training_split():
