@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from calibrate_verdict import ORDER, PREFIXES, per_problem_greedy, settings, trained_run  # noqa: E402
 
 from relex.probe.search import GRID_FACTOR, target_grid  # noqa: E402
+from relex.probe.verify import default_limit  # noqa: E402
 
 PROBE_PROBLEMS = 128  # scored for every candidate when measuring; a setting's search uses a prefix of them
 MEASURED_FACTOR = math.sqrt(2.0)  # the stored grid; a setting's grid (factor √2 or 2) is a subset of it
@@ -53,7 +54,6 @@ GRID = {"mode": ("reward", "logprob"), "limit": (32, 64, 128), "confidence": (0.
 
 
 def measure_run(name: str, kwargs: dict, seed: int, threads: int, bases: dict, out: Path, log=print) -> None:
-    from relex.analysis.verdict import horizon_limit
     from relex.errors import RelexInputError
     from relex.probe.problems import load_probe
     from relex.probe.scoring import ProbeModel
@@ -71,7 +71,7 @@ def measure_run(name: str, kwargs: dict, seed: int, threads: int, bases: dict, o
                 with open_run(work / "run", max_step=max_step, device="cpu") as run:
                     steps = list(run.steps)
                     last = steps[-1]
-                    grid = target_grid(last, horizon_limit(steps) or 10 * last, MEASURED_FACTOR)
+                    grid = target_grid(last, default_limit(steps), MEASURED_FACTOR)
                     targets = sorted(set(grid) | {final})
                     folders = target_folders(work / f"candidates-{max_step}", targets)
                     sink = CheckpointSink(folders, checkpoint_layout(run.readers, "auto"),
@@ -134,9 +134,7 @@ class Recorded:
 
 def setting_grid(row: dict, factor: float) -> list[int]:
     """The candidates a search of grid ``factor`` scores on a stored row (a subset of the stored grid)."""
-    from relex.analysis.verdict import horizon_limit
-
-    grid = target_grid(row["last"], horizon_limit(row["steps"]) or 10 * row["last"], factor)
+    grid = target_grid(row["last"], default_limit(row["steps"]), factor)
     missing = sorted(set(grid) - set(row["grid"]))
     if missing:
         raise SystemExit(f"{row['setting']} s{row['seed']}: the grid of factor {factor:g} needs candidates "
@@ -237,7 +235,8 @@ def report(rows: list[dict]) -> str:
     setting, _ = tune(tuned_rows) if tuned_rows else (DEFAULT, [])
     previous = {**DEFAULT, "factor": MEASURED_FACTOR}  # the default's search on a grid of √2 steps
     lines = [f"setting tuned on seeds 0-1 ({len(tuned_rows)} rows): {describe(setting)}",
-             f"relex's default: {describe(DEFAULT)}", f"default √2: the default on the √2 grid ({describe(previous)})", "",
+             f"relex's default: {describe(DEFAULT)}",
+             f"default √2: the default on the √2 grid ({describe(previous)})", "",
              "| probe setting | rows | n | helping | fixed: hurt | fixed: share of oracle gain | auto: hurt | "
              "auto: share | jumped | probe tokens / row | probe s / row (est.) | held-out tokens / checkpoint |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]

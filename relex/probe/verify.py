@@ -61,12 +61,18 @@ class ProbeOutcome:
                 "weights_verdict": self.verdict.to_dict()}
 
 
+def default_limit(steps) -> int:
+    """The farthest target ``--target-step auto`` considers without ``--horizon-limit``: the farthest step the
+    window backtest can vouch for, else 10× the last observed step."""
+    return horizon_limit(steps) or 10 * steps[-1]
+
+
 def candidate_targets(run: Run, options: RunOptions) -> list[int]:
     """The targets a probe scores: the fixed ones, or (auto) a grid up to the horizon limit."""
     if not options.auto_target:
         return list(options.target_steps)
     last = run.steps[-1]
-    limit = options.horizon_limit or horizon_limit(run.steps) or 10 * last
+    limit = options.horizon_limit or default_limit(run.steps)
     grid = target_grid(last, limit)
     if not grid:
         raise RelexInputError(f"--horizon-limit {limit} leaves no target beyond the last observed step {last}")
@@ -140,4 +146,4 @@ def plot_curve(curve: ProbeCurve, path: Path) -> None:
     figure.savefig(path)
 
 
-__all__ = ["ProbeOutcome", "candidate_targets", "plot_curve", "reference_folder", "verify"]
+__all__ = ["ProbeOutcome", "candidate_targets", "default_limit", "plot_curve", "reference_folder", "verify"]
