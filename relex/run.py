@@ -197,6 +197,12 @@ class Run:
     def in_memory(self) -> bool:
         return self.series.base.path.parts[:1] == MEMORY.parts
 
+    def with_options(self, options: RunOptions) -> "Run":
+        """The same opened run under other ``options`` (another method or target; the same checkpoints): it shares
+        this run's readers, so close only one of the two."""
+        ModelSelector(options.model, self.steps)  # refuses a model the window cannot fit, before any reading
+        return Run(self.label, self.series, self.readers, options, self.ranks, self.device, self.reward_log)
+
     def close(self) -> None:
         self.readers.close()
 

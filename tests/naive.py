@@ -207,6 +207,33 @@ def naive_toy_greedy(folder) -> list[bool]:
     return flags
 
 
+# -- probe problems: sums "a+b=" and the log-probability of their answers ------------------------------------
+
+
+def sums(seed: int = 0) -> list[tuple[int, int]]:
+    """Every (a, b) with two-digit a, b in 10..39, in a seeded order (the first ones train, later ones are
+    unseen)."""
+    pairs = [(a, b) for a in range(10, 40) for b in range(10, 40)]
+    np.random.default_rng(seed).shuffle(pairs)
+    return pairs
+
+
+def naive_answer_logprob(model, tokenizer, pairs) -> float:
+    """The mean over problems of the mean log-probability of the answer's tokens after "a+b=", one problem at a
+    time, no batching, no padding, float64 softmax: the oracle of the probe's log-probability screen."""
+    import torch
+
+    scores = []
+    with torch.no_grad():
+        for a, b in pairs:
+            prompt = tokenizer(f"{a}+{b}=", add_special_tokens=False)["input_ids"]
+            answer = tokenizer(str(a + b), add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([prompt + answer])
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+            scores.append(float(np.mean([logp[len(prompt) - 1 + k, token].item() for k, token in enumerate(answer)])))
+    return float(np.mean(scores))
+
+
 # -- the run verdict's figures, from explicit deltas ------------------------------------------------------
 
 

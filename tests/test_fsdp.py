@@ -473,3 +473,28 @@ def test_cli_missing_rank(runs, tmp_path, capsys):
     result = CliRunner().invoke(app, args)
     assert isinstance(result.exception, RelexInputError) and str(result.exception) == lines[0].removeprefix(
         "relex: error: ")
+
+
+def test_a_probe_compares_with_the_last_checkpoint_reassembled_from_its_shards(runs, tmp_path):
+    """``relex check --probe`` on verl shards: the last observed checkpoint is written whole from its shards for the
+    probe, and scores what the gathered full model of that step scores (the oracle: ``DTensor.full_tensor()``,
+    scored by the naive log-probability of ``tests/naive.py``)."""
+    from naive import naive_answer_logprob, sums
+    from transformers import AutoModelForCausalLM
+
+    from command import relex
+    from relex.testing import byte_level_tokenizer
+
+    probe = tmp_path / "probe.jsonl"
+    probe.write_text("".join(json.dumps({"text": f"{a}+{b}=", "answer": str(a + b), "verifier": "last-number"}) + "\n"
+                             for a, b in sums()[:32]))
+    done = relex("check", runs / "fsdp2", "--target-step", 12, "--probe", probe, "--probe-mode", "logprob",
+                 "--probe-looks", 1, "--json", tmp_path / "check.json", "--quiet")
+    assert done.returncode in (0, 3), done.stdout[-2000:] + done.stderr[-2000:]
+    check = json.loads((tmp_path / "check.json").read_text())
+    curve = check["probe"]["curve"]
+    assert check["sources"]["observed_kind"] == "fsdp" and curve["reference_step"] == 6
+    truth = AutoModelForCausalLM.from_pretrained(runs / "st2" / "step_6").eval()
+    expected = naive_answer_logprob(truth, byte_level_tokenizer(), sums()[:32])
+    assert curve["reference_mean"] == pytest.approx(expected, abs=1e-4)
+    assert [c["step"] for c in curve["candidates"]] == [12] and curve["candidates"][0]["problems"] == 32

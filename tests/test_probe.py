@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from command import one_error_line, relex
-from naive import naive_toy_greedy
+from naive import naive_answer_logprob, naive_toy_greedy, sums
 from relex.probe.problems import ProbeSet, load_probe
 from relex.probe.search import search, target_grid
 
@@ -137,3 +137,76 @@ def test_the_probe_set_is_the_training_split():
     held = {p.prompt for p in heldout_problems()}
     assert len(probe) == 64 and not held & {p.prompt for p in probe.problems}
     assert load_probe("toy-train", 64).problems == probe.problems  # a fixed seed: the same problems
+
+
+# -- a LoRA run: the last observed checkpoint is an adapter -------------------------------------------------------
+LORA_STEPS = (2, 4, 6, 8, 10, 12)
+
+
+def _lora_sum_run(root, lr: float = 0.03):
+    """A TRL-style PEFT LoRA run on a tiny Llama: full-batch SGD on 128 "a+b=c" sums, an adapter every 2 steps.
+    At this learning rate the loss still falls steadily at step 12, so going on along the trajectory helps."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from relex.testing import byte_level_tokenizer, save_tiny_model
+
+    base, run = root / "base", root / "run"
+    save_tiny_model(base)
+    tokenizer = byte_level_tokenizer()
+    torch.manual_seed(1)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                           "down_proj"]))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    batch = tokenizer([f"{a}+{b}={a + b}" for a, b in sums()[:128]], return_tensors="pt")
+    labels = batch["input_ids"].clone()
+    labels[:, :6] = -100  # the loss on the answer only
+    for step in range(1, max(LORA_STEPS) + 1):
+        model(**batch, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step in LORA_STEPS:
+            folder = run / f"checkpoint-{step}"
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    probe = root / "probe.jsonl"
+    probe.write_text("".join(json.dumps({"text": f"{a}+{b}=", "answer": str(a + b), "verifier": "last-number"}) + "\n"
+                             for a, b in sums()[:64]))
+    return base, run, probe
+
+
+def test_a_lora_run_is_probed_against_its_merged_last_adapter(tmp_path):
+    """The reference of a LoRA run is the base plus the last adapter (PEFT's own merge is the oracle); the chosen
+    prediction is written merged and beats it on sums the probe never saw."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from relex.testing import byte_level_tokenizer
+
+    base, run, probe = _lora_sum_run(tmp_path)
+    out = tmp_path / "auto"
+    done = relex("extrapolate", run, "--base", base, "--target-step", "auto", "--probe", probe, "--probe-mode",
+                 "logprob", "--probe-looks", 1, "--out", out)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    record = json.loads((out / "relex.json").read_text())
+    curve, chosen = record["probe"]["curve"], record["probe"]["chosen"]
+    assert record["sources"]["observed_kind"] == "lora" and curve["reference_step"] == 12
+    assert [c["step"] for c in curve["candidates"]] == [24, 48, 96] and chosen is not None
+    # a full model folder (the base's config, the adapter's tokenizer), not an adapter
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+    assert not (out / "adapter_config.json").exists() and (out / "probe.png").is_file()
+    tokenizer = byte_level_tokenizer()
+    probed = sums()[:64]
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base),
+                                       run / "checkpoint-12").merge_and_unload().eval()
+    assert curve["reference_mean"] == pytest.approx(naive_answer_logprob(merged, tokenizer, probed), abs=1e-4)
+    written = AutoModelForCausalLM.from_pretrained(out).eval()
+    scored = next(c for c in curve["candidates"] if c["step"] == chosen)
+    assert scored["mean"] == pytest.approx(naive_answer_logprob(written, tokenizer, probed), abs=1e-4)
+    unseen = sums()[128:192]  # neither trained on nor probed
+    gain = naive_answer_logprob(written, tokenizer, unseen) - naive_answer_logprob(merged, tokenizer, unseen)
+    assert gain > 0.02, (curve["reference_mean"], scored["mean"], gain)  # measured: −5.187, −5.116, +0.077
+    assert not list(tmp_path.glob("**/last-observed"))  # the scratch reference is gone with the candidates

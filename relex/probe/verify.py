@@ -16,6 +16,7 @@ import numpy as np
 from relex.analysis.verdict import GateDecision, Outcome, Verdict, horizon_limit
 from relex.errors import RelexInputError
 from relex.io.staging import require_free_space
+from relex.model_spec import ModelSpec
 from relex.options import RunOptions
 from relex.probe.problems import ProbeSet, load_probe
 from relex.probe.scoring import ProbeModel
@@ -79,13 +80,29 @@ def candidate_targets(run: Run, options: RunOptions) -> list[int]:
     return grid
 
 
-def reference_folder(run: Run) -> Path:
-    """The last observed checkpoint, which every candidate is compared with: it must load as a model."""
+def reference_checkpoint(run: Run, folder: Path, progress=None, out_dir_for_space: Path | None = None) -> Path:
+    """The last observed checkpoint as a model folder, which every candidate is compared with: the checkpoint
+    itself when it is a Hugging Face model folder; otherwise (LoRA adapters over the base, FSDP shards, snapshots
+    in memory) the base plus its update, written into ``folder`` by a pass of method ``last`` (the same sink, dtype
+    and config files as the candidates)."""
     newest = run.series.observed[-1]
-    if newest.kind != "hf":
-        raise RelexInputError(f"the probe compares with the last observed checkpoint, which must be a Hugging Face "
-                              f"model folder; this run's checkpoints are {newest.kind} (merge them first)", newest.path)
-    return newest.path
+    if newest.kind == "hf":
+        return newest.path
+    last = run.steps[-1]
+    again = run.with_options(run.options.replace(model=ModelSpec(method="last"), target_steps=(last,),
+                                                 auto_target=False, probe=None, allow_interpolation=True,
+                                                 rewards="none"))
+    layout = checkpoint_layout(run.readers, run.options.dtype, run.rank_names())
+    sink = CheckpointSink({last: folder}, layout, np.array([last], dtype=np.float64), run.device,
+                          run.options.max_shard_size)
+    config_folders = run.readers.config_folders()
+    try:
+        require_free_space(out_dir_for_space or folder.parent, sink.output_bytes(config_folders))
+        again.execute(sink, progress=progress, task=f"writing the last observed step {last} ({newest.kind})")
+    finally:
+        sink.close()
+    sink.save(last, {"probe_reference": True, "step": last, "source_kind": newest.kind}, config_folders)
+    return folder
 
 
 def verify(run: Run, options: RunOptions, scratch: Path, probe: ProbeSet | None = None, progress=None,
@@ -93,7 +110,8 @@ def verify(run: Run, options: RunOptions, scratch: Path, probe: ProbeSet | None 
     """Write the candidates of ``run`` into ``scratch`` (one pass), probe them, and decide (see the module
     docstring). ``out_dir_for_space``: the disk whose free space the candidates must fit (default: scratch's)."""
     probe = probe or load_probe(options.probe, options.probe_limit, max_new_tokens=options.probe_max_new_tokens)
-    reference = reference_folder(run)
+    scratch.mkdir(parents=True, exist_ok=True)
+    reference = reference_checkpoint(run, scratch / "last-observed", progress, out_dir_for_space)
     targets = candidate_targets(run, options)
     folders = target_folders(scratch, targets) if len(targets) > 1 else {targets[0]: scratch / f"step-{targets[0]}"}
     layout = checkpoint_layout(run.readers, options.dtype, run.rank_names())
@@ -146,4 +164,4 @@ def plot_curve(curve: ProbeCurve, path: Path) -> None:
     figure.savefig(path)
 
 
-__all__ = ["ProbeOutcome", "candidate_targets", "default_limit", "plot_curve", "reference_folder", "verify"]
+__all__ = ["ProbeOutcome", "candidate_targets", "default_limit", "plot_curve", "reference_checkpoint", "verify"]
