@@ -206,13 +206,12 @@ def extrapolate(source, out_dir: str | Path, options: RunOptions | None = None, 
 
 def _extrapolate_probed(source, out_dir: Path, options: RunOptions, progress: Report) -> ExtrapolationResult:
     """Extrapolation decided by a probe: the candidates written by one pass, the one the probe chooses kept (see
-    :mod:`relex.probe.verify`); none better than the last observed checkpoint: nothing written."""
+    :mod:`relex.probe.verify`; with ``--output lora``, written again as an adapter); none better than the last
+    observed checkpoint: nothing written."""
     from relex.probe.verify import plot_curve, verify  # start-up: the probe loads transformers
 
     if current().distributed:
         raise RelexInputError("--probe scores whole models: run it in one process (without torchrun)")
-    if options.output != "checkpoint":
-        raise RelexInputError("--probe verifies full checkpoints: it takes --output checkpoint")
     check_output_folder(out_dir, options.overwrite)
     check_output_place(out_dir, source)
 
@@ -220,29 +219,55 @@ def _extrapolate_probed(source, out_dir: Path, options: RunOptions, progress: Re
         pass
 
     with open_run(source, options, progress=progress) as run:
+        if options.output == "lora":
+            AdapterSink.check(run.readers, options.model.method)  # before anything is probed
         try:
             with staged_folder(out_dir, options.overwrite) as staging:
                 outcome = verify(run, options, staging / ".candidates", progress=progress, out_dir_for_space=out_dir)
                 if outcome.chosen is None:
                     raise NothingBetter()
-                chosen = outcome.candidates[outcome.chosen]
-                for item in chosen.iterdir():
-                    item.rename(staging / item.name)
-                shutil.rmtree(staging / ".candidates")
-                digests = json.loads((staging / "relex.json").read_text())["shards_sha256"]
-                extrapolation = ExtrapolationResult(
-                    out_dirs={outcome.chosen: out_dir}, options=options,
-                    result=dataclasses.replace(outcome.result, verdict=outcome.verdict),
-                    bytes_written=sum(f.stat().st_size for f in staging.iterdir() if f.is_file()),
-                    device=str(run.device), probe=outcome)
-                record = extrapolation.to_dict()
-                record["target_steps"] = [outcome.chosen]
-                write_json(staging / "relex.json", {**record, "target_step": outcome.chosen, "shards_sha256": digests})
+                result = dataclasses.replace(outcome.result, verdict=outcome.verdict)
+                if options.output == "lora":
+                    shutil.rmtree(staging / ".candidates")
+                    extrapolation = _write_chosen_adapter(run, options, outcome, staging, out_dir, result, progress)
+                else:
+                    chosen = outcome.candidates[outcome.chosen]
+                    for item in chosen.iterdir():
+                        item.rename(staging / item.name)
+                    shutil.rmtree(staging / ".candidates")
+                    digests = json.loads((staging / "relex.json").read_text())["shards_sha256"]
+                    extrapolation = ExtrapolationResult(
+                        out_dirs={outcome.chosen: out_dir}, options=options, result=result,
+                        bytes_written=sum(f.stat().st_size for f in staging.iterdir() if f.is_file()),
+                        device=str(run.device), probe=outcome)
+                    write_json(staging / "relex.json", {**extrapolation.to_dict(), "target_step": outcome.chosen,
+                                                        "shards_sha256": digests})
                 plot_curve(outcome.curve, staging / "probe.png")
         except NothingBetter:
             return ExtrapolationResult(out_dirs={}, options=options,
                                        result=dataclasses.replace(outcome.result, verdict=outcome.verdict),
-                                       bytes_written=0, device=str(run.device), probe=outcome)
+                                       bytes_written=0, device=str(run.device), output=options.output, probe=outcome)
+    return extrapolation
+
+
+def _write_chosen_adapter(run, options: RunOptions, outcome, staging: Path, out_dir: Path, result: PassResult,
+                          progress: Report) -> ExtrapolationResult:
+    """The probe's choice of a LoRA run as a PEFT adapter: one more pass, the same model (the candidate that was
+    probed is this adapter merged into the base, up to ``--lora-rank`` truncation)."""
+    chosen = outcome.chosen
+    sink = AdapterSink(run.readers, {chosen: staging}, np.array([chosen], dtype=np.float64), run.device,
+                       options.lora_rank, options.dtype)
+    config_folders = run.readers.config_folders()
+    try:
+        require_free_space(out_dir, sink.output_bytes(config_folders))
+        again = run.with_options(options.replace(target_steps=(chosen,), auto_target=False, probe=None))
+        again.execute(sink, progress=progress, task=f"writing the adapter of step {chosen}")
+    finally:
+        sink.close()
+    extrapolation = ExtrapolationResult(out_dirs={chosen: out_dir}, options=options, result=result,
+                                        bytes_written=sink.bytes_written, device=str(run.device), output="lora",
+                                        probe=outcome)
+    sink.save(chosen, extrapolation.to_dict(), config_folders)
     return extrapolation
 
 

@@ -86,6 +86,10 @@ def test_bad_probes_are_one_line(toy, tmp_path):
     done = relex("extrapolate", toy["demo-final"], "--max-step", WINDOW, "--probe", "toy-train", "--target-step",
                  100, "--require", "plausible", "--out", tmp_path / "o")
     assert done.returncode == 2 and "give one of them" in one_error_line(done) and not (tmp_path / "o").exists()
+    done = relex("extrapolate", toy["demo-final"], "--max-step", WINDOW, "--probe", "toy-train", "--target-step",
+                 100, "--output", "lora", "--out", tmp_path / "o")
+    assert done.returncode == 2 and "--output lora needs a LoRA run" in one_error_line(done)
+    assert not (tmp_path / "o").exists()
     bad = tmp_path / "probe.jsonl"
     bad.write_text('{"problem": "1+1?", "answer": "2"}\n{"answer": "3"}\n')
     done = relex("check", toy["demo-final"], "--max-step", WINDOW, "--probe", bad, "--target-step", 100)
@@ -180,7 +184,8 @@ def _lora_sum_run(root, lr: float = 0.03):
 
 def test_a_lora_run_is_probed_against_its_merged_last_adapter(tmp_path):
     """The reference of a LoRA run is the base plus the last adapter (PEFT's own merge is the oracle); the chosen
-    prediction is written merged and beats it on sums the probe never saw."""
+    prediction is written merged and beats it on sums the probe never saw; with ``--output lora`` it is written
+    as an adapter instead."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -210,3 +215,12 @@ def test_a_lora_run_is_probed_against_its_merged_last_adapter(tmp_path):
     gain = naive_answer_logprob(written, tokenizer, unseen) - naive_answer_logprob(merged, tokenizer, unseen)
     assert gain > 0.02, (curve["reference_mean"], scored["mean"], gain)  # measured: −5.187, −5.116, +0.077
     assert not list(tmp_path.glob("**/last-observed"))  # the scratch reference is gone with the candidates
+    # --output lora: the same choice, written as an adapter PEFT loads; it scores what the probed candidate scored
+    done = relex("extrapolate", run, "--base", base, "--target-step", "auto", "--probe", probe, "--probe-mode",
+                 "logprob", "--probe-looks", 1, "--out", tmp_path / "adapter", "--output", "lora")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    record = json.loads((tmp_path / "adapter" / "relex.json").read_text())
+    assert record["output"] == "lora" and record["target_step"] == record["probe"]["chosen"] == chosen
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file() and not (tmp_path / "adapter" / "config.json").exists()
+    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "adapter").eval()
+    assert naive_answer_logprob(adapter, tokenizer, probed) == pytest.approx(scored["mean"], abs=1e-4)
