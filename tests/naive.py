@@ -182,17 +182,17 @@ def naive_relex(base, checkpoints, steps, targets, rank: int = 1, scale: float =
     return outputs
 
 
-def naive_toy_greedy(folder) -> list[bool]:
-    """Held-out verdicts of the toy checkpoint in ``folder`` by a route independent of ``relex.toy.evaluate``
-    and of lm-eval: the checkpoint's own tokenizer, ``transformers``' ``generate`` (greedy, KV cache), and
-    exact match of the generated ids with the answer's digits followed by ``<eos>``. One flag per problem of
-    the held-out split, in its order."""
+def naive_toy_greedy(folder, problems=None) -> list[bool]:
+    """Verdicts of the toy checkpoint in ``folder`` on ``problems`` (default: the held-out split; anything with
+    the toy's ``prompt`` and ``answer``) by a route independent of ``relex.toy.evaluate`` and of lm-eval: the
+    checkpoint's own tokenizer, ``transformers``' ``generate`` (greedy, KV cache), and exact match of the
+    generated ids with the answer's digits followed by ``<eos>``. One flag per problem, in their order."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from relex.toy.task import heldout_problems
 
-    problems = heldout_problems()
+    problems = heldout_problems() if problems is None else list(problems)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     prompts = tokenizer([p.prompt for p in problems], return_tensors="pt")  # same length: no padding

@@ -372,3 +372,48 @@ def test_the_optimizer_state_is_kept_or_reset_and_the_schedule_follows_the_jump(
         for i, p in enumerate(model.parameters()):
             assert moments[i].keys() == optimizer.state[p].keys()
             assert all(torch.equal(optimizer.state[p][k], v) for k, v in moments[i].items())
+
+
+def test_the_probe_chooses_the_jump_on_the_toy_run_and_the_jump_helps_on_held_out_problems(toy, tmp_path):
+    """The demo's toy run with ``LeapOptions(every=20, leap=100, probe="toy-train")``: at real step 20 the jump
+    lengths 20 and 60 (the doubling grid up to 100) are scored on 64 training problems against the current
+    weights; the current weights are the demo run's step 20 and the jumped ones are saved as step 80 (a save due
+    at a jump holds the jump), each scored independently (``naive_toy_greedy``). The jump the probe chose is far
+    better than the demo run's step 20 on the held-out problems, which the probe never sees."""
+    from transformers import AutoModelForCausalLM
+
+    from naive import naive_toy_greedy
+    from relex.probe.problems import load_probe
+    from relex.toy import ToyConfig, train_run
+
+    class Stop(Exception):
+        pass
+
+    leaper = Leaper(LeapOptions(every=20, leap=100, probe="toy-train", probe_looks=1))
+
+    def stop_after_the_first_decision(real, step, model):
+        if leaper.decisions:
+            raise Stop()
+
+    base = AutoModelForCausalLM.from_pretrained(toy["demo-final"] / "checkpoint-0")
+    with pytest.raises(Stop):
+        train_run(tmp_path / "run", ToyConfig.demo(num_threads=1), base=base, leap=leaper, evaluate=False,
+                  on_step=stop_after_the_first_decision)
+    [decision] = leaper.decisions
+    curve = decision.probe
+    assert [c["step"] for c in curve["candidates"]] == [40, 80] and curve["reference_step"] == 20
+    assert decision.jumped and curve["chosen"] == decision.to_step == 20 + decision.length
+    chosen = next(c for c in curve["candidates"] if c["step"] == curve["chosen"])
+    assert chosen["decision"] == "better" and chosen["problems"] == 64
+    # the probe's scores, recomputed independently on the saved weights (greedy argmax ties may flip one problem)
+    probed = load_probe("toy-train", 64).problems
+    current = naive_toy_greedy(toy["demo-final"] / "checkpoint-20", probed)
+    jumped_folder = tmp_path / "run" / f"checkpoint-{decision.to_step}"
+    assert abs(curve["reference_mean"] - np.mean(current)) <= 1 / 64 + 1e-9
+    assert abs(chosen["mean"] - np.mean(naive_toy_greedy(jumped_folder, probed))) <= 1 / 64 + 1e-9
+    held_before = np.mean(naive_toy_greedy(toy["demo-final"] / "checkpoint-20"))
+    held_after = np.mean(naive_toy_greedy(jumped_folder))
+    assert held_after - held_before >= 0.2, (held_before, held_after)  # measured: 0.39 -> 0.74
+    figures = decision.log_figures()
+    assert figures["leap/probe_current"] == curve["reference_mean"] and figures["leap/probe_chosen"] == chosen["mean"]
+    assert figures["leap/probe_tokens"] == curve["tokens"] > 0 and figures["leap/length"] == decision.length

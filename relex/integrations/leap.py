@@ -210,6 +210,12 @@ class LeapDecision:
             figures[LEAP + "check_before"] = self.check_before
         if self.check_after is not None:
             figures[LEAP + "check_after"] = self.check_after
+        if self.probe is not None:  # the current weights and the chosen jump on the probe, and what it cost
+            figures[LEAP + "probe_current"] = self.probe["reference_mean"]
+            chosen = [c for c in self.probe["candidates"] if c["step"] == self.probe["chosen"]]
+            if chosen:
+                figures[LEAP + "probe_chosen"] = chosen[0]["mean"]
+            figures[LEAP + "probe_tokens"] = self.probe["tokens"]
         figures = {k: float(v) for k, v in figures.items()}
         figures.update({k: v for k, v in self.figures.items() if k != PREFIX + "step"})
         figures[LEAP + "reverted"] = 1.0 if self.reason == "reverted" else 0.0

@@ -47,7 +47,8 @@ class LeapCallback(TrainerCallback):
     Each decision is logged through the trainer at its step (``leap/from_step``, ``leap/to_step``,
     ``leap/length``, ``leap/jumped``, ``leap/reverted``, ``leap/real_step``, ``leap/segment_start``,
     ``leap/horizon`` (the target over the window), ``leap/passes_gate``, ``leap/seconds``, with a check
-    ``leap/check_before`` and ``leap/check_after``, and the verdict's ``relex/...`` figures), so it is in ``state.log_history`` and in every
+    ``leap/check_before`` and ``leap/check_after``, with a probe ``leap/probe_current``, ``leap/probe_chosen`` and
+    ``leap/probe_tokens``, and the verdict's ``relex/...`` figures), so it is in ``state.log_history`` and in every
     ``trainer_state.json`` saved after it; the decisions are also kept in :attr:`decisions`.
 
     Resuming from a checkpoint: the decisions are read back from the trainer state; the current segment
