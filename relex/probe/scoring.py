@@ -51,12 +51,16 @@ class ProbeModel:
         self.tokens = 0  # forward-pass tokens processed so far
         if isinstance(source, (str, Path)):
             folder = Path(source)
+            # the checkpoint's own dtype on an accelerator; float32 on a CPU, where half-precision products are slow
+            dtype = {} if self.device.type == "cpu" else {_dtype_keyword(): "auto"}
             try:
                 with _quiet_loading():  # a candidate is loaded per look: no progress bar of transformers' each time
-                    self.model = AutoModelForCausalLM.from_pretrained(folder).float()
+                    self.model = AutoModelForCausalLM.from_pretrained(folder, **dtype)
             except (OSError, ValueError) as exc:
                 raise RelexInputError(f"cannot load the checkpoint to probe it ({type(exc).__name__}: "
                                       f"{str(exc).splitlines()[0][:200]})", folder) from None
+            if self.device.type == "cpu":
+                self.model = self.model.float()
             self.model.to(self.device).eval()
             self.tokenizer = None if probe.kind == "toy" else AutoTokenizer.from_pretrained(folder)
         else:
@@ -153,6 +157,14 @@ def _quiet_loading():
     finally:
         if shown:
             hf_logging.enable_progress_bar()
+
+
+def _dtype_keyword() -> str:
+    """``from_pretrained``'s dtype keyword: ``dtype`` since transformers 4.56, ``torch_dtype`` before."""
+    import transformers
+    from packaging.version import Version
+
+    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 
 
 def _toy(problems: list[ProbeProblem]):

@@ -101,8 +101,8 @@ class ProbeCurve:
 def search(reference, candidates: Mapping[int, Callable[[], object]], probe: ProbeSet, *, mode: str = "reward",
            confidence: float = DEFAULT_CONFIDENCE, looks: int = DEFAULT_LOOKS, tie: float | None = None,
            seed: int = 0) -> ProbeCurve:
-    """Score ``candidates`` (step → a function giving its :class:`relex.probe.scoring.ProbeModel`; called once,
-    its model dropped after each look's scoring) against ``reference`` (the last observed checkpoint's
+    """Score ``candidates`` (step → a function giving its :class:`relex.probe.scoring.ProbeModel`; called at each
+    look, its model dropped after the look's scoring: one candidate in memory at a time) against ``reference`` (the last observed checkpoint's
     ProbeModel; its ``step`` attribute names it) on ``probe``, and choose (see the module docstring).
 
     ``confidence`` is family-wise over the candidates and the looks; ``tie`` defaults to one problem's worth of
