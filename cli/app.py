@@ -29,7 +29,7 @@ app = typer.Typer(
 )
 
 
-def _register_commands() -> None:
+def register_commands() -> None:
     # Each command lives in its own module; importing it registers it on ``app``.
     import importlib
 
@@ -93,7 +93,7 @@ SINGLE_PROCESS_COMMANDS = ("eval", "demo", "materialize")
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit code (0 ok, 3 a gate failed, 2 bad input or usage, 1 internal
     error)."""
-    _register_commands()
+    register_commands()
     _load_torch(sys.argv[1:] if argv is None else list(argv))
     launched = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
     joined = False

@@ -92,7 +92,8 @@ def print_verdict(verdict, series=None) -> None:
     if diagnostics is None:
         console.print(f"verdict: [bold]{verdict.message}[/bold]")
         return
-    from relex.summaries import STATISTICS  # start-up: the analysis loads once a command has a verdict
+    from relex.analysis.outcomes import Finding  # start-up: the analysis loads once a command has a verdict
+    from relex.summaries import STATISTICS
 
     table = Table(title="drift diagnostics (whole model)", show_header=True)
     table.add_column("statistic")
@@ -105,7 +106,7 @@ def print_verdict(verdict, series=None) -> None:
     style = VERDICT_STYLE.get(verdict.drift_class, "bold")
     console.print(f"verdict: [{style}]{verdict.message}[/{style}] "
                   f"(fitted drift share of the last delta: {verdict.drift_share:.2f})")
-    if series is not None and verdict.finding.value == "too short":
+    if series is not None and verdict.finding == Finding.TOO_SHORT:
         console.print(f"hint: {series.retention_hint()}")
     if verdict.reward is not None:
         console.print(verdict.reward.text())
@@ -183,9 +184,8 @@ def print_selection(selection: dict | None, tensor_stats=()) -> None:
 
 
 def check_output_files(*paths: Optional[Path]) -> None:
-    """Refuse, before any work, an output file whose folder does not exist."""
-    from relex.errors import RelexInputError
+    """Refuse, before any work, an output file that cannot be written (:func:`relex.io.staging.check_output_file`)."""
+    from relex.io.staging import check_output_file
 
     for path in paths:
-        if path is not None and not Path(path).parent.is_dir():
-            raise RelexInputError("folder does not exist", Path(path).parent)
+        check_output_file(path)

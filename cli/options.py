@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from relex.errors import RelexInputError
 from relex.options import RunOptions
 from relex.model_spec import ModelSpec
 
@@ -56,8 +57,9 @@ def _cli_type(hint) -> type:
 
 
 def parameter(name: str, *, help: str | None = None, panel: str | None = None, required: bool = False,
-              default=dataclasses.MISSING) -> inspect.Parameter:
-    """The typer parameter of one field (``help``, ``panel``, ``required`` or ``default`` for this command)."""
+              default=dataclasses.MISSING, metavar: str | None = None) -> inspect.Parameter:
+    """The typer parameter of one field (``help``, ``panel``, ``required``, ``default`` or ``metavar`` for this
+    command)."""
     field = _fields()[name]
     meta = field.metadata
     kind = _cli_type(_hints()[name])
@@ -68,7 +70,7 @@ def parameter(name: str, *, help: str | None = None, panel: str | None = None, r
     shown = None if value in ((), None) else value
     if isinstance(shown, tuple):
         shown = ",".join(map(str, shown))
-    settings = dict(help=help or meta["help"], rich_help_panel=panel or meta["panel"], metavar=meta.get("metavar"),
+    settings = dict(help=help or meta["help"], rich_help_panel=panel or meta["panel"], metavar=metavar or meta.get("metavar"),
                     show_default=shown is not None and kind is not bool)
     if kind is bool:
         annotation = Annotated[bool, typer.Option(flag, **settings)]
@@ -88,6 +90,7 @@ def run_options(*names: str, required: tuple[str, ...] = (), help: dict[str, str
     ``defaults`` adjust a field for this command."""
     expanded = [m for n in names for m in (MODEL_FIELDS if n == "model" else (n,))]
     help, panels, defaults = help or {}, panels or {}, defaults or {}
+    probed = "probe" in expanded  # --target-step auto is the probe's choice: only where a probe can be given
 
     def wrap(command):
         signature = inspect.signature(command, eval_str=True)
@@ -95,7 +98,8 @@ def run_options(*names: str, required: tuple[str, ...] = (), help: dict[str, str
         for each in signature.parameters.values():
             if each.name == "options":
                 parameters += [parameter(n, help=help.get(n), panel=panels.get(n), required=n in required,
-                                         default=defaults.get(n, dataclasses.MISSING)) for n in expanded]
+                                         default=defaults.get(n, dataclasses.MISSING),
+                                         metavar=None if probed or n != "target_steps" else "N") for n in expanded]
             else:
                 parameters.append(each.replace(kind=inspect.Parameter.KEYWORD_ONLY))
 
@@ -103,6 +107,9 @@ def run_options(*names: str, required: tuple[str, ...] = (), help: dict[str, str
         def with_options(**given):
             settings = {n: given.pop(n) for n in expanded if n in given}
             settings = {n: v for n, v in settings.items() if v is not None}
+            if not probed and str(settings.get("target_steps", "")).strip().lower() == "auto":
+                raise RelexInputError("--target-step auto is the probe's choice: give it to relex extrapolate or "
+                                      "relex check with --probe")
             return command(options=RunOptions.of(**settings), **given)
 
         with_options.__signature__ = signature.replace(parameters=parameters)

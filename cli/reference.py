@@ -130,7 +130,7 @@ def _command(name: str, command) -> str:
 
 def reference() -> str:
     """The whole page, as Markdown."""
-    cli._register_commands()
+    cli.register_commands()
     group = typer.main.get_command(cli.app)
     commands = group.commands  # in the order the commands were registered
     parts = [HEADER, "Commands: " + ", ".join(f"[`{n}`](#relex-{n})" for n in commands) + ".", ""]

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from relex.api import extrapolate
+from relex.errors import RelexInputError
 from relex.jsonable import write_json
 from relex.probe.problems import TOY_PROBE
 from relex.progress import Report
@@ -127,6 +128,8 @@ def run_demo(
     say = say or (lambda message: None)
     config = config or ToyConfig.demo()
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise RelexInputError("output path exists and is not a folder", out)
     out.mkdir(parents=True, exist_ok=True)
     run_dir = out / "run"
     seconds = {}
@@ -148,8 +151,6 @@ def run_demo(
     for fraction in fractions:
         last = prefix_step(fraction, config.steps, config.checkpoint_every)
         if last >= final:
-            from relex.errors import RelexInputError
-
             raise RelexInputError(f"the run has too few checkpoints for a {fraction:.0%} prefix "
                                   f"({config.steps} steps, one every {config.checkpoint_every})")
         label = f"{round(fraction * 100)}%"

@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 
 from relex.analysis.verdict import DRIFT_THRESHOLD, MAX_CARRY, NOISE_THRESHOLD
 from relex.analysis.wording import error_text, horizon_text, step_text
-from relex.errors import RelexInputError
+from relex.io.staging import check_output_file
 
 # The drift statistics as printed, beside their random-walk and pure-drift values: (label, key, format).
 STATISTICS = (
@@ -122,7 +122,7 @@ def write_summary(markdown: str, path: str | Path | None = None) -> list[Path]:
     written = []
     if path is not None:
         path = Path(path)
-        _check_parent(path)
+        check_output_file(path)
         path.write_text(markdown, encoding="utf-8")
         written.append(path)
     step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
@@ -134,7 +134,3 @@ def write_summary(markdown: str, path: str | Path | None = None) -> list[Path]:
             written.append(target)
     return written
 
-
-def _check_parent(path: Path) -> None:
-    if not path.parent.is_dir():
-        raise RelexInputError("folder does not exist", path.parent)

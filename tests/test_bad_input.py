@@ -259,3 +259,53 @@ def test_backend_vllm_without_vllm_is_refused_by_the_relex_command(tmp_path):
     line = one_error_line(done)
     assert "--backend vllm needs vLLM, which is not installed" in line and "pip install vllm" in line
     assert _no_output_left(tmp_path) == []
+
+
+def test_output_files_that_cannot_be_written_are_refused_before_any_work(run, tmp_path):
+    """A summary, report or JSON path that is a folder (or whose folder is missing) is one line and exit 2 before
+    the run is read, through the installed command; nothing is written."""
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    cases = [
+        (["extrapolate", run, "--target-step", 50, "--out", tmp_path / "o1", "--summary", folder], "is a folder"),
+        (["extrapolate", run, "--target-step", 50, "--out", tmp_path / "o2", "--report", folder], "is a folder"),
+        (["check", run, "--target-step", 50, "--json", folder], "is a folder"),
+        (["check", run, "--target-step", 50, "--summary", tmp_path / "missing" / "s.md"], "folder does not exist"),
+    ]
+    for args, fragment in cases:
+        done = relex(*args)
+        assert done.returncode == 2, (args, done.stderr)
+        line = one_error_line(done)
+        assert fragment in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-folder", "run"]  # no output, no staging folder
+    assert list(folder.iterdir()) == []
+    (tmp_path / "a-file").write_text("mine")
+    done = relex("demo", "--out", tmp_path / "a-file", "--preset", "ci")
+    assert done.returncode == 2 and "output path exists and is not a folder" in one_error_line(done)
+    assert (tmp_path / "a-file").read_text() == "mine"
+
+
+def test_target_step_auto_is_refused_where_no_probe_can_choose(run, tmp_path):
+    for command in (["analyze", run, "--out", tmp_path / "a"], ["fit", run, "--out", tmp_path / "f"]):
+        done = relex(*command, "--target-step", "auto")
+        assert done.returncode == 2 and "relex extrapolate or relex check with --probe" in one_error_line(done)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_python_dash_m_relex_names_the_command():
+    done = subprocess.run([sys.executable, "-m", "relex", "extrapolate", "--help"], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stdout == ""
+    assert one_error_line(done).endswith("the command is `relex ...` (or `python -m relex_cli ...`); `python -m "
+                                          "relex` runs nothing")
+
+
+def test_the_trainer_callback_reads_target_steps_as_the_command_line_does():
+    from relex.errors import RelexInputError
+    from relex.integrations.trainer import RelexCallback
+
+    assert RelexCallback(target_steps="500").target_steps == [500]  # not [0, 5], the string's characters
+    assert RelexCallback(target_steps="300,100").target_steps == [100, 300]
+    assert RelexCallback(target_steps=(200, 100, 200)).target_steps == [100, 200]
+    for bad in (0, -5, "1e3", "ten"):
+        with pytest.raises(RelexInputError, match="--target-step"):
+            RelexCallback(target_steps=bad)

@@ -23,7 +23,7 @@ from relex.errors import RelexInputError
 from relex.io import hub
 from relex.synthetic import make_run
 from relex.testing import load_state
-from relex_cli.app import _register_commands, app, main
+from relex_cli.app import register_commands, app, main
 
 STEPS = [0, 2, 4, 6, 8, 10]
 
@@ -108,7 +108,7 @@ def publish_folders(cache: Path, run: Path, repo_id: str, steps=STEPS) -> None:
 
 
 def extrapolate(*args) -> None:
-    _register_commands()
+    register_commands()
     result = CliRunner().invoke(app, ["extrapolate", *map(str, args), "--quiet"])
     assert result.exit_code == 0, (result.output, result.exception)
 
@@ -189,7 +189,7 @@ def test_pickled_only_checkpoints_are_refused_with_a_hint(cache, tmp_path, capsy
 
 def test_fit_and_analyze_read_hub_runs(run, cache, tmp_path):
     publish_branches(cache, run, "org/traj")
-    _register_commands()
+    register_commands()
     runner = CliRunner()
     result = runner.invoke(app, ["fit", "hf://org/traj", "--max-step", "8", "--out", str(tmp_path / "traj"),
                                  "--quiet"])

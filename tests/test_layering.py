@@ -37,8 +37,8 @@ LAYERS = [
     ["relex.backtest"],
     ["relex.trajectory"],
     ["relex.options"],
-    ["relex.analysis.drift", "relex.analysis.nulls", "relex.analysis.tables", "relex.analysis.reward",
-     "relex.analysis.wording"],
+    ["relex.analysis.outcomes", "relex.analysis.drift", "relex.analysis.nulls", "relex.analysis.tables",
+     "relex.analysis.reward", "relex.analysis.wording"],
     ["relex.analysis.verdict", "relex.analysis"],
     ["relex.summaries"],
     ["relex.stream.contract"],
@@ -247,5 +247,53 @@ def test_the_library_never_imports_the_command_line():
         for node in ast.walk(tree):
             modules = ([a.name for a in node.names] if isinstance(node, ast.Import) else
                        [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) and getattr(
+                    node.func, "attr", getattr(node.func, "id", "")) in ("import_module", "run_module", "__import__"):
+                modules.append(str(node.args[0].value))  # importlib / runpy by name count too
             found += [f"{name}:{node.lineno} imports {m}" for m in modules if m.split(".")[0] == "relex_cli"]
+    assert not found, "\n".join(found)
+
+
+# The command line (cli/, installed as relex_cli) is held to the same rule as the library.
+CLI_ROOT = ROOT.parent / "cli"
+PROJECT_FILES = {**MODULES, **{"relex_cli" + ("." + ".".join(p.relative_to(CLI_ROOT).with_suffix("").parts)
+                                              if p.name != "__init__.py" else ""): p
+                               for p in sorted(CLI_ROOT.rglob("*.py"))}}
+
+
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def test_no_module_reaches_into_another_modules_private_names():
+    """Neither ``from m import _x`` nor ``m._x`` (``m`` an imported module of relex or relex_cli), across the
+    library and the command line."""
+    found = []
+    for name, path in PROJECT_FILES.items():
+        tree = ast.parse(path.read_text())
+        aliases: dict[str, str] = {}  # local name -> the project module it is bound to
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.split(".")[0] in ("relex", "relex_cli"):
+                        aliases[alias.asname or alias.name.split(".")[0]] = alias.name if alias.asname else \
+                            alias.name.split(".")[0]
+            elif isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] in (
+                    "relex", "relex_cli"):
+                for alias in node.names:
+                    full = f"{node.module}.{alias.name}"
+                    if full in PROJECT_FILES:
+                        aliases[alias.asname or alias.name] = full
+                    elif _is_private(alias.name) and node.module != name:
+                        found.append(f"{name}:{node.lineno} imports {full}")
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and _is_private(node.attr):
+                chain, base = [], node.value
+                while isinstance(base, ast.Attribute):
+                    chain.insert(0, base.attr)
+                    base = base.value
+                if isinstance(base, ast.Name) and base.id in aliases:
+                    owner = ".".join([aliases[base.id], *chain])
+                    if owner != name:
+                        found.append(f"{name}:{node.lineno} uses {owner}.{node.attr}")
     assert not found, "\n".join(found)

@@ -42,13 +42,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Mapping
 
 import numpy as np
 
 from relex.analysis import wording
 from relex.analysis.drift import DriftDiagnostics, balanced_gram, coherent_share, diagnose, pace_ratio
+from relex.analysis.outcomes import Finding, Outcome
 from relex.analysis.reward import RewardTrend
 from relex.backtest import gram_errors
 from relex.methods import get_method
@@ -82,36 +82,6 @@ BACKTEST_MARGIN = 0.2
 # the carried error is an assumption rather than a measurement. The extrapolations relex is built for, from
 # 10-20% of a run to its end, carry it 4-9 times.
 MAX_CARRY = 10.0
-
-
-class Outcome(str, Enum):
-    """What the verdict means for a gate."""
-
-    PLAUSIBLE = "plausible"
-    MIXED = "mixed"
-    INCONCLUSIVE = "inconclusive"
-    HURT = "will likely hurt"
-    BEYOND = "beyond the backtest's horizon"
-    NOT_BETTER = "not better on the probe"  # a probe decided: no candidate beat the last observed checkpoint
-
-
-class Finding(str, Enum):
-    """The rule that decided the verdict."""
-
-    STATIC = "static"  # no tensor moved
-    TOO_SHORT = "too short"  # fewer than 3 checkpoints
-    DRIFT = "drift"  # drift-dominated, along a straight line through the base
-    CURVED = "curved"  # drift-dominated, but the coherent path decelerates, accelerates or turns
-    TURNING = "turning"  # coherent only with two factors: the direction changes
-    MIXED = "mixed"  # drift and noise
-    NOISE = "noise"  # noise-dominated
-    UNBALANCED = "unbalanced"  # the drift is carried by a few tensors
-    DECELERATING = "decelerating"
-    ACCELERATING = "accelerating"
-    REWARD_SATURATES = "reward saturates"
-    LINE_LOSES = "line loses"  # the window backtest's line loses to stopping, carried to the target
-    BEYOND = "beyond the horizon"  # the target lies beyond what the backtest can vouch for
-    TOO_CLOSE = "too close to call"  # the line wins by less than the margin
 
 
 @dataclass(frozen=True)

@@ -9,46 +9,54 @@ import math
 
 import numpy as np
 
-# The sentence of each finding of the drift share and of the calibration checks, before any evidence.
+from relex.analysis.outcomes import Finding, Outcome
+
+# The sentence of each finding of the drift share and of the calibration checks, before any evidence: its headline
+# (what a gate's reason quotes) and what to do about it.
 BASE_MESSAGES = {
-    "too short": "inconclusive: the window is too short to tell drift from noise",
-    "drift": "drift-dominated: extrapolation along the trajectory is plausible",
-    "curved": ("drift-dominated but {shape}: a line through the base will miss; extrapolate with the model the "
-               "backtest ranks first"),
-    "turning": ("coherent but {shape}: the direction of the update changes, so a line extrapolates poorly; "
-                "check the backtest"),
-    "noise": "noise-dominated: extrapolation will likely hurt",
-    "mixed": "mixed drift and noise: extrapolate only a short horizon and check the backtest",
-    "unbalanced": ("drift carried by a few tensors: the whole-model drift share is {share:.2f}, but {balanced:.2f} "
-                   "with each weight matrix counted once; extrapolate only a short horizon and check the backtest"),
-    "decelerating": ("decelerating inside the window: the second half moved at {slowest:.2f} of the pace of the "
-                     "first, so a line through the base will overshoot"),
-    "accelerating": ("accelerating inside the window: the second half moved at {fastest:.2f} times the pace of the "
-                     "first, so the pace a line would follow is not settled"),
-    "reward saturates": ("the training reward saturates before the target: its trend over the window reaches "
-                         "{ceiling:g} at step {ceiling_step:.0f}, before step {reward_target:g}, so the run must "
-                         "slow down and a line will overshoot"),
+    Finding.TOO_SHORT: ("inconclusive", "the window is too short to tell drift from noise"),
+    Finding.DRIFT: ("drift-dominated", "extrapolation along the trajectory is plausible"),
+    Finding.CURVED: ("drift-dominated but {shape}", "a line through the base will miss; extrapolate with the model "
+                     "the backtest ranks first"),
+    Finding.TURNING: ("coherent but {shape}", "the direction of the update changes, so a line extrapolates poorly; "
+                      "check the backtest"),
+    Finding.NOISE: ("noise-dominated", "extrapolation will likely hurt"),
+    Finding.MIXED: ("mixed drift and noise", "extrapolate only a short horizon and check the backtest"),
+    Finding.UNBALANCED: ("drift carried by a few tensors", "the whole-model drift share is {share:.2f}, but "
+                         "{balanced:.2f} with each weight matrix counted once; extrapolate only a short horizon and "
+                         "check the backtest"),
+    Finding.DECELERATING: ("decelerating inside the window", "the second half moved at {slowest:.2f} of the pace of "
+                           "the first, so a line through the base will overshoot"),
+    Finding.ACCELERATING: ("accelerating inside the window", "the second half moved at {fastest:.2f} times the pace "
+                           "of the first, so the pace a line would follow is not settled"),
+    Finding.REWARD_SATURATES: ("the training reward saturates before the target", "its trend over the window reaches "
+                               "{ceiling:g} at step {ceiling_step:.0f}, before step {reward_target:g}, so the run "
+                               "must slow down and a line will overshoot"),
+    Finding.TOO_CLOSE: ("too close to call", "the line beats stopping by less than the {margin:.0%} margin, and "
+                        "retraining the same run with another thread count can move this comparison by more"),
 }
 
 
 def message(verdict) -> str:
     """The verdict (:class:`relex.analysis.verdict.Verdict`) in one sentence, with the evidence behind it."""
-    finding = verdict.finding.value
-    if finding == "static":
+    finding = verdict.finding
+    if finding == Finding.STATIC:
         return "no tensor moved over the observed window"
     evidence = backtest_evidence(verdict)
-    if finding == "line loses":
+    if finding == Finding.LINE_LOSES:
         if verdict.drift_class == "mixed":  # a drift-dominated run whose line loses
             return (f"extrapolation this far will likely hurt: the drift share is {verdict.drift_share:.2f}, "
                     f"but {evidence}")
         return f"noise-dominated: extrapolation will likely hurt ({evidence})"
-    if finding == "beyond the horizon":
+    if finding == Finding.BEYOND:
         return f"extrapolation this far cannot be vouched for: {evidence}"
-    if finding == "too close to call":
-        return (f"too close to call: the line beats stopping by less than the {verdict.margin:.0%} margin, and "
-                f"retraining the same run with another thread count can move this comparison by more ({evidence})")
-    text = BASE_MESSAGES[finding].format(**_figures(verdict))
+    text = "{}: {}".format(*BASE_MESSAGES[finding]).format(**_figures(verdict))
     return f"{text} ({evidence})" if evidence else text
+
+
+def headline(verdict) -> str:
+    """The verdict's finding in a few words (the part of :func:`message` before its colon)."""
+    return BASE_MESSAGES[verdict.finding][0].format(**_figures(verdict))
 
 
 def _figures(verdict) -> dict:
@@ -61,7 +69,8 @@ def _figures(verdict) -> dict:
             "slowest": min(paces, default=float("nan")), "fastest": max(paces, default=float("nan")),
             "ceiling": reward.ceiling if reward else float("nan"),
             "ceiling_step": (reward.ceiling_step or float("nan")) if reward else float("nan"),
-            "reward_target": (reward.target_step or float("nan")) if reward else float("nan")}
+            "reward_target": (reward.target_step or float("nan")) if reward else float("nan"),
+            "margin": verdict.margin}
 
 
 def backtest_evidence(verdict) -> str:
@@ -82,25 +91,25 @@ def backtest_evidence(verdict) -> str:
 
 def gate_reason(verdict, passed: bool, lenient: bool) -> str:
     """Why a gate passed or failed on ``verdict``, in one line."""
-    outcome = verdict.outcome.value
+    outcome = verdict.outcome
     target = verdict.target_step
     where = f"to step {step_text(target)}" if target is not None else "as far as the window backtest reached"
     reach = verdict.horizon or {}
     limit = (f"step {step_text(reach.get('target_step'))} is beyond step {reach.get('max_target_step')}, the "
              "farthest the window backtest can vouch for") if reach.get("within_limit") is False else ""
-    if verdict.finding.value == "static":
+    if verdict.finding == Finding.STATIC:
         reason = "no tensor moved over the observed window: there is nothing to extrapolate"
-    elif outcome == "will likely hurt":
+    elif outcome == Outcome.HURT:
         reason = f"extrapolation {where} will likely hurt" + (f", and {limit}" if limit else "")
-    elif outcome == "beyond the backtest's horizon":
+    elif outcome == Outcome.BEYOND:
         reason = limit
-    elif outcome == "plausible":
+    elif outcome == Outcome.PLAUSIBLE:
         reason = f"extrapolation {where} is plausible"
-    elif verdict.finding.value == "too short":
+    elif verdict.finding == Finding.TOO_SHORT:
         reason = "the window is too short to tell drift from noise"
     else:
-        reason = f"the verdict is mixed: {message(verdict).split(':')[0]}"
-    if outcome in ("mixed", "inconclusive"):
+        reason = f"the verdict is mixed: {headline(verdict)}"
+    if outcome in (Outcome.MIXED, Outcome.INCONCLUSIVE):
         reason += " (passed under --lenient)" if passed else " (only --lenient passes it, with a warning)"
     return reason
 

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import relex
 from relex.errors import RelexInputError
+from relex.io.staging import check_output_file
 from relex.evaluate.results import EvalResults, add_checkpoint, compare, new_document, unique_labels
 from relex.evaluate.runner import EvalSettings, check_dependencies
 from relex.evaluate.tasks import TASKS
@@ -285,10 +286,7 @@ def evaluate(
         raise RelexInputError(f"checkpoint labels must be distinct, got {', '.join(labels)}")
     if out is not None:
         out = Path(out).expanduser()
-        if not out.parent.exists():
-            raise RelexInputError("folder of the results file does not exist", out.parent)
-        if out.is_dir():
-            raise RelexInputError("results path is a folder", out)
+        check_output_file(out)
 
     all_local = all(is_local for _, is_local in located) and all(
         Path(spec.a).is_dir() and Path(spec.b).is_dir() for spec in decoders) and (

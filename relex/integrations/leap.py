@@ -38,6 +38,7 @@ from relex.analysis.verdict import Verdict
 from relex.errors import one_line
 from relex.integrations.assess import PREFIX, figures_of
 from relex.io.runs import Snapshots
+from relex.io.steps import parse_targets
 from relex.options import RunOptions
 from relex.run import open_run
 from relex.sinks import TensorSink
@@ -79,7 +80,7 @@ def fit_segment(base: Mapping[str, torch.Tensor], snapshots: Sequence[tuple[int,
     with the trajectory model of ``options`` (:class:`relex.options.RunOptions`), giving the verdict ``relex
     check`` gives on the same checkpoints; it weighs the training reward's trend when ``rewards`` (``(step, mean
     reward)``, steps counted like the snapshots') are given, as ``relex check`` weighs a run's logged reward."""
-    targets = sorted({int(t) for t in ([target] if isinstance(target, int) else target)})
+    targets = list(parse_targets(target))
     options = (options or RunOptions(device="cpu")).replace(target_steps=tuple(targets))
     with open_run(Snapshots(base, list(snapshots), list(rewards or ())), options) as run:
         dtypes = {name: info.dtype for name, info in run.readers.observed[-1].tensors.items()}

@@ -29,6 +29,7 @@ from transformers import TrainerCallback
 
 from relex.errors import one_line
 from relex.integrations.assess import PREFIX, Assessment, assess
+from relex.io.steps import parse_targets
 from relex.options import RunOptions
 
 logger = logging.getLogger(__name__)
@@ -153,8 +154,7 @@ class RelexCallback(TrainerCallback):
             raise ValueError(f"every must be at least 1, not {every}")
         if min_checkpoints < 2:
             raise ValueError(f"min_checkpoints must be at least 2 (the engine needs two), not {min_checkpoints}")
-        targets = [] if target_steps is None else [target_steps] if isinstance(target_steps, int) else target_steps
-        self.target_steps = sorted({int(t) for t in targets})
+        self.target_steps = [] if target_steps is None else list(parse_targets(target_steps))  # as --target-step
         if out_dir is not None and not self.target_steps:
             raise ValueError("out_dir needs target_steps: the steps whose checkpoints to write")
         self.base = base

@@ -130,16 +130,30 @@ def _process_alive(pid: int) -> bool:
 
 def check_output_folder(out_dir: Path, overwrite: bool) -> None:
     """Refuse an existing output folder (unless overwriting) and an unwritable parent, before any work."""
-    if out_dir.exists() and not overwrite:
-        raise RelexInputError("output folder exists (pass --overwrite to replace it)", out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise RelexInputError("output path exists and is not a folder", out_dir)
+    if out_dir.exists() and not overwrite:
+        raise RelexInputError("output folder exists (pass --overwrite to replace it)", out_dir)
     parent = out_dir.parent
     probe = parent
     while not probe.exists():
         probe = probe.parent
     if not os.access(probe, os.W_OK | os.X_OK):
         raise RelexInputError("output folder is not writable", out_dir)
+
+
+def check_output_file(path: Path | None) -> None:
+    """Refuse, before any work, an output file (a summary, a report, a JSON record) that cannot be written: its
+    folder missing or not writable, or the path an existing folder."""
+    if path is None:
+        return
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise RelexInputError("folder does not exist", path.parent)
+    if path.is_dir():
+        raise RelexInputError("is a folder, not a file", path)
+    if not os.access(path if path.exists() else path.parent, os.W_OK):
+        raise RelexInputError("not writable", path)
 
 
 def free_bytes(path: Path) -> int:
