@@ -268,6 +268,10 @@ def main() -> int:
     rows = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()] \
         if args.out.exists() else []
     if args.report:
+        if not rows:
+            print(f"calibrate_probe.py: error: {args.out}: no rows to report (run without --report first)",
+                  file=sys.stderr)
+            return 2
         print(report(rows))
         return 0
     known = settings()

@@ -13,7 +13,7 @@ from relex_cli.options import INPUT_FIELDS, PROBE_FIELDS, REWARD_FIELDS, RunDirA
 
 CHECK_HELP = """Judge, before anything is written, whether extrapolating RUN_DIR to --target-step is plausible.
 
-Reads the run once (streaming; nothing is written), then prints the verdict relex extrapolate gives, the drift statistics beside their random-walk and pure-drift values, and the window backtest carried to the target. With --probe, the probe decides: the candidates (--target-step N, or auto: a grid of them) are scored on training problems against the last observed checkpoint, and the weights' verdict is reported beside.
+Reads the run once (streaming; nothing is written but, with --probe, the candidates in a temporary folder, deleted after), then prints the verdict relex extrapolate gives, the drift statistics beside their random-walk and pure-drift values, and the window backtest carried to the target. With --probe, the probe decides: the candidates (--target-step N, or auto: a grid of them) are scored on training problems against the last observed checkpoint, and the weights' verdict is reported beside.
 
 Exit codes:
 
@@ -59,7 +59,12 @@ def check(
         from relex.run import open_run
 
         with progress_bars(disable=quiet) as progress, open_run(run_dir, options, progress=progress) as run:
-            print_plan(run.plan())
+            if options.probed:
+                from relex.probe.verify import plan_text
+
+                print_plan(run.plan(), plan_text(run, options))
+            else:
+                print_plan(run.plan())
         return
     with progress_bars(disable=quiet or not printing) as progress:
         result = api.check(run_dir, options, lenient=lenient, progress=progress)

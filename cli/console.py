@@ -67,8 +67,11 @@ def progress_bars(disable: bool = False):
         pause()
 
 
-def print_plan(plan) -> None:
+def print_plan(plan, probe: str = "") -> None:
+    """The plan of a pass (``--dry-run``), and what a probe will do after it."""
     console.print(plan.text(), highlight=False)
+    if probe:
+        console.print(probe, highlight=False)
     console.print("[dim]--dry-run: nothing was read or written[/dim]")
 
 

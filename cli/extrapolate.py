@@ -121,11 +121,16 @@ def _print_plan(run_dir: str, options, quiet: bool) -> None:
     from relex_cli.console import print_plan, progress_bars
 
     with progress_bars(disable=quiet) as progress, open_run(run_dir, options, progress=progress) as run:
-        print_plan(run.plan(*_planned_sinks(options)))
+        if options.probed:
+            from relex.probe.verify import candidate_targets, plan_text
+
+            print_plan(run.plan(*_planned_sinks(options, candidate_targets(run, options))), plan_text(run, options))
+        else:
+            print_plan(run.plan(*_planned_sinks(options)))
 
 
-def _planned_sinks(options):
-    """What an extrapolation writes, as a plan names it (nothing is opened)."""
+def _planned_sinks(options, candidates=None):
+    """What an extrapolation writes, as a plan names it (nothing is opened); with a probe, its ``candidates``."""
     from relex.stream import Sink
 
     class Named(Sink):
@@ -135,6 +140,8 @@ def _planned_sinks(options):
         def describe(self) -> str:
             return self.text
 
+    if candidates is not None:
+        return [Named(f"a candidate checkpoint of step {t} (scratch)") for t in candidates]
     kind = "a PEFT adapter" if options.output == "lora" else "a checkpoint"
     return [Named(f"{kind} of step {t}") for t in options.target_steps]
 

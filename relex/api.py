@@ -109,7 +109,8 @@ class ExtrapolationResult:
         """The Markdown summary: the verdict (with the gate's ``decision``, when one was required), ``notes``."""
         return verdict_markdown(self.verdict, run=self.result.label, steps=self.series.steps,
                                 tensors=len(self.result.grams), parameters=self.result.parameters, title=title,
-                                decision=decision, notes=notes)
+                                decision=decision, notes=notes,
+                                probe=None if self.probe is None else self.probe.curve.to_dict())
 
     def to_dict(self, per_tensor: bool = True) -> dict:
         """The provenance of the run (``relex.json`` adds each target's step and digests to it)."""
@@ -260,7 +261,7 @@ def _write_chosen_adapter(run, options: RunOptions, outcome, staging: Path, out_
     config_folders = run.readers.config_folders()
     try:
         require_free_space(out_dir, sink.output_bytes(config_folders))
-        again = run.with_options(options.replace(target_steps=(chosen,), auto_target=False, probe=None))
+        again = run.with_options(options.replace(target_steps=(chosen,), auto_target=False, horizon_limit=None))
         again.execute(sink, progress=progress, task=f"writing the adapter of step {chosen}")
     finally:
         sink.close()
@@ -302,7 +303,8 @@ class CheckResult:
     def markdown(self, title: str = "relex check", notes: Sequence[tuple[str, str]] = ()) -> str:
         """The Markdown summary: the gate's decision, the verdict and its figures, then ``notes``."""
         return verdict_markdown(self.verdict, run=self.run, steps=self.steps, tensors=self.tensors,
-                                parameters=self.parameters, title=title, decision=self.decision, notes=notes)
+                                parameters=self.parameters, title=title, decision=self.decision, notes=notes,
+                                probe=None if self.probe is None else self.probe.curve.to_dict())
 
     def to_dict(self) -> dict:
         from relex import __version__

@@ -64,8 +64,9 @@ class RunOptions:
     # -- where to go, and the verdict on going there --------------------------------------------------------------
     # the steps to predict; the verdict's window backtest is carried to the farthest (none: the window alone);
     # "auto": the step the probe chooses (auto_target)
-    target_steps: tuple[int, ...] = option((), help="Step to predict; several as 100,200 (then OUT/step-N/ each); "
-                                                    "auto: the step the probe chooses (needs --probe).",
+    target_steps: tuple[int, ...] = option((), help="Step to predict; several as 100,200 (then OUT/step-N/ each; with "
+                                                    "--probe, the probe chooses one of them); auto: the step the "
+                                                    "probe chooses on a grid (needs --probe).",
                                            panel=OUTPUT, flag="--target-step", metavar="N|auto")
     auto_target: bool = option(False, help="Choose the target step by the probe.", panel=PROBE, cli=False)
     # accept targets inside the observed window
@@ -93,7 +94,8 @@ class RunOptions:
     probe_batch: int = option(32, help="Problems per forward pass.", panel=PROBE)
     probe_max_new_tokens: int = option(256, help="Tokens generated per probe problem (reward mode; the toy needs 4).",
                                        panel=PROBE)
-    horizon_limit: int | None = option(None, help="With --target-step auto: the farthest target tried (default: the "
+    horizon_limit: int | None = option(None, help="With --target-step auto: how far the candidates may reach; they "
+                                                  "double from the last observed step up to it (default: the "
                                                   "farthest the window backtest vouches for, or 10× the last "
                                                   "observed step).", panel=PROBE)
 
@@ -136,6 +138,16 @@ class RunOptions:
         for name in ("probe_limit", "probe_looks", "probe_batch", "probe_max_new_tokens"):
             if int(getattr(self, name)) < 1:
                 raise RelexInputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.probe is None:  # a probe setting without a probe would be ignored: say so instead
+            given = [f.name for f in dataclasses.fields(self)
+                     if f.name.startswith("probe_") and getattr(self, f.name) != f.default]
+            if given:
+                raise RelexInputError(f"--{given[0].replace('_', '-')} sets the probe: it needs --probe")
+        if self.horizon_limit is not None:
+            if not self.auto_target:
+                raise RelexInputError("--horizon-limit bounds the targets of --target-step auto: it needs auto")
+            if int(self.horizon_limit) < 1:
+                raise RelexInputError(f"--horizon-limit must be a step, got {self.horizon_limit!r}")
         if self.max_step is not None and (isinstance(self.max_step, bool) or int(self.max_step) < 0):
             raise RelexInputError(f"--max-step must be a step (an integer of at least 0), got {self.max_step!r}")
         if self.base is not None:

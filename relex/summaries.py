@@ -58,11 +58,14 @@ def number(value, fmt: str) -> str:
 
 
 def verdict_markdown(verdict, *, run: str, steps: Sequence[int], tensors: int, parameters: int,
-                     title: str = "relex check", decision=None, notes: Sequence[tuple[str, str]] = ()) -> str:
+                     title: str = "relex check", decision=None, notes: Sequence[tuple[str, str]] = (),
+                     probe: dict | None = None) -> str:
     """The summary of a verdict (:class:`relex.analysis.verdict.Verdict`): a headline with the gate's status, the
     verdict and the figures behind it in one table, then the drift statistics beside their nulls. ``decision``
     is the gate's (None: the verdict is reported without a gate, as ``relex extrapolate`` without
-    ``--require`` does); ``notes`` are more rows, ``(label, Markdown)``."""
+    ``--require`` does); ``notes`` are more rows, ``(label, Markdown)``; ``probe``: the probe's curve
+    (:meth:`relex.probe.search.ProbeCurve.to_dict`) when a probe decided, shown after the table, the weights'
+    verdict then reported beside it."""
     d = verdict.diagnostics
     status = decision.status if decision is not None else "not required"
     if decision is not None:
@@ -73,10 +76,12 @@ def verdict_markdown(verdict, *, run: str, steps: Sequence[int], tensors: int, p
     if d is None:
         rows.append(("**verdict**", "none: no tensor moved over the observed window"))
     else:
-        rows.append(("**verdict**", f"**{md(verdict.drift_class)}**"))
+        label = "**weights' verdict**" if probe is not None else "**verdict**"
+        rows.append((label, f"**{md(verdict.drift_class)}**"))
         rows.append(("why", md(verdict.message)))
     if decision is not None:
-        rows.append(("gate", f"{status} (exit {decision.exit_code}){' · lenient' if decision.lenient else ''}"))
+        rows.append(("gate", f"{status} (exit {decision.exit_code}){' · lenient' if decision.lenient else ''}"
+                             f"{' · decided by the probe' if probe is not None else ''}"))
     if d is not None:
         rows.append(("drift share", f"{d.drift_share:.2f} (drift-dominated ≥ {DRIFT_THRESHOLD:.2f}, "
                                     f"noise-dominated < {NOISE_THRESHOLD:.2f})"
@@ -108,12 +113,32 @@ def verdict_markdown(verdict, *, run: str, steps: Sequence[int], tensors: int, p
                         f"{steps[0]}..{steps[-1]} · {tensors} tensors, {parameters:,} parameters"))
     rows += [(md(k), v) for k, v in notes]  # values are Markdown already
     parts = [headline, "", table(list(rows[0]), rows[1:])]  # the verdict heads the table
+    if probe is not None:  # what decided comes before the drift statistics
+        parts += ["", probe_table(probe)]
     if d is not None:
         stats = [(md(label), number(getattr(d.observed, key), fmt), number(getattr(d.null, key), fmt),
                   number(getattr(d.drift, key), fmt)) for label, key, fmt in STATISTICS]
         parts += ["", table(["drift statistic", "observed", "random walk", "pure drift"], stats,
                             ["---", "--:", "--:", "--:"])]
     return "\n".join(parts) + "\n"
+
+
+def probe_table(curve: dict) -> str:
+    """The probe's curve (a :meth:`relex.probe.search.ProbeCurve.to_dict`) as a Markdown table: the last observed
+    checkpoint, then each candidate with its paired difference, interval and decision; the cost below."""
+    info = curve["probe"]
+    rows = [(f"last observed (step {curve['reference_step']})", number(curve["reference_mean"], "{:.3f}"), "", "",
+             "reference")]
+    for c in curve["candidates"]:
+        d = c["difference"]
+        chosen = " · **chosen**" if c["step"] == curve["chosen"] else ""
+        rows.append((f"step {c['step']}", number(c["mean"], "{:.3f}"), str(c["problems"]),
+                     f"{d['diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]" if d else "n/a",
+                     f"{c['decision']}{chosen}"))
+    head = (f"**probe** {code(info['name'])} ({curve['mode']}, {info['problems']} problems, confidence "
+            f"{curve['confidence']:g}): {curve['tokens']:,} forward tokens, {curve['seconds']:.1f} s")
+    return head + "\n\n" + table(["checkpoint", "probe", "problems", "difference [interval]", "decision"], rows,
+                                  ["---", "--:", "--:", "--:", "---"])
 
 
 def write_summary(markdown: str, path: str | Path | None = None) -> list[Path]:

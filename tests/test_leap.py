@@ -9,6 +9,7 @@ engine run afterwards on the segment's weights saved as checkpoints.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -417,3 +418,53 @@ def test_the_probe_chooses_the_jump_on_the_toy_run_and_the_jump_helps_on_held_ou
     figures = decision.log_figures()
     assert figures["leap/probe_current"] == curve["reference_mean"] and figures["leap/probe_chosen"] == chosen["mean"]
     assert figures["leap/probe_tokens"] == curve["tokens"] > 0 and figures["leap/length"] == decision.length
+
+
+def test_bad_probe_settings_are_refused_before_training(tmp_path):
+    from relex.errors import RelexInputError
+
+    for bad, fragment in ((dict(probe_mode="bogus"), "unknown --probe-mode"),
+                          (dict(probe_confidence=1.0), "--probe-confidence must be in [0.5, 1)"),
+                          (dict(probe_looks=0), "--probe-looks must be at least 1"),
+                          (dict(probe_max_new_tokens=0), "--probe-max-new-tokens must be at least 1")):
+        with pytest.raises(RelexInputError, match=re.escape(fragment)):
+            LeapOptions(every=4, leap=8, probe="toy-train", **bad)
+    probe = tmp_path / "train.jsonl"
+    probe.write_text('{"text": "1+1=", "answer": "2", "verifier": "last-number"}\n')
+    options = LeapOptions(every=4, leap=8, probe=probe, probe_max_new_tokens=5)
+    assert options.probe.max_new_tokens == 5 and options.require == "probe"
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(RelexInputError, match="needs the model's tokenizer"):
+        Leaper(options).begin(model, 0)  # at the run's start, not at the first decision
+    with pytest.raises(RelexInputError, match="scores the toy task's model"):
+        Leaper(LeapOptions(every=4, leap=8, probe="toy-train")).begin(torch.nn.Linear(2, 2), 0)
+
+
+def test_the_leap_callback_probes_with_the_trainers_tokenizer(tmp_path):
+    """A chat probe given without tokenizer=: the callback takes the trainer's (processing_class), and leaves the
+    trainer's own tokenizer as it was (the probe pads on the left on a copy)."""
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from relex.testing import byte_level_tokenizer
+
+    probe = tmp_path / "train.jsonl"
+    probe.write_text("".join(f'{{"text": "{a}+{a}=", "answer": "{2 * a}", "verifier": "last-number"}}\n'
+                             for a in range(10, 20)))
+    tokenizer = byte_level_tokenizer()
+    tokenizer.padding_side = "right"
+    callback = LeapCallback(every=4, leap=4, probe=probe, probe_max_new_tokens=3, probe_mode="logprob")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config())
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=6, save_steps=100, report_to=[],
+                             per_device_train_batch_size=8, learning_rate=0.05, optim="sgd", use_cpu=True,
+                             disable_tqdm=True, logging_steps=100, seed=0)
+    trainer = Trainer(model=model, args=args, train_dataset=SameBatch(), processing_class=tokenizer,
+                      callbacks=[callback])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    [decision] = callback.decisions
+    assert callback.options.tokenizer is tokenizer and tokenizer.padding_side == "right"
+    assert decision.probe is not None and decision.probe["probe"]["problems"] == 10
+    logged = [e for e in trainer.state.log_history if "leap/probe_current" in e]
+    assert logged and logged[0]["leap/probe_current"] == decision.probe["reference_mean"]

@@ -224,3 +224,74 @@ def test_a_lora_run_is_probed_against_its_merged_last_adapter(tmp_path):
     assert (tmp_path / "adapter" / "adapter_config.json").is_file() and not (tmp_path / "adapter" / "config.json").exists()
     adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "adapter").eval()
     assert naive_answer_logprob(adapter, tokenizer, probed) == pytest.approx(scored["mean"], abs=1e-4)
+
+
+def test_a_probe_that_cannot_score_the_run_is_refused_before_the_candidates_are_written(toy, tmp_path):
+    import shutil
+
+    from relex.testing import save_tiny_model
+
+    # a JSON Lines probe on a run whose checkpoints have no tokenizer: one line, nothing written
+    run = tmp_path / "no-tokenizer"
+    for step in (0, 5, 10, 15, 20):
+        shutil.copytree(toy["demo-final"] / f"checkpoint-{step}", run / f"checkpoint-{step}",
+                        ignore=shutil.ignore_patterns("tokenizer*", "special_tokens_map.json"))
+    probe = tmp_path / "probe.jsonl"
+    probe.write_text('{"text": "12+34=", "answer": "46", "verifier": "last-number"}\n')
+    done = relex("extrapolate", run, "--target-step", "auto", "--probe", probe, "--out", tmp_path / "o")
+    assert done.returncode == 2, done.stderr[-2000:]
+    line = one_error_line(done)
+    assert "cannot load the tokenizer to probe the checkpoint" in line and "checkpoint-20" in line
+    assert "writing the candidates" not in done.stderr + done.stdout
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o*"))
+    # the toy's probe on a model that is not the toy's
+    save_tiny_model(tmp_path / "other" / "checkpoint-0")
+    for step in (5, 10, 15):
+        shutil.copytree(tmp_path / "other" / "checkpoint-0", tmp_path / "other" / f"checkpoint-{step}")
+    done = relex("check", tmp_path / "other", "--target-step", "auto", "--probe", "toy-train")
+    assert done.returncode == 2 and "scores the toy task's model" in one_error_line(done)
+    # a benchmark's file, named as the benchmark
+    bench = tmp_path / "aime24.jsonl"
+    bench.write_text('{"problem": "1+1?", "answer": "2"}\n')
+    done = relex("check", toy["demo-final"], "--max-step", WINDOW, "--target-step", "auto", "--probe", bench)
+    assert done.returncode == 2 and "named like the benchmark aime24" in one_error_line(done)
+
+
+def test_probe_settings_without_a_probe_or_auto_are_refused(toy, tmp_path):
+    for args, fragment in ((["--target-step", 100, "--probe-limit", 5], "--probe-limit sets the probe"),
+                           (["--target-step", 100, "--horizon-limit", 50], "--horizon-limit bounds"),
+                           (["--target-step", "auto", "--probe", "toy-train", "--horizon-limit", 30],
+                            "the grid starts at twice the last observed step (40)")):
+        done = relex("check", toy["demo-final"], "--max-step", WINDOW, *args)
+        assert done.returncode == 2 and fragment in one_error_line(done), (args, done.stderr)
+
+
+def test_the_summary_and_the_plan_show_the_probe(toy, tmp_path):
+    summary = tmp_path / "summary.md"
+    done = relex("check", toy["demo-final"], "--max-step", WINDOW, "--target-step", "auto", "--probe", "toy-train",
+                 "--summary", summary, "--json", tmp_path / "check.json", "--quiet")
+    assert done.returncode == 0
+    text, check = summary.read_text(), json.loads((tmp_path / "check.json").read_text())
+    curve = check["probe"]["curve"]
+    assert "decided by the probe" in text and "**weights' verdict**" in text
+    for c in curve["candidates"]:  # one row per candidate, with its decision; the chosen one marked
+        assert re.search(rf"\| step {c['step']} \| {c['mean']:.3f} \| {c['problems']} \| .* \| {c['decision']}", text)
+    assert f"step {check['probe']['chosen']} |" in text and "**chosen**" in text
+    assert f"| last observed (step {WINDOW}) | {curve['reference_mean']:.3f} |" in text
+    done = relex("extrapolate", toy["demo-final"], "--max-step", WINDOW, "--target-step", "auto", "--probe",
+                 "toy-train", "--out", tmp_path / "o", "--dry-run")
+    assert done.returncode == 0 and not (tmp_path / "o").exists()
+    assert "candidates: step 40, 80, 160 (the probe chooses one)" in done.stdout
+    assert "scratch: 3 checkpoints of" in done.stdout
+
+
+def test_a_probe_that_tells_nothing_apart_says_so(tmp_path):
+    """Greedy decoding of a tiny random LoRA run answers no sum: every checkpoint scores 0 on every problem."""
+    base, run, probe = _lora_sum_run(tmp_path)
+    done = relex("check", run, "--base", base, "--target-step", "auto", "--probe", probe, "--probe-max-new-tokens", 4,
+                 "--json", tmp_path / "check.json")
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "the probe tells nothing apart" in done.stdout + done.stderr
+    gate = json.loads((tmp_path / "check.json").read_text())["gate"]
+    assert "the probe tells nothing apart; check its prompts' format, its verifier or --probe-max-new-tokens" in \
+        gate["reason"]

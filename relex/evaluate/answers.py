@@ -135,7 +135,8 @@ def reference_answer(doc: Mapping[str, Any]) -> str:
     boxed = last_boxed(solution) if isinstance(solution, str) else None
     if boxed:
         return boxed.strip()
-    raise ValueError("record has no 'answer' field and no \\boxed{} answer in its 'solution'")
+    raise ValueError("record has no answer: its 'answer' is missing or empty, and its 'solution' has no \\boxed{} "
+                     "answer")
 
 
 _SPACING = re.compile(r"\\[,;:!]|\\ |~|\\quad|\\qquad")

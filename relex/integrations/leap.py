@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -121,12 +122,14 @@ class LeapOptions:
     # A probe set (relex.probe: "toy-train", a JSON Lines file of training problems, or a loaded ProbeSet): at each
     # decision the jump length is chosen on it (require "probe"): candidates on a grid of lengths up to leap are
     # scored against the current weights, and the run jumps to the best one that beats them with
-    # probe_confidence; none better: no jump. tokenizer: the model's, for a chat probe.
+    # probe_confidence; none better: no jump. The probe's settings are relex extrapolate's --probe-* options.
+    # tokenizer: the model's, for a chat probe (LeapCallback takes the trainer's when none is given).
     probe: object = field(default=None, compare=False)
     probe_limit: int = 64
     probe_mode: str = "reward"
     probe_confidence: float = 0.95
     probe_looks: int = 3
+    probe_max_new_tokens: int = 256
     tokenizer: object = field(default=None, compare=False)
     # An optional check of a jump: called as check(model) before and after it (higher is better, e.g. the
     # reward on a small validation set); a jump that lowers it by more than check_tolerance is reverted.
@@ -155,10 +158,14 @@ class LeapOptions:
             self.require = "probe"  # a probe given decides
         if self.require == "probe" and self.probe is None:
             raise ValueError("require='probe' needs a probe set (probe=...)")
-        if isinstance(self.probe, str):
+        if self.probe is not None:  # the probe's settings are checked as relex extrapolate checks them
+            RunOptions(probe="given", probe_limit=self.probe_limit, probe_mode=self.probe_mode,
+                       probe_confidence=self.probe_confidence, probe_looks=self.probe_looks,
+                       probe_max_new_tokens=self.probe_max_new_tokens)
+        if isinstance(self.probe, (str, Path)):
             from relex.probe.problems import load_probe  # start-up: only with a probe
 
-            self.probe = load_probe(self.probe, self.probe_limit)
+            self.probe = load_probe(self.probe, self.probe_limit, max_new_tokens=self.probe_max_new_tokens)
         if self.require not in REQUIREMENTS:
             raise ValueError(f"require must be one of {', '.join(REQUIREMENTS)}, not {self.require!r}")
         if self.optimizer_state not in OPTIMIZER_STATES:
@@ -267,7 +274,12 @@ class Leaper:
         self.snapshots: list[tuple[int, dict[str, torch.Tensor]]] = []
 
     def begin(self, model: torch.nn.Module, step: int) -> None:
-        """Start a segment at (virtual) ``step`` from the model's weights now."""
+        """Start a segment at (virtual) ``step`` from the model's weights now (at the run's start, a probe that
+        cannot score this model is refused here, before any training)."""
+        if self.options.probe is not None and step == 0:
+            from relex.probe.scoring import ProbeModel  # start-up: only with a probe
+
+            ProbeModel(model, self.options.probe, "cpu", tokenizer=self.options.tokenizer)  # checks, scores nothing
         self.segment_start = int(step)
         self.base = snapshot(trainable_parameters(model))
         self.snapshots = []

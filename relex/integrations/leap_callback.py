@@ -100,6 +100,8 @@ class LeapCallback(TrainerCallback):
         if self._disabled:
             logger.warning("relex leap: no jumps in this run: %s", self._disabled)
             return
+        if self.options.probe is not None and self.options.tokenizer is None:  # the trainer's, for a chat probe
+            self.options.tokenizer = kwargs.get("processing_class") or kwargs.get("tokenizer")
         step = state.global_step
         if step == 0:
             self.leaper.begin(model, 0)

@@ -73,6 +73,9 @@ def load_probe(spec: str | Path, limit: int | None = 64, seed: int = 0, max_new_
     path = Path(text)
     if not path.is_file():
         raise RelexInputError(f"no such probe file (give {TOY_PROBE} or a JSON Lines file)", path)
+    if path.stem.lower().removeprefix("relex_") in TASKS:
+        raise RelexInputError(f"the probe file is named like the benchmark {path.stem}; a probe must come from the "
+                              "training distribution (if it does, rename the file)", path)
     problems = [_problem(record, path, number) for number, record in _records(path)]
     if not problems:
         raise RelexInputError("no problems in the probe file", path)

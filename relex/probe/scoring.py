@@ -11,7 +11,7 @@ and scores any subset of the probe's problems in batches; it counts the tokens i
 from __future__ import annotations
 
 import contextlib
-
+import copy
 import re
 from pathlib import Path
 from typing import Sequence
@@ -62,12 +62,28 @@ class ProbeModel:
             if self.device.type == "cpu":
                 self.model = self.model.float()
             self.model.to(self.device).eval()
-            self.tokenizer = None if probe.kind == "toy" else AutoTokenizer.from_pretrained(folder)
-        else:
-            self.model, self.tokenizer = source, tokenizer
+            self.tokenizer = None
+            if probe.kind != "toy":
+                try:
+                    self.tokenizer = AutoTokenizer.from_pretrained(folder)
+                except (OSError, ValueError, TypeError) as exc:
+                    raise RelexInputError(f"cannot load the tokenizer to probe the checkpoint ({type(exc).__name__}: "
+                                          f"{str(exc).splitlines()[0][:200]})", folder) from None
+        else:  # a live model (a training loop's): its tokenizer is copied, so the padding set below stays here
+            self.model, self.tokenizer = source, None if tokenizer is None else copy.copy(tokenizer)
+        if probe.kind == "toy":
+            from relex.toy.model import VOCAB  # start-up: only for the toy
+
+            vocabulary = getattr(getattr(self.model, "config", None), "vocab_size", None)
+            if vocabulary != len(VOCAB):
+                raise RelexInputError(f"the probe {probe.name} scores the toy task's model (a vocabulary of "
+                                      f"{len(VOCAB)} characters); this model's vocabulary has {vocabulary} tokens: "
+                                      "give a JSON Lines file of training problems instead",
+                                      source if isinstance(source, (str, Path)) else None)
         if probe.kind == "chat":
             if self.tokenizer is None:
-                raise RelexInputError("a chat probe needs the checkpoint's tokenizer")
+                raise RelexInputError(f"the probe {probe.name} is chat problems: it needs the model's tokenizer "
+                                      "(tokenizer=...)")
             self.tokenizer.padding_side = "left"
             if self.tokenizer.pad_token is None:
                 self.tokenizer.pad_token = self.tokenizer.eos_token

@@ -22,6 +22,7 @@ import numpy as np
 
 from relex.evaluate.stats import paired_bootstrap
 from relex.probe.problems import ProbeSet
+from relex.progress import Progress, Report
 
 DEFAULT_CONFIDENCE = 0.95
 DEFAULT_LOOKS = 3
@@ -79,6 +80,17 @@ class ProbeCurve:
     def better(self) -> list[CandidateScore]:
         return [c for c in self.candidates if c.decision == "better"]
 
+    @property
+    def blind(self) -> str:
+        """Why the probe told nothing apart ("" when it did): every candidate scored exactly what the last observed
+        checkpoint scored, problem by problem (a prompt format, verifier or token budget that no model meets)."""
+        scored = [c for c in self.candidates if c.difference]
+        if not scored or any(c.difference["ci_low"] != 0 or c.difference["ci_high"] != 0 for c in scored):
+            return ""
+        return (f"every candidate scored what the last observed checkpoint scored on every problem ({self.mode} "
+                f"{self.reference_mean:.3f}): the probe tells nothing apart; check its prompts' format, its verifier"
+                + (" or --probe-max-new-tokens" if self.mode == "reward" else ""))
+
     def to_dict(self) -> dict:
         return {"probe": self.probe, "mode": self.mode, "reference_step": self.reference_step,
                 "reference_mean": self.reference_mean, "chosen": self.chosen, "confidence": self.confidence,
@@ -87,26 +99,30 @@ class ProbeCurve:
 
     def text(self) -> str:
         """The curve for people: one line per candidate."""
-        lines = [f"probe {self.probe['name']} ({self.mode}, {self.probe['problems']} problems): last observed step "
-                 f"{self.reference_step} {self.reference_mean:.3f}"]
+        count = self.probe["problems"]
+        lines = [f"probe {self.probe['name']} ({self.mode}, {count} problem{'s' if count != 1 else ''}): last "
+                 f"observed step {self.reference_step} {self.reference_mean:.3f}"]
         for c in self.candidates:
             d = c.difference
             interval = (f"{d['diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]" if d else "n/a")
             mark = "  ← chosen" if c.step == self.chosen else ""
             lines.append(f"  step {c.step}: {c.mean:.3f} on {c.problems}, {interval}, {c.decision}{mark}")
         lines.append(f"probe cost: {self.tokens:,} forward tokens, {self.seconds:.1f} s")
+        if self.blind:
+            lines.append(f"warning: {self.blind}")
         return "\n".join(lines)
 
 
 def search(reference, candidates: Mapping[int, Callable[[], object]], probe: ProbeSet, *, mode: str = "reward",
            confidence: float = DEFAULT_CONFIDENCE, looks: int = DEFAULT_LOOKS, tie: float | None = None,
-           seed: int = 0) -> ProbeCurve:
+           seed: int = 0, progress: Report = None) -> ProbeCurve:
     """Score ``candidates`` (step → a function giving its :class:`relex.probe.scoring.ProbeModel`; called at each
     look, its model dropped after the look's scoring: one candidate in memory at a time) against ``reference`` (the last observed checkpoint's
     ProbeModel; its ``step`` attribute names it) on ``probe``, and choose (see the module docstring).
 
     ``confidence`` is family-wise over the candidates and the looks; ``tie`` defaults to one problem's worth of
-    the probe's score (1/n).
+    the probe's score (1/n). ``progress`` gets :class:`relex.progress.Progress` events in problems scored (of
+    every model scoring every problem: sequential stopping ends below that).
     """
     started = time.perf_counter()
     n = len(probe)
@@ -118,17 +134,28 @@ def search(reference, candidates: Mapping[int, Callable[[], object]], probe: Pro
     reference_scores = np.zeros(0)
     standing = {step: CandidateScore(step) for step in steps}
     alive = list(steps)
-    tokens, done_looks, lo = 0, 0, 0
+    tokens, done_looks, lo, scored = 0, 0, 0, 0
+    total = n * (1 + len(steps))
+
+    def report(item: str) -> None:
+        if progress is not None:
+            progress(Progress("probing", scored, total, "", item))
+
     for hi in bounds:
         indices = list(range(lo, hi))
+        look = f"problems {lo + 1}-{hi} of {n}"
+        report(f"last observed step {getattr(reference, 'step', '')}, {look}")
         before = reference.tokens
         reference_scores = np.concatenate([reference_scores, reference.score(indices, mode)])
         tokens += reference.tokens - before
+        scored += len(indices)
         for step in alive:
+            report(f"step {step}, {look}")
             model = candidates[step]()
             before = model.tokens
             scores[step] = np.concatenate([scores[step], model.score(indices, mode)])
             tokens += model.tokens - before
+            scored += len(indices)
             del model
             difference = paired_bootstrap(reference_scores, scores[step], n_boot=20_000, seed=seed,
                                           confidence=level)
@@ -140,6 +167,8 @@ def search(reference, candidates: Mapping[int, Callable[[], object]], probe: Pro
         done_looks, lo = done_looks + 1, hi
         if not alive or all(standing[step].decision == "better" for step in alive):
             break
+    scored = total
+    report("decided")
     better = [standing[step] for step in alive if standing[step].decision == "better"]
     chosen = None
     if better:

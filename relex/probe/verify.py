@@ -51,7 +51,9 @@ class ProbeOutcome:
         scored = [c for c in curve.candidates if c.difference]
         best = max(scored, key=lambda c: c.mean, default=None)
         reason = f"no target beats the last observed step {curve.reference_step} on the probe"
-        if best is not None:
+        if curve.blind:
+            reason += f" ({curve.blind})"
+        elif best is not None:
             d = best.difference
             reason += (f" (best: step {best.step}, {d['diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] on "
                        f"{best.problems} problems)")
@@ -76,8 +78,25 @@ def candidate_targets(run: Run, options: RunOptions) -> list[int]:
     limit = options.horizon_limit or default_limit(run.steps)
     grid = target_grid(last, limit)
     if not grid:
-        raise RelexInputError(f"--horizon-limit {limit} leaves no target beyond the last observed step {last}")
+        raise RelexInputError(f"--horizon-limit {limit} leaves no candidate: the grid starts at twice the last "
+                              f"observed step ({2 * last})")
     return grid
+
+
+def plan_text(run: Run, options: RunOptions) -> str:
+    """What probing ``run`` will do, for ``--dry-run``: the probe, the candidates and the scratch space they take."""
+    targets = candidate_targets(run, options)
+    per_checkpoint = sum(t.nbytes for t in checkpoint_layout(run.readers, options.dtype, run.rank_names()))
+    newest = run.series.observed[-1]
+    written = len(targets) + (newest.kind != "hf")  # a LoRA/FSDP/in-memory reference is written whole too
+    how = "the probe chooses one" if options.auto_target or len(targets) > 1 else "the probe verifies it"
+    lines = [f"probe: {options.probe} ({options.probe_mode}, up to {options.probe_limit} problems in "
+             f"{options.probe_looks} looks, confidence {options.probe_confidence:g}) against the last observed step "
+             f"{run.steps[-1]}" + (f" (written whole from its {newest.kind} checkpoint)" if newest.kind != "hf" else ""),
+             f"candidates: step {', '.join(str(t) for t in targets)} ({how})",
+             f"scratch: {written} checkpoint{'s' if written > 1 else ''} of {per_checkpoint / 1e9:.2f} GB written, "
+             "then deleted"]
+    return "\n".join(lines)
 
 
 def reference_checkpoint(run: Run, folder: Path, progress=None, out_dir_for_space: Path | None = None) -> Path:
@@ -90,7 +109,7 @@ def reference_checkpoint(run: Run, folder: Path, progress=None, out_dir_for_spac
         return newest.path
     last = run.steps[-1]
     again = run.with_options(run.options.replace(model=ModelSpec(method="last"), target_steps=(last,),
-                                                 auto_target=False, probe=None, allow_interpolation=True,
+                                                 auto_target=False, horizon_limit=None, allow_interpolation=True,
                                                  rewards="none"))
     layout = checkpoint_layout(run.readers, run.options.dtype, run.rank_names())
     sink = CheckpointSink({last: folder}, layout, np.array([last], dtype=np.float64), run.device,
@@ -112,6 +131,10 @@ def verify(run: Run, options: RunOptions, scratch: Path, probe: ProbeSet | None 
     probe = probe or load_probe(options.probe, options.probe_limit, max_new_tokens=options.probe_max_new_tokens)
     scratch.mkdir(parents=True, exist_ok=True)
     reference = reference_checkpoint(run, scratch / "last-observed", progress, out_dir_for_space)
+    device = str(run.device)
+    # loaded before the candidates are written: a checkpoint the probe cannot score is refused before that work
+    reference_model = ProbeModel(reference, probe, device, options.probe_batch)
+    reference_model.step = run.steps[-1]
     targets = candidate_targets(run, options)
     folders = target_folders(scratch, targets) if len(targets) > 1 else {targets[0]: scratch / f"step-{targets[0]}"}
     layout = checkpoint_layout(run.readers, options.dtype, run.rank_names())
@@ -124,12 +147,9 @@ def verify(run: Run, options: RunOptions, scratch: Path, probe: ProbeSet | None 
         sink.close()
     for target in targets:  # config and tokenizer files: each candidate loads as a model
         sink.save(target, {"probe_candidate": True}, config_folders)
-    device = str(run.device)
-    reference_model = ProbeModel(reference, probe, device, options.probe_batch)
-    reference_model.step = run.steps[-1]
     curve = search(reference_model, {t: (lambda t=t: ProbeModel(folders[t], probe, device, options.probe_batch))
                                      for t in targets}, probe, mode=options.probe_mode,
-                   confidence=options.probe_confidence, looks=options.probe_looks)
+                   confidence=options.probe_confidence, looks=options.probe_looks, progress=progress)
     verdict = result.verdict_at(curve.chosen if curve.chosen is not None else max(targets))
     return ProbeOutcome(result, curve, folders, verdict)
 
@@ -164,4 +184,4 @@ def plot_curve(curve: ProbeCurve, path: Path) -> None:
     figure.savefig(path)
 
 
-__all__ = ["ProbeOutcome", "candidate_targets", "default_limit", "plot_curve", "reference_checkpoint", "verify"]
+__all__ = ["ProbeOutcome", "candidate_targets", "default_limit", "plan_text", "plot_curve", "reference_checkpoint", "verify"]
