@@ -168,6 +168,8 @@ def plot_curve(curve: ProbeCurve, path: Path) -> None:
     means = [c.mean for c in scored]
     low = [curve.reference_mean + c.difference["ci_low"] for c in scored]
     high = [curve.reference_mean + c.difference["ci_high"] for c in scored]
+    if curve.mode == "reward":  # a share of problems solved: the band stays within [0, 1]
+        low, high = [max(0.0, x) for x in low], [min(1.0, x) for x in high]
     ax.axhline(curve.reference_mean, color="#888", ls="--", lw=1,
                label=f"last observed (step {curve.reference_step})")
     if scored:
