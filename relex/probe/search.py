@@ -117,8 +117,9 @@ def search(reference, candidates: Mapping[int, Callable[[], object]], probe: Pro
            confidence: float = DEFAULT_CONFIDENCE, looks: int = DEFAULT_LOOKS, tie: float | None = None,
            seed: int = 0, progress: Report = None) -> ProbeCurve:
     """Score ``candidates`` (step → a function giving its :class:`relex.probe.scoring.ProbeModel`; called at each
-    look, its model dropped after the look's scoring: one candidate in memory at a time) against ``reference`` (the last observed checkpoint's
-    ProbeModel; its ``step`` attribute names it) on ``probe``, and choose (see the module docstring).
+    look, its model dropped after the look's scoring: one candidate in memory at a time) against ``reference``
+    (the last observed checkpoint's ProbeModel; its ``step`` attribute names it) on ``probe``, and choose (see the
+    module docstring).
 
     ``confidence`` is family-wise over the candidates and the looks; ``tie`` defaults to one problem's worth of
     the probe's score (1/n). ``progress`` gets :class:`relex.progress.Progress` events in problems scored (of

@@ -90,9 +90,10 @@ def plan_text(run: Run, options: RunOptions) -> str:
     newest = run.series.observed[-1]
     written = len(targets) + (newest.kind != "hf")  # a LoRA/FSDP/in-memory reference is written whole too
     how = "the probe chooses one" if options.auto_target or len(targets) > 1 else "the probe verifies it"
+    whole = f" (written whole from its {newest.kind} checkpoint)" if newest.kind != "hf" else ""
     lines = [f"probe: {options.probe} ({options.probe_mode}, up to {options.probe_limit} problems in "
              f"{options.probe_looks} looks, confidence {options.probe_confidence:g}) against the last observed step "
-             f"{run.steps[-1]}" + (f" (written whole from its {newest.kind} checkpoint)" if newest.kind != "hf" else ""),
+             f"{run.steps[-1]}{whole}",
              f"candidates: step {', '.join(str(t) for t in targets)} ({how})",
              f"scratch: {written} checkpoint{'s' if written > 1 else ''} of {per_checkpoint / 1e9:.2f} GB written, "
              "then deleted"]
@@ -186,4 +187,5 @@ def plot_curve(curve: ProbeCurve, path: Path) -> None:
     figure.savefig(path)
 
 
-__all__ = ["ProbeOutcome", "candidate_targets", "default_limit", "plan_text", "plot_curve", "reference_checkpoint", "verify"]
+__all__ = ["ProbeOutcome", "candidate_targets", "default_limit", "plan_text", "plot_curve", "reference_checkpoint",
+           "verify"]
