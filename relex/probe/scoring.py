@@ -57,18 +57,18 @@ class ProbeModel:
                 with _quiet_loading():  # a candidate is loaded per look: no progress bar of transformers' each time
                     self.model = AutoModelForCausalLM.from_pretrained(folder, **dtype)
             except (OSError, ValueError) as exc:
-                raise RelexInputError(f"cannot load the checkpoint to probe it ({type(exc).__name__}: "
-                                      f"{str(exc).splitlines()[0][:200]})", folder) from None
+                raise RelexInputError(f"cannot load the checkpoint to probe it ({_first_line(exc)})", folder) from None
             if self.device.type == "cpu":
                 self.model = self.model.float()
             self.model.to(self.device).eval()
             self.tokenizer = None
             if probe.kind != "toy":
+                # a missing tokenizer fails differently by version: OSError, ValueError, ImportError (protobuf)
                 try:
                     self.tokenizer = AutoTokenizer.from_pretrained(folder)
-                except (OSError, ValueError, TypeError) as exc:
-                    raise RelexInputError(f"cannot load the tokenizer to probe the checkpoint ({type(exc).__name__}: "
-                                          f"{str(exc).splitlines()[0][:200]})", folder) from None
+                except Exception as exc:  # noqa: BLE001
+                    raise RelexInputError(f"cannot load the tokenizer to probe the checkpoint ({_first_line(exc)})",
+                                          folder) from None
         else:  # a live model (a training loop's): its tokenizer is copied, so the padding set below stays here
             self.model, self.tokenizer = source, None if tokenizer is None else copy.copy(tokenizer)
         if probe.kind == "toy":
@@ -173,6 +173,12 @@ def _quiet_loading():
     finally:
         if shown:
             hf_logging.enable_progress_bar()
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception of transformers' as ``Type: first non-empty line`` (at most 200 characters)."""
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
 
 
 def _dtype_keyword() -> str:
