@@ -92,8 +92,8 @@ class RunOptions:
                                                 "(family-wise over candidates and looks).", panel=PROBE)
     probe_looks: int = option(3, help="Looks of the sequential comparison (it stops once decided).", panel=PROBE)
     probe_batch: int = option(32, help="Problems per forward pass.", panel=PROBE)
-    probe_max_new_tokens: int = option(256, help="Tokens generated per probe problem (reward mode; the toy needs 4).",
-                                       panel=PROBE)
+    probe_max_new_tokens: int = option(256, help="Tokens generated per probe problem at most (reward mode; within "
+                                                 "the model's context; the toy needs 4).", panel=PROBE)
     horizon_limit: int | None = option(None, help="With --target-step auto: how far the candidates may reach; they "
                                                   "double from the last observed step up to it (default: the "
                                                   "farthest the window backtest vouches for, or 10× the last "

@@ -127,8 +127,8 @@ def probe_table(curve: dict) -> str:
     """The probe's curve (a :meth:`relex.probe.search.ProbeCurve.to_dict`) as a Markdown table: the last observed
     checkpoint, then each candidate with its paired difference, interval and decision; the cost below."""
     info = curve["probe"]
-    rows = [(f"last observed (step {curve['reference_step']})", number(curve["reference_mean"], "{:.3f}"), "", "",
-             "reference")]
+    rows = [(f"last observed (step {curve['reference_step']})", number(curve["reference_mean"], "{:.3f}"),
+             str(curve.get("reference_problems", "")), "", "reference")]
     for c in curve["candidates"]:
         d = c["difference"]
         chosen = " · **chosen**" if c["step"] == curve["chosen"] else ""

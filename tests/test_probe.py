@@ -96,6 +96,31 @@ def test_bad_probes_are_one_line(toy, tmp_path):
     assert done.returncode == 2 and f"{bad}: line 2" in one_error_line(done)
 
 
+def test_a_json_lines_probe_gets_the_tokenizers_bos_and_stays_within_the_context(toy, tmp_path):
+    """The toy's tokenizer leads every text with <bos>, without which the model answers nothing: a probe file of
+    the toy's training sums as ``text`` records scores as the model's own tokenizer and ``generate`` score it
+    (``tests/naive.py``), not 0. The default 256 new tokens are cut to the 32-token context the model has."""
+    from relex.toy.task import train_problems
+
+    problems = train_problems()[:64]
+    probe = tmp_path / "sums.jsonl"
+    probe.write_text("".join(json.dumps({"text": p.prompt, "answer": p.answer, "verifier": "last-number"}) + "\n"
+                             for p in problems))
+    done = relex("check", toy["demo-final"], "--max-step", WINDOW, "--target-step", 100, "--probe", probe,
+                 "--probe-looks", 1, "--json", tmp_path / "check.json")
+    assert done.returncode in (0, 3), done.stderr[-2000:]
+    assert "maximum length" not in done.stderr  # transformers' warning of generating past the context
+    curve = json.loads((tmp_path / "check.json").read_text())["probe"]["curve"]
+    assert curve["reference_problems"] == 64
+    oracle = sum(naive_toy_greedy(toy["demo-final"] / f"checkpoint-{WINDOW}", problems)) / 64
+    # the oracle's exact match implies the verifier's last number; they differ only on a shorter form ("57")
+    assert oracle >= 0.2 and oracle - 1e-9 <= curve["reference_mean"] <= oracle + 2 / 64, (curve, oracle)
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"text": "12+34=" * 6, "answer": "46", "verifier": "last-number"}) + "\n")
+    done = relex("check", toy["demo-final"], "--max-step", WINDOW, "--target-step", 100, "--probe", long)
+    assert done.returncode == 2 and "fill the model's context of 32 tokens" in one_error_line(done)
+
+
 class _Scores:
     def __init__(self, values, step=0):
         self.values, self.tokens, self.step = np.asarray(values, dtype=float), 0, step
@@ -277,12 +302,13 @@ def test_the_summary_and_the_plan_show_the_probe(toy, tmp_path):
     for c in curve["candidates"]:  # one row per candidate, with its decision; the chosen one marked
         assert re.search(rf"\| step {c['step']} \| {c['mean']:.3f} \| {c['problems']} \| .* \| {c['decision']}", text)
     assert f"step {check['probe']['chosen']} |" in text and "**chosen**" in text
-    assert f"| last observed (step {WINDOW}) | {curve['reference_mean']:.3f} |" in text
+    assert f"| last observed (step {WINDOW}) | {curve['reference_mean']:.3f} | {curve['reference_problems']} |" in text
     done = relex("extrapolate", toy["demo-final"], "--max-step", WINDOW, "--target-step", "auto", "--probe",
                  "toy-train", "--out", tmp_path / "o", "--dry-run")
     assert done.returncode == 0 and not (tmp_path / "o").exists()
     assert "candidates: step 40, 80, 160 (the probe chooses one)" in done.stdout
     assert "scratch: 3 checkpoints of" in done.stdout
+    assert "the weights' verdict: carried to the step the probe chooses" in done.stdout
 
 
 def test_a_probe_that_tells_nothing_apart_says_so(tmp_path):

@@ -71,6 +71,8 @@ def load_probe(spec: str | Path, limit: int | None = 64, seed: int = 0, max_new_
         raise RelexInputError(f"--probe {text} names a benchmark; a probe must come from the training distribution: "
                               f"give {TOY_PROBE} or a JSON Lines file of training problems with answers")
     path = Path(text)
+    if path.is_dir():
+        raise RelexInputError(f"a folder, not a probe file (give {TOY_PROBE} or a JSON Lines file)", path)
     if not path.is_file():
         raise RelexInputError(f"no such probe file (give {TOY_PROBE} or a JSON Lines file)", path)
     if path.stem.lower().removeprefix("relex_") in TASKS:

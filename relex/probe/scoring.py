@@ -49,6 +49,7 @@ class ProbeModel:
 
         self.probe, self.device, self.batch_size = probe, torch.device(device), batch_size
         self.tokens = 0  # forward-pass tokens processed so far
+        self._lead: list[int] | None = None  # the special tokens the tokenizer leads a text with (found once)
         if isinstance(source, (str, Path)):
             folder = Path(source)
             # the checkpoint's own dtype on an accelerator; float32 on a CPU, where half-precision products are slow
@@ -118,10 +119,8 @@ class ProbeModel:
             self.tokens += prompts.numel() + answers.numel()
             return answer_logprob(self.model, prompts.to(self.device), answers.to(self.device)).mean(dim=1).cpu().numpy()
         prompts = [self._chat(p) for p in problems]
-        full = [prompt + p.completion for prompt, p in zip(prompts, problems)]
-        encoded = self.tokenizer(full, return_tensors="pt", padding=True, add_special_tokens=False)
-        prompt_lengths = [len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) for prompt in prompts]
-        ids, mask = encoded["input_ids"].to(self.device), encoded["attention_mask"].to(self.device)
+        ids, mask = self._encode([prompt + p.completion for prompt, p in zip(prompts, problems)])
+        prompt_lengths = [len(self._ids(prompt)) for prompt in prompts]
         self.tokens += int(mask.sum())
         logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
@@ -143,14 +142,41 @@ class ProbeModel:
             steps = out.shape[1]
             self.tokens += sum(prompts.shape[0] * (prompts.shape[1] + k) for k in range(steps))
             return [decode(row) for row in out.tolist()]
-        prompts = [self._chat(p) for p in problems]
-        encoded = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        ids, mask = encoded["input_ids"].to(self.device), encoded["attention_mask"].to(self.device)
-        out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.probe.max_new_tokens,
+        ids, mask = self._encode([self._chat(p) for p in problems])
+        out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self._room(ids.shape[1]),
                                   do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
         new = out[:, ids.shape[1]:]
         self.tokens += int(mask.sum()) + int((new != self.tokenizer.pad_token_id).sum())
         return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+
+    def _ids(self, text: str) -> list[int]:
+        """``text``'s token ids, led by the special tokens the tokenizer puts before any text (a ``<bos>``) unless
+        the text already begins with them, as a chat template's text does; none put after it (an ``<eos>``)."""
+        if self._lead is None:
+            plain = self.tokenizer("0", add_special_tokens=False)["input_ids"]
+            special = self.tokenizer("0")["input_ids"]
+            at = next((i for i in range(len(special) - len(plain) + 1) if special[i:i + len(plain)] == plain), 0)
+            self._lead = list(special[:at])
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return ids if ids[:len(self._lead)] == self._lead else self._lead + ids
+
+    def _encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask of ``texts``, padded on the left, on the model's device."""
+        rows = [self._ids(text) for text in texts]
+        width = max(len(row) for row in rows)
+        ids = torch.tensor([[self.tokenizer.pad_token_id] * (width - len(row)) + row for row in rows])
+        mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
+        return ids.to(self.device), mask.to(self.device)
+
+    def _room(self, prompt_tokens: int) -> int:
+        """The new tokens to generate: ``max_new_tokens``, within what the model's context leaves."""
+        context = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        if not isinstance(context, int):
+            return self.probe.max_new_tokens
+        if prompt_tokens >= context:
+            raise RelexInputError(f"the probe {self.probe.name}'s prompts ({prompt_tokens} tokens) fill the model's "
+                                  f"context of {context} tokens: give shorter problems")
+        return min(self.probe.max_new_tokens, context - prompt_tokens)
 
     def _chat(self, problem: ProbeProblem) -> str:
         """The model's input for ``problem``: as given (raw), its chat template's, or a plain prompt."""

@@ -70,6 +70,7 @@ class ProbeCurve:
     reference_step: int
     reference_mean: float
     candidates: list[CandidateScore]
+    reference_problems: int  # the problems the last observed checkpoint was scored on (all the looks done)
     chosen: int | None
     confidence: float
     looks_done: int
@@ -93,7 +94,8 @@ class ProbeCurve:
 
     def to_dict(self) -> dict:
         return {"probe": self.probe, "mode": self.mode, "reference_step": self.reference_step,
-                "reference_mean": self.reference_mean, "chosen": self.chosen, "confidence": self.confidence,
+                "reference_mean": self.reference_mean, "reference_problems": self.reference_problems,
+                "chosen": self.chosen, "confidence": self.confidence,
                 "looks_done": self.looks_done, "tokens": self.tokens, "seconds": self.seconds,
                 "candidates": [c.__dict__ for c in self.candidates]}
 
@@ -101,7 +103,7 @@ class ProbeCurve:
         """The curve for people: one line per candidate."""
         count = self.probe["problems"]
         lines = [f"probe {self.probe['name']} ({self.mode}, {count} problem{'s' if count != 1 else ''}): last "
-                 f"observed step {self.reference_step} {self.reference_mean:.3f}"]
+                 f"observed step {self.reference_step} {self.reference_mean:.3f} on {self.reference_problems}"]
         for c in self.candidates:
             d = c.difference
             interval = (f"{d['diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]" if d else "n/a")
@@ -177,5 +179,5 @@ def search(reference, candidates: Mapping[int, Callable[[], object]], probe: Pro
         margin = (1.0 / lo) if tie is None else tie
         chosen = min(c.step for c in better if c.mean >= best - margin - 1e-12)
     return ProbeCurve(probe.describe(), mode, int(getattr(reference, "step", 0)), float(reference_scores.mean()),
-                      [standing[step] for step in steps], chosen, confidence, done_looks, tokens,
+                      [standing[step] for step in steps], lo, chosen, confidence, done_looks, tokens,
                       time.perf_counter() - started)

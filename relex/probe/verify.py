@@ -97,6 +97,8 @@ def plan_text(run: Run, options: RunOptions) -> str:
              f"candidates: step {', '.join(str(t) for t in targets)} ({how})",
              f"scratch: {written} checkpoint{'s' if written > 1 else ''} of {per_checkpoint / 1e9:.2f} GB written, "
              "then deleted"]
+    if options.auto_target:
+        lines.append("the weights' verdict: carried to the step the probe chooses, and reported beside it")
     return "\n".join(lines)
 
 
