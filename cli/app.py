@@ -133,6 +133,35 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+class _StdoutWithoutReader:
+    """``sys.stdout`` that outlives its reader (``relex check … | head -1``): the command still finishes its work
+    (its ``--json``, its output folder) and exits with its own code; what it prints after the reader has gone
+    is dropped, as nobody reads it, instead of a ``BrokenPipeError`` ending the command as an internal error."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._to_devnull()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._to_devnull()
+
+    def _to_devnull(self) -> None:
+        # what is still buffered, and all that follows, goes to /dev/null from now on
+        os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 def run() -> None:
     """The ``relex`` command (its console script, ``python -m relex_cli``): :func:`main`, then end the process.
 
@@ -141,6 +170,7 @@ def run() -> None:
     first (the ``atexit`` handlers: logging, multiprocessing, torch's; the standard streams flushed), in 0.015
     s. With a thread still running, Python's exit waits for it as usual.
     """
+    sys.stdout = _StdoutWithoutReader(sys.stdout)
     code = main()
     if threading.active_count() > 1:
         sys.exit(code)

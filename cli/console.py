@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,14 +29,53 @@ def rank_zero() -> bool:
     return os.environ.get("RANK", "0") in ("", "0")
 
 
+def _amount(event) -> str:
+    if event.unit == "B":
+        return decimal(int(event.done)) + (f"/{decimal(int(event.total))}" if event.total else "")
+    return f"{event.done:g}" + (f"/{event.total:g}" if event.total else "")
+
+
+class ProgressLines:
+    """Progress events as plain lines on stderr, where there is no terminal to draw bars on (a log file, a CI
+    job): a task's first line once it has run ``after`` seconds, then one every ``every`` seconds, and one when it
+    ends if it printed any. Work shorter than ``after`` prints nothing, as with bars that go away."""
+
+    def __init__(self, after: float = 10.0, every: float = 30.0):
+        self.after, self.every = after, every
+        self.started: dict[str, float] = {}
+        self.printed: dict[str, float] = {}
+
+    def __call__(self, event) -> None:
+        now = time.monotonic()
+        started = self.started.setdefault(event.task, now)
+        finished = event.total is not None and event.done >= event.total
+        last = self.printed.get(event.task)
+        due = now - started >= self.after if last is None else now - last >= self.every
+        if not (due or (finished and last is not None)):
+            return
+        self.printed[event.task] = now
+        item = f" ({event.item})" if event.item and not finished else ""
+        err_console.print(f"{event.task}: {_amount(event)}, {now - started:.0f} s{item}", highlight=False,
+                          markup=False, soft_wrap=True)
+        if finished:  # a task of the same name later starts anew
+            del self.started[event.task], self.printed[event.task]
+
+    def pause(self) -> None:
+        """Nothing to take away (lines stay where they are)."""
+
+
 @contextmanager
 def progress_bars(disable: bool = False):
-    """Rich progress bars, one per task, for the :class:`relex.progress.Progress` events of the work inside.
+    """Rich progress bars, one per task, for the :class:`relex.progress.Progress` events of the work inside;
+    plain lines (:class:`ProgressLines`) when stderr is not a terminal.
 
     A bar appears at its task's first event, so input errors found before any work print one line only; bars go
     away when the work ends (the summary that follows reports time and bytes), or when ``report.pause()`` is
     called before printing a line.
     """
+    if not disable and rank_zero() and not err_console.is_terminal:
+        yield ProgressLines()
+        return
     columns = (TextColumn("[bold]{task.description}[/bold]"), BarColumn(), TextColumn("{task.fields[amount]}"),
                TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[item]}", style="dim"))
     bars = Progress(*columns, console=err_console, disable=disable or not rank_zero(), transient=True)
@@ -46,11 +86,8 @@ def progress_bars(disable: bool = False):
             if not tasks:
                 bars.start()
             tasks[event.task] = bars.add_task(event.task, total=event.total, amount="", item="")
-        if event.unit == "B":
-            amount = decimal(int(event.done)) + (f"/{decimal(int(event.total))}" if event.total else "")
-        else:
-            amount = f"{event.done:g}" + (f"/{event.total:g}" if event.total else "")
-        bars.update(tasks[event.task], completed=event.done, total=event.total, amount=amount, item=event.item)
+        bars.update(tasks[event.task], completed=event.done, total=event.total, amount=_amount(event),
+                    item=event.item)
 
     def pause() -> None:
         """Take the bars away (before printing a line); the next event draws them again."""

@@ -212,6 +212,23 @@ def test_the_relex_process_ends_with_its_code_its_output_and_the_exit_handlers(r
     assert "wrote step 40" in good.stdout and json.loads((tmp_path / "out" / "relex.json").read_text())
 
 
+def test_a_reader_gone_from_the_pipe_leaves_the_work_and_the_exit_code(run, tmp_path):
+    """``relex check … | head -1`` with the reader gone before anything is printed: the check still writes its
+    JSON and exits with the gate's code, as with a reader, not 1 from a broken pipe."""
+    from command import RELEX, environment
+
+    args = [str(RELEX), "check", str(run), "--target-step", "40"]
+    read = relex(*args[1:], "--json", tmp_path / "read.json")
+    process = subprocess.Popen([*args, "--json", str(tmp_path / "gone.json")], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env=environment())
+    process.stdout.close()  # the reader goes first: the command's first line meets a closed pipe
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=600) == read.returncode, stderr
+    assert read.returncode in (0, 3) and "Traceback" not in stderr and "BrokenPipe" not in stderr
+    assert json.loads((tmp_path / "gone.json").read_text())["verdict"] == json.loads(
+        (tmp_path / "read.json").read_text())["verdict"]
+
+
 def _no_output_left(folder) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith((".out", "out", ".results", "results")))
 
