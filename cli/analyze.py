@@ -77,8 +77,10 @@ def print_summary(result) -> None:
     if ranking:
         main = result.backtest.main_rows()
         fit_end = result.steps[result.backtest.main_fit_points - 1]
-        bt = Table(show_header=True, title=f"backtest: fit ≤ step {fit_end}, predict steps "
-                                           f"{min(r['held_out_step'] for r in main)}..{max(r['held_out_step'] for r in main)}")
+        first, last = min(r["held_out_step"] for r in main), max(r["held_out_step"] for r in main)
+        held = f"steps {first}..{last}" if first != last else f"step {first}"
+        # analyze's own backtest of every model (the verdict's window backtest is another, fitted on fewer steps)
+        bt = Table(show_header=True, title=f"backtest: fit ≤ step {fit_end}, predict {held}")
         bt.add_column("model")
         bt.add_column("relative error at the last", justify="right")
         errors = dict(ranking)
