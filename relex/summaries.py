@@ -128,7 +128,7 @@ def probe_table(curve: dict) -> str:
     checkpoint, then each candidate with its paired difference, interval and decision; the cost below."""
     info = curve["probe"]
     rows = [(f"last observed (step {curve['reference_step']})", number(curve["reference_mean"], "{:.3f}"),
-             str(curve.get("reference_problems", "")), "", "reference")]
+             str(curve["reference_problems"]), "", "reference")]
     for c in curve["candidates"]:
         d = c["difference"]
         chosen = " · **chosen**" if c["step"] == curve["chosen"] else ""

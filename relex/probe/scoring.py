@@ -49,7 +49,6 @@ class ProbeModel:
 
         self.probe, self.device, self.batch_size = probe, torch.device(device), batch_size
         self.tokens = 0  # forward-pass tokens processed so far
-        self._lead: list[int] | None = None  # the special tokens the tokenizer leads a text with (found once)
         if isinstance(source, (str, Path)):
             folder = Path(source)
             # the checkpoint's own dtype on an accelerator; float32 on a CPU, where half-precision products are slow
@@ -88,6 +87,7 @@ class ProbeModel:
             self.tokenizer.padding_side = "left"
             if self.tokenizer.pad_token is None:
                 self.tokenizer.pad_token = self.tokenizer.eos_token
+            self._lead = _leading_special_tokens(self.tokenizer)
 
     # -- the two modes ------------------------------------------------------------------------------------------
     def score(self, indices: Sequence[int], mode: str) -> np.ndarray:
@@ -152,11 +152,6 @@ class ProbeModel:
     def _ids(self, text: str) -> list[int]:
         """``text``'s token ids, led by the special tokens the tokenizer puts before any text (a ``<bos>``) unless
         the text already begins with them, as a chat template's text does; none put after it (an ``<eos>``)."""
-        if self._lead is None:
-            plain = self.tokenizer("0", add_special_tokens=False)["input_ids"]
-            special = self.tokenizer("0")["input_ids"]
-            at = next((i for i in range(len(special) - len(plain) + 1) if special[i:i + len(plain)] == plain), 0)
-            self._lead = list(special[:at])
         ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return ids if ids[:len(self._lead)] == self._lead else self._lead + ids
 
@@ -199,6 +194,14 @@ def _quiet_loading():
     finally:
         if shown:
             hf_logging.enable_progress_bar()
+
+
+def _leading_special_tokens(tokenizer) -> list[int]:
+    """The ids ``tokenizer`` puts before any text by default (a ``<bos>``; none for many tokenizers)."""
+    plain = tokenizer("0", add_special_tokens=False)["input_ids"]
+    special = tokenizer("0")["input_ids"]
+    at = next((i for i in range(len(special) - len(plain) + 1) if special[i:i + len(plain)] == plain), 0)
+    return list(special[:at])
 
 
 def _first_line(exc: BaseException) -> str:

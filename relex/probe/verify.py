@@ -114,17 +114,30 @@ def reference_checkpoint(run: Run, folder: Path, progress=None, out_dir_for_spac
     again = run.with_options(run.options.replace(model=ModelSpec(method="last"), target_steps=(last,),
                                                  auto_target=False, horizon_limit=None, allow_interpolation=True,
                                                  rewards="none"))
+    _write_checkpoints(again, {last: folder}, out_dir_for_space or folder.parent, progress,
+                       f"writing the last observed step {last} ({newest.kind})",
+                       {"probe_reference": True, "step": last, "source_kind": newest.kind})
+    return folder
+
+
+def _write_checkpoints(run: Run, folders: dict[int, Path], space_on: Path, progress, task: str,
+                       record: dict) -> PassResult:
+    """One pass of ``run`` writing the checkpoint of each target step into its folder (``folders``, in the order of
+    the targets), with ``record`` as its ``relex.json`` and the run's config and tokenizer files: each loads as a
+    model. The disk of ``space_on`` must have room for them first."""
+    targets = list(folders)
     layout = checkpoint_layout(run.readers, run.options.dtype, run.rank_names())
-    sink = CheckpointSink({last: folder}, layout, np.array([last], dtype=np.float64), run.device,
+    sink = CheckpointSink(folders, layout, np.array(targets, dtype=np.float64), run.device,
                           run.options.max_shard_size)
     config_folders = run.readers.config_folders()
     try:
-        require_free_space(out_dir_for_space or folder.parent, sink.output_bytes(config_folders))
-        again.execute(sink, progress=progress, task=f"writing the last observed step {last} ({newest.kind})")
+        require_free_space(space_on, sink.output_bytes(config_folders))
+        result = run.execute(sink, progress=progress, task=task)
     finally:
         sink.close()
-    sink.save(last, {"probe_reference": True, "step": last, "source_kind": newest.kind}, config_folders)
-    return folder
+    for target in targets:
+        sink.save(target, record, config_folders)
+    return result
 
 
 def verify(run: Run, options: RunOptions, scratch: Path, probe: ProbeSet | None = None, progress=None,
@@ -140,16 +153,8 @@ def verify(run: Run, options: RunOptions, scratch: Path, probe: ProbeSet | None 
     reference_model.step = run.steps[-1]
     targets = candidate_targets(run, options)
     folders = target_folders(scratch, targets) if len(targets) > 1 else {targets[0]: scratch / f"step-{targets[0]}"}
-    layout = checkpoint_layout(run.readers, options.dtype, run.rank_names())
-    sink = CheckpointSink(folders, layout, np.array(targets, dtype=np.float64), run.device, options.max_shard_size)
-    try:
-        config_folders = run.readers.config_folders()
-        require_free_space(out_dir_for_space or scratch, sink.output_bytes(config_folders))
-        result = run.execute(sink, progress=progress, task="writing the candidates")
-    finally:
-        sink.close()
-    for target in targets:  # config and tokenizer files: each candidate loads as a model
-        sink.save(target, {"probe_candidate": True}, config_folders)
+    result = _write_checkpoints(run, folders, out_dir_for_space or scratch, progress, "writing the candidates",
+                                {"probe_candidate": True})
     curve = search(reference_model, {t: (lambda t=t: ProbeModel(folders[t], probe, device, options.probe_batch))
                                      for t in targets}, probe, mode=options.probe_mode,
                    confidence=options.probe_confidence, looks=options.probe_looks, progress=progress)
